@@ -1,0 +1,282 @@
+"""Kernel benchmark (issue 5): ostquant W4A8 / W4A4 GEMM and the activation quantizers on
+Llama-3-8B / 70B linear shapes, against torch bf16 matmul, fp8 torch._scaled_mm and int8
+torch._int_mm, with the device copy bandwidth measured in the same run.
+
+    python benchmarks/kernels.py [--out benchmarks/results/kernels_<gpu>.json] [--quick]
+
+Each time is the smaller of (a) the median of triton.testing.do_bench (CUDA events, L2 flushed
+before every call) and (b) a CUDA-graph replay of calls cycling through weight copies (>= 4x L2
+in total, so L2 does not hold the weights), which removes host/launch overhead as vLLM's graphs
+do; both are kept in the row (us_do_bench, us_graph). weight_tbps = weight bytes / time
+(int4: N*K/2, fp8/int8: N*K, bf16: 2*N*K); tops = 2*M*N*K / time. Quantize rows: tbps = (bytes
+read + written) / time, to compare with hbm_copy_tbps (a device-to-device copy, read + write).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import time
+
+import torch
+import triton
+from triton.testing import do_bench
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from ostquant_vllm import kernels  # noqa: E402
+from ostquant_vllm.kernels.layout import levels_to_prepared  # noqa: E402
+
+LAYERS = {
+    "llama3-8b": [("qkv", 4096, 6144), ("o", 4096, 4096), ("gate_up", 4096, 28672), ("down", 14336, 4096)],
+    "llama3-70b": [("qkv", 8192, 10240), ("o", 8192, 8192), ("gate_up", 8192, 57344), ("down", 28672, 8192)],
+}
+MS = [1, 16, 64, 256, 2048, 8192]
+L2_BYTES = 50 * 2**20
+
+
+def bench(fns, rep_ms=60):
+    """Median us of calling fns[i % len(fns)] (rotating input sets)."""
+    state = {"i": 0}
+
+    def run():
+        fns[state["i"] % len(fns)]()
+        state["i"] += 1
+
+    return 1e3 * do_bench(run, warmup=15, rep=rep_ms, return_mode="median")
+
+
+def copies_for(nbytes):
+    return max(1, min(16, -(-4 * L2_BYTES // max(nbytes, 1))))
+
+
+def bench_graph(fns, reps=10):
+    """Mean us per call of a CUDA graph holding max(8, len(fns)) calls cycling through fns
+    (no host overhead: what vLLM's decode graphs see)."""
+    n = max(8, len(fns))
+    for f in fns:
+        f()
+    torch.cuda.synchronize()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for f in fns[:2]:
+            f()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for i in range(n):
+            fns[i % len(fns)]()
+    g.replay()
+    torch.cuda.synchronize()
+    t0, t1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(reps):
+        t0.record()
+        g.replay()
+        t1.record()
+        t1.synchronize()
+        times.append(t0.elapsed_time(t1) * 1e3 / n)
+    del g
+    times.sort()
+    return times[len(times) // 2]
+
+
+def copy_bandwidth():
+    n = 1 << 30
+    src = torch.empty(n, dtype=torch.uint8, device="cuda").random_(0, 255)
+    dst = torch.empty_like(src)
+    us = bench([lambda: dst.copy_(src)], rep_ms=200)
+    return 2 * n / (us * 1e-6) / 1e12
+
+
+def gemm_rows(model, layer, K, N, gen, rows, quick):
+    dev = "cuda"
+    w = torch.randint(-8, 8, (N, K), dtype=torch.int8, device=dev, generator=gen)
+    wp0 = levels_to_prepared(w)
+    wsum = w.int().sum(1).int()
+    ws = torch.rand(N, device=dev, generator=gen) * 0.01
+    nc = copies_for(N * K // 2)
+    wps = [wp0] + [wp0.clone() for _ in range(nc - 1)]
+    wbf = [w.to(torch.bfloat16) for _ in range(copies_for(2 * N * K))]
+    w8 = [w.clone() for _ in range(copies_for(N * K))]
+    wf8 = [w.to(torch.float8_e4m3fn) for _ in range(copies_for(N * K))]
+    del w
+    one = torch.ones((), device=dev)
+    for M in (MS if not quick else [1, 16, 2048]):
+        def add(kernel, fns, wbytes, note=None):
+            try:
+                us_b = bench(fns)
+            except Exception as e:  # noqa: BLE001
+                print(f"{kernel} M={M} N={N} K={K} failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
+                return
+            try:
+                us_g = bench_graph(fns)
+            except Exception as e:  # noqa: BLE001
+                print(f"graph timing failed for {kernel}: {e}")
+                us_g = float("inf")
+            us = min(us_b, us_g)
+            r = {"kind": "gemm", "kernel": kernel, "model": model, "layer": layer, "M": M, "N": N, "K": K,
+                 "us": round(us, 3), "us_do_bench": round(us_b, 3), "us_graph": round(us_g, 3),
+                 "weight_tbps": round(wbytes / (us * 1e-6) / 1e12, 4),
+                 "tops": round(2 * M * N * K / (us * 1e-6) / 1e12, 2)}
+            if note:
+                r["note"] = note
+            rows.append(r)
+            print(f"{model:10s} {layer:8s} M={M:5d} {kernel:22s} {us:9.2f} us  {r['weight_tbps']:6.3f} TB/s(w)  "
+                  f"{r['tops']:7.1f} TOP/s", flush=True)
+
+        for bits, name in ((8, "ostquant_w4a8"), (4, "ostquant_w4a4")):
+            lo, hi = -(2 ** (bits - 1)), 2 ** (bits - 1)
+            a = torch.randint(lo, hi, (M, K), dtype=torch.int8, device=dev, generator=gen)
+            s = torch.rand(M, 1, device=dev, generator=gen) * 0.01
+            z = torch.randint(lo, hi, (M, 1), device=dev, generator=gen).float()
+            fns = [lambda wp=wp: kernels.int4_gemm(a, s, z, wp, ws, wsum) for wp in wps]
+            add(name, fns, N * K // 2)
+            if bits == 4:  # the other kernel choices, for the notes and the dispatch
+                if M <= 16:
+                    alts = ((4 if M <= 8 else 0, "splitk_mma"), (7 if M <= 8 else 8, "dec"))
+                elif M == 64:
+                    alts = ((1, "mma"), (3, "wg3"), (5, "wg5"))
+                else:
+                    alts = ((3, "wg3"), (5, "wg5"))
+                for force, tag in alts:
+                    fns = [lambda wp=wp, f=force: kernels._gemm_cuda(a, s, z, wp, ws, wsum, torch.bfloat16, force=f)
+                           for wp in wps]
+                    add(f"{name}_force_{tag}", fns, N * K // 2)
+                if M in (64, 256):  # wgmma split-K on (the library default is off)
+                    lib = kernels._lib.load()
+                    lib.ostq_set_wgmma_split(1)
+                    fns = [lambda wp=wp: kernels._gemm_cuda(a, s, z, wp, ws, wsum, torch.bfloat16, force=5)
+                           for wp in wps]
+                    add(f"{name}_force_wg5_split", fns, N * K // 2)
+                    lib.ostq_set_wgmma_split(int(kernels._lib.DEFAULT_WGMMA_SPLIT))
+        x = torch.randn(M, K, device=dev, generator=gen).to(torch.bfloat16)
+        had = layer == "down"
+        fns = []
+        for wp in wps:
+            def lin(wp=wp):
+                q, s_, z_ = kernels.quantize_act(x, 4, hadamard=had)
+                return kernels.int4_gemm(q, s_, z_, wp, ws, wsum)
+            fns.append(lin)
+        add("ostquant_w4a4_linear", fns, N * K // 2, "quantize" + ("+hadamard" if had else "") + " + gemm")
+        fns = [lambda wb=wb: torch.matmul(x, wb.T) for wb in wbf]
+        add("torch_bf16", fns, 2 * N * K)
+        try:
+            xf8 = x.to(torch.float8_e4m3fn)
+            fns = [lambda wf=wf: torch._scaled_mm(xf8, wf.T, scale_a=one, scale_b=one, out_dtype=torch.bfloat16)
+                   for wf in wf8]
+            fns[0]()
+            add("torch_fp8", fns, N * K)
+        except Exception as e:  # noqa: BLE001
+            print(f"torch_fp8 M={M}: {type(e).__name__}: {str(e)[:120]}")
+        try:
+            Mp = max(M, 32)
+            a8 = torch.randint(-128, 128, (Mp, K), dtype=torch.int8, device=dev, generator=gen)
+            fns = [lambda w_=w_: torch._int_mm(a8, w_.T) for w_ in w8]
+            fns[0]()
+            add("torch_int8", fns, N * K, None if Mp == M else f"M padded to {Mp}")
+        except Exception as e:  # noqa: BLE001
+            print(f"torch_int8 M={M}: {type(e).__name__}: {str(e)[:120]}")
+    del wps, wbf, w8, wf8
+    torch.cuda.empty_cache()
+
+
+def quant_rows(rows, copy_tbps, gen, quick):
+    cases = [(4096, False), (8192, False), (14336, False), (14336, True), (28672, True), (1536, True)]
+    for K, had in cases:
+        for M in ([1, 16, 256, 2048, 8192] if not quick else [16, 8192]):
+            nx = copies_for(M * K * 2)
+            xs = [torch.randn(M, K, device="cuda", generator=gen).to(torch.bfloat16) for _ in range(nx)]
+            nbytes = M * K * 2 + M * K + 8 * M
+            for bits, variant in ((4, None), (8, None)) + (((4, 1),) if had else ()):
+                if variant is None:
+                    qf = [lambda x=x: kernels.quantize_act(x, bits, hadamard=had) for x in xs]
+                else:
+                    qf = [lambda x=x: kernels._quant_cuda(x, bits, False, 1.0, had, variant=variant) for x in xs]
+                try:
+                    us = min(bench(qf), bench_graph(qf))
+                except Exception as e:  # noqa: BLE001
+                    print(f"quant K={K} had={had} M={M} failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
+                    continue
+                tb = nbytes / (us * 1e-6) / 1e12
+                name = f"ostquant_quant_a{bits}" + ("_had" if had else "") + (f"_v{variant}" if variant else "")
+                rows.append({"kind": "quantize", "kernel": name, "M": M, "N": None, "K": K, "us": round(us, 3),
+                             "tbps": round(tb, 4), "frac_of_copy": round(tb / copy_tbps, 3)})
+                print(f"quant K={K:5d} had={had!s:5s} M={M:5d} a{bits}: {us:9.2f} us  {tb:6.3f} TB/s  "
+                      f"{tb / copy_tbps:5.1%} of copy", flush=True)
+            dst = torch.empty_like(xs[0])
+            cf = [lambda x=x: dst.copy_(x) for x in xs]
+            us = min(bench(cf), bench_graph(cf))
+            tb = 2 * M * K * 2 / (us * 1e-6) / 1e12
+            rows.append({"kind": "quantize", "kernel": "torch_copy", "M": M, "N": None, "K": K, "us": round(us, 3),
+                         "tbps": round(tb, 4), "frac_of_copy": round(tb / copy_tbps, 3)})
+            del xs
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--models", default="llama3-8b,llama3-70b")
+    ap.add_argument("--skip-quant", action="store_true")
+    args = ap.parse_args()
+    assert kernels.available(), kernels.unavailable_reason()
+    name = torch.cuda.get_device_name()
+    tag = re.sub(r"[^a-z0-9]+", "", name.lower().replace("nvidia", "")) or "gpu"
+    tag = "h100" if "h100" in tag else ("h200" if "h200" in tag else tag)
+    out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"kernels_{tag}.json")
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    t0 = time.time()
+    copy_tbps = copy_bandwidth()
+    print(f"{name}: device copy {copy_tbps:.3f} TB/s (read + write)", flush=True)
+    rows = []
+    res = {"gpu": name, "torch": torch.__version__, "cuda": torch.version.cuda, "triton": triton.__version__,
+           "command": "python " + " ".join(sys.argv), "hbm_copy_tbps": round(copy_tbps, 4),
+           "units": {"us": "microseconds, min of do_bench median and CUDA-graph replay mean",
+                     "weight_tbps": "weight bytes / time, 1e12 B/s",
+                     "tops": "2*M*N*K / time, 1e12 ops/s", "tbps": "bytes read+written / time (quantize rows)"},
+           "complete": False, "rows": rows}
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+
+    def save():
+        res["seconds"] = round(time.time() - t0, 1)
+        with open(out, "w") as f:
+            json.dump(res, f, indent=1)
+
+    if not args.skip_quant:
+        quant_rows(rows, copy_tbps, gen, args.quick)
+        save()
+    for model in args.models.split(","):
+        for layer, K, N in LAYERS[model]:
+            gemm_rows(model, layer, K, N, gen, rows, args.quick)
+            save()
+    res["hbm_copy_tbps_end"] = round(copy_bandwidth(), 4)
+    res["complete"] = True
+    save()
+    print(f"wrote {out} ({len(rows)} rows, {time.time() - t0:.0f} s)")
+    summarize(res)
+
+
+def summarize(res):
+    """Short table: ours vs bf16 per shape and M; bars."""
+    copy = res["hbm_copy_tbps"]
+    by = {}
+    for r in res["rows"]:
+        if r["kind"] == "gemm":
+            by[(r["model"], r["layer"], r["M"], r["kernel"])] = r
+    print(f"\nsummary (copy {copy:.2f} TB/s): us ours(w4a4) / bf16 / fp8 / int8; speedup vs bf16; weight TB/s % of copy")
+    for (model, layer, M, k), r in sorted(by.items()):
+        if k != "ostquant_w4a4":
+            continue
+        b = by.get((model, layer, M, "torch_bf16"))
+        f8 = by.get((model, layer, M, "torch_fp8"))
+        i8 = by.get((model, layer, M, "torch_int8"))
+        print(f"{model:10s} {layer:8s} M={M:5d} {r['us']:9.1f} {b['us'] if b else float('nan'):9.1f} "
+              f"{f8['us'] if f8 else float('nan'):9.1f} {i8['us'] if i8 else float('nan'):9.1f}  "
+              f"x{(b['us'] / r['us']) if b else float('nan'):5.2f}  {r['weight_tbps'] / copy:6.1%}")
+
+
+if __name__ == "__main__":
+    main()

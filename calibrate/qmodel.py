@@ -1,0 +1,149 @@
+"""The fake-quantized model: a transformers model whose linears and attention compute SPEC §4/§8.
+
+- QuantLinear replaces nn.Linear in place (same parameter names, so torch.func.functional_call
+  can feed it transformed weights during training): optional online Hadamard, per-token
+  activation fake quantization, optional weight fake quantization.
+- The attention function "ostquant_sdpa" fake-quantizes K (after RoPE) and V per head with the
+  numerics of vLLM's int4 KV cache, then runs SDPA.
+- `load_fake_quant_model(ckpt)` rebuilds from an exported checkpoint the exact model that
+  calibration evaluated: the reference the vLLM plugin must match.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AttentionInterface, AutoConfig, AutoModelForCausalLM
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from ostquant_vllm.format import QUANTIZED_LINEARS, QuantFormat, validate_checkpoint
+from ostquant_vllm.hadamard import apply_hadamard
+from ostquant_vllm.numerics import dequantize_weight, fake_quant_act, fake_quant_kv, fake_quant_weight, unpack_int4
+
+ATTN_IMPL = "ostquant_sdpa"
+
+
+@dataclass
+class QuantSettings:
+    """One object shared by every quantizer of a model; `enabled` switches them all."""
+    w_bits: int = 16
+    w_group: int = -1
+    w_fake: bool = False           # weight fake quantization in forward (W4A16 training)
+    a_bits: int = 16
+    a_sym: bool = False
+    a_clip: float = 1.0
+    kv_bits: int = 16
+    kv_cache_dtype: torch.dtype | None = None   # the served cache dtype (rotated K/V rounded to it)
+    enabled: bool = True
+
+    @classmethod
+    def from_format(cls, fmt: QuantFormat, **kw) -> "QuantSettings":
+        return cls(w_bits=fmt.weight_bits, w_group=fmt.weight_group_size, a_bits=fmt.act_bits,
+                   a_sym=fmt.act_sym, a_clip=fmt.act_clip, kv_bits=fmt.kv_bits, **kw)
+
+
+class QuantLinear(nn.Linear):
+    def __init__(self, lin: nn.Linear, settings: QuantSettings, hadamard: bool = False):
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = lin.in_features, lin.out_features
+        self.weight, self.bias = lin.weight, lin.bias
+        self.settings, self.hadamard = settings, hadamard
+
+    def forward(self, x):
+        if self.hadamard:
+            x = apply_hadamard(x)
+        q = self.settings
+        w = self.weight
+        if q.enabled:
+            x = fake_quant_act(x, q.a_bits, q.a_sym, q.a_clip)
+            if q.w_fake:
+                w = fake_quant_weight(w, q.w_bits, q.w_group)
+        return F.linear(x, w, self.bias)
+
+
+def _ostquant_attention(module, query, key, value, attention_mask, **kwargs):
+    q = getattr(module, "quant_settings", None)
+    if q is not None and q.enabled and q.kv_bits < 16:
+        key = fake_quant_kv(key, q.kv_bits, q.kv_cache_dtype)
+        value = fake_quant_kv(value, q.kv_bits, q.kv_cache_dtype)
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+AttentionInterface.register(ATTN_IMPL, _ostquant_attention)
+AttentionMaskInterface.register(ATTN_IMPL, sdpa_mask)
+
+
+def quantize_model(model, settings: QuantSettings, had_down: bool) -> QuantSettings:
+    """In place: every decoder linear becomes a QuantLinear and attention fake-quantizes K/V."""
+    for layer in model.model.layers:
+        for parent in (layer.self_attn, layer.mlp):
+            for name in QUANTIZED_LINEARS:
+                lin = getattr(parent, name, None)
+                if lin is not None and not isinstance(lin, QuantLinear):
+                    setattr(parent, name, QuantLinear(lin, settings, hadamard=had_down and name == "down_proj"))
+                elif isinstance(lin, QuantLinear):
+                    lin.settings = settings
+        layer.self_attn.quant_settings = settings
+    model.config._attn_implementation = ATTN_IMPL
+    return settings
+
+
+@contextlib.contextmanager
+def quant_disabled(settings: QuantSettings):
+    prev, settings.enabled = settings.enabled, False
+    try:
+        yield
+    finally:
+        settings.enabled = prev
+
+
+@torch.no_grad()
+def set_quantized_weights(model, qweights: dict, group_size: int, keep_dtype: torch.dtype | None = None) -> None:
+    """Write dequantized weights {module name: (levels int8 [out, in], scale fp16)} into the model.
+
+    `keep_dtype`: round every other float tensor (embedding, norms, lm_head) to the dtype the
+    checkpoint stores, so the in-memory model is the exported one."""
+    modules = dict(model.named_modules())
+    for name, (q, scale) in qweights.items():
+        modules[name].weight.copy_(dequantize_weight(q, scale, group_size).to(modules[name].weight.dtype))
+    if keep_dtype is not None:
+        quantized = {f"{n}.weight" for n in qweights}
+        for name, p in model.named_parameters():
+            if name not in quantized:
+                p.copy_(p.to(keep_dtype).to(p.dtype))
+
+
+def load_fake_quant_model(ckpt_dir: str, dtype=torch.float32, kv_cache_dtype=torch.bfloat16):
+    """The model calibration evaluated, rebuilt from an exported checkpoint (validated first)."""
+    from safetensors.torch import load_file
+
+    fmt = validate_checkpoint(ckpt_dir)
+    config = AutoConfig.from_pretrained(ckpt_dir)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
+    state = {}
+    for f in sorted(os.listdir(ckpt_dir)):
+        if f.endswith(".safetensors"):
+            state.update(load_file(os.path.join(ckpt_dir, f)))
+    qweights = {}
+    for key in [k for k in state if k.endswith(".qweight")]:
+        name = key[: -len(".qweight")]
+        qweights[name] = (unpack_int4(state.pop(key)), state.pop(f"{name}.weight_scale"))
+        state[f"{name}.weight"] = torch.empty(0)  # placeholder, filled below
+    dense = {k: v for k, v in state.items() if v.numel()}
+    missing, unexpected = model.load_state_dict(dense, strict=False)
+    missing = [k for k in missing if k[: -len(".weight")] not in qweights]
+    if missing or unexpected:
+        raise ValueError(f"{ckpt_dir}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    set_quantized_weights(model, qweights, fmt.weight_group_size)
+    settings = QuantSettings.from_format(fmt, kv_cache_dtype=kv_cache_dtype)
+    quantize_model(model, settings, had_down=fmt.online_hadamard["down_proj"])
+    model.eval()
+    model.ostquant_format = fmt
+    return model

@@ -1,0 +1,274 @@
+"""Hopper kernels of SPEC §8 with a PyTorch reference fallback everywhere else.
+
+    available() -> bool
+    prepare_weight(qweight [N, K/2] int8) -> prepared weight (do once at load time)
+    quantize_act(x [..., K], bits, sym=False, clip=1.0, hadamard=False)
+        -> (q int8 [..., K], scale fp32 [..., 1], zero fp32 [..., 1])      (numerics.quantize_act's shapes)
+    int4_gemm(a_q [M, K], a_scale [M] | [M, 1], a_zero [M] | [M, 1], w_prepared, w_scale [N] fp32 | fp16,
+              w_sum [N] int32 (fp32 accepted, converted per call), out_dtype=torch.bfloat16) -> [M, N]
+
+Both are torch.library custom ops (torch.ops.ostquant.quantize_act / int4_gemm) with fake
+implementations, so they trace under torch.compile and replay inside CUDA graphs. The CUDA path
+is a plain shared library loaded with ctypes (build: python -m ostquant_vllm.kernels.build);
+it launches on torch.cuda.current_stream(). OSTQUANT_DISABLE_KERNELS=1 forces the reference.
+The split-K GEMM path keeps per-device tile counters (zeroed once, reset by the kernel), so two
+GEMMs must not run concurrently on different streams of one device.
+
+Inputs that cost nothing extra per call: a_scale / a_zero as quantize_act returns them (fp32),
+w_scale fp32 or fp16, w_sum int32 (precompute at load: levels.sum(1, dtype=int32)).
+CUDA path limits (else the PyTorch reference runs): bf16 input; plain quantize K <= 32768;
+fused Hadamard K = 2^k * b with b in HAD_B and K <= 51200; GEMM N % 16 == 0, K % 64 == 0
+(the wgmma kernels need K % 128 == 0, else mma.sync tiles). Kernel choice: _auto_force.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import os
+
+import torch
+
+from .. import hadamard as _had
+from . import _lib
+from .layout import layout_ok, prepare_weight, weight_shape  # noqa: F401  (re-exported)
+from .reference import int4_gemm_ref, quantize_act_ref
+
+__all__ = ["available", "prepare_weight", "quantize_act", "int4_gemm", "unavailable_reason"]
+
+HAD_B = (1, 12, 20, 28, 36, 52, 60)  # small factors the fused kernel is built for (108, 140: reference)
+_HAD_SMEM_MAX = 200 * 1024  # the fused Hadamard kernel holds a row in fp32 shared memory
+_PLAIN_MAX_K = 32768
+
+
+@functools.lru_cache(maxsize=None)
+def _device_ok(index: int) -> bool:
+    return torch.cuda.get_device_capability(index) == (9, 0)
+
+
+def unavailable_reason() -> str | None:
+    if os.environ.get("OSTQUANT_DISABLE_KERNELS", "0") not in ("", "0"):
+        return "OSTQUANT_DISABLE_KERNELS is set"
+    if not torch.cuda.is_available():
+        return "no CUDA device"
+    if not _device_ok(torch.cuda.current_device()):
+        return f"device capability {torch.cuda.get_device_capability()} is not 9.0 (Hopper)"
+    if _lib.load() is None:
+        return f"kernel library not loadable ({_lib.load_error()}); run python -m ostquant_vllm.kernels.build"
+    return None
+
+
+def available() -> bool:
+    """True only on a CUDA sm_90 device with the kernel library loadable."""
+    return unavailable_reason() is None
+
+
+def _use_cuda(*ts: torch.Tensor) -> bool:
+    if not all(t.is_cuda for t in ts):
+        return False
+    if os.environ.get("OSTQUANT_DISABLE_KERNELS", "0") not in ("", "0"):
+        return False
+    return _device_ok(ts[0].device.index or 0) and _lib.load() is not None
+
+
+def _ptr(t: torch.Tensor) -> ctypes.c_void_p:
+    return ctypes.c_void_p(t.data_ptr())
+
+
+def _stream(device) -> ctypes.c_void_p:
+    return ctypes.c_void_p(torch.cuda.current_stream(device).cuda_stream)
+
+
+# ---------------------------------------------------------------------------------------------
+# activation quantization
+# ---------------------------------------------------------------------------------------------
+_H_TABLES: dict = {}
+
+
+# Fused-Hadamard kernel version: 0 = signs compiled in (default), 1 = table in constant memory.
+HAD_VARIANT = int(os.environ.get("OSTQUANT_HAD_VARIANT", "0"))
+
+
+def _had_table(k: int, device: torch.device) -> tuple[int, int, torch.Tensor]:
+    key = (k, str(device))
+    if key not in _H_TABLES:
+        p2, b = _had.factor(k)
+        hb = _had.small_factor(k)
+        if b > 1:  # the signs compiled into the library must be this construction's
+            lib = _lib.load()
+            for i in range(b):
+                mask = sum(1 << j for j in range(b) if hb[i, j] < 0)
+                if lib.ostq_hb_mask(b, i) != mask:
+                    raise RuntimeError(f"kernel library's H_{b} differs from hadamard.small_factor: rebuild it")
+        table = hb.to(torch.float32).contiguous().to(device)
+        _H_TABLES[key] = (b, p2.bit_length() - 1, table)
+    return _H_TABLES[key]
+
+
+def _quant_kernel_ok(x: torch.Tensor, bits: int, hadamard: bool) -> bool:
+    k = x.shape[-1]
+    if x.dtype != torch.bfloat16 or k % 8 or not 2 <= bits <= 8 or not _use_cuda(x):
+        return False
+    if not hadamard:
+        return k <= _PLAIN_MAX_K
+    try:
+        p2, b = _had.factor(k)
+    except ValueError:
+        return False
+    return b in HAD_B and k * 4 <= _HAD_SMEM_MAX
+
+
+@torch.library.custom_op("ostquant::quantize_act", mutates_args=())
+def _quantize_act_op(x: torch.Tensor, bits: int, sym: bool, clip: float,
+                     hadamard: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if not _quant_kernel_ok(x, bits, hadamard):
+        q, s, z = quantize_act_ref(x, bits, sym, clip, hadamard)
+        return q.contiguous(), s.contiguous(), z.contiguous()
+    q, s, z = _quant_cuda(x, bits, sym, clip, hadamard)
+    shp = x.shape[:-1]
+    k = x.shape[-1]
+    return q.view(*shp, k), s.view(*shp, 1), z.view(*shp, 1)
+
+
+def _quant_cuda(x, bits, sym, clip, hadamard, out=None, variant=None):
+    """Launch the CUDA quantizer on x [..., K] -> (q [M, K], scale [M, 1], zero [M, 1]);
+    `out` (tests): preallocated (q, scale, zero)."""
+    k = x.shape[-1]
+    x2 = x.reshape(-1, k).contiguous()
+    if x2.data_ptr() % 16:  # 16-B vector loads
+        x2 = x2.clone()
+    m = x2.shape[0]
+    if out is None:
+        q = torch.empty((m, k), dtype=torch.int8, device=x.device)
+        s = torch.empty((m, 1), dtype=torch.float32, device=x.device)
+        z = torch.empty((m, 1), dtype=torch.float32, device=x.device)
+    else:
+        q, s, z = out
+    if m:
+        if hadamard:
+            b, log2p, table = _had_table(k, x.device)
+        else:
+            b, log2p, table = 1, 0, None
+        rc = _lib.load().ostq_quantize_act(_ptr(x2), _ptr(q), _ptr(s), _ptr(z), m, k, bits, int(sym),
+                                           float(clip), int(hadamard), b, log2p,
+                                           _ptr(table) if table is not None else None,
+                                           HAD_VARIANT if variant is None else variant, _stream(x.device))
+        _lib.check(rc, "quantize_act")
+    return q, s, z
+
+
+@_quantize_act_op.register_fake
+def _(x, bits, sym, clip, hadamard):
+    shp = x.shape[:-1]
+    return (x.new_empty(x.shape, dtype=torch.int8), x.new_empty((*shp, 1), dtype=torch.float32),
+            x.new_empty((*shp, 1), dtype=torch.float32))
+
+
+def quantize_act(x: torch.Tensor, bits: int, sym: bool = False, clip: float = 1.0, hadamard: bool = False):
+    """Per-token quantization of x [..., K] (optionally after the K-point Hadamard, in one kernel).
+    Same result as numerics.quantize_act(hadamard.apply_hadamard(x.float()) if hadamard else x, ...)."""
+    return torch.ops.ostquant.quantize_act(x, int(bits), bool(sym), float(clip), bool(hadamard))
+
+
+# ---------------------------------------------------------------------------------------------
+# int4 GEMM
+# ---------------------------------------------------------------------------------------------
+_COUNTERS: dict = {}
+_N_COUNTERS = 1 << 16
+
+
+def _counters(device: torch.device) -> torch.Tensor:
+    key = str(device)
+    if key not in _COUNTERS:
+        _COUNTERS[key] = torch.zeros(_N_COUNTERS, dtype=torch.int32, device=device)
+    return _COUNTERS[key]
+
+
+def _gemm_kernel_ok(a_q: torch.Tensor, w: torch.Tensor, out_dtype: torch.dtype) -> bool:
+    if w.dim() != 4 or out_dtype not in (torch.bfloat16, torch.float16) or a_q.dtype != torch.int8:
+        return False
+    n, k = weight_shape(w)
+    return a_q.shape[-1] == k and layout_ok(n, k) and w.is_contiguous() and _use_cuda(a_q, w)
+
+
+# Which kernel ("kind", csrc plan_gemm) serves which shape, from the H100 measurements in
+# benchmarks/results/kernels_h100.json (see benchmarks/NOTES_kernels.md):
+#   M <= 8: 7 (decode: 16 weight rows a CTA, K split among its 4 warps, no global round trip)
+#   M <= 16: 8 (decode, 16 tokens) for weights < 32 MB, else 0 (mma.sync, split-K over CTAs)
+#   M > 16, K % 128 == 0: wgmma, 3 (weights global->registers) for K >= 8192, else 5 (via smem)
+#   otherwise: -1, the library's own choice (mma.sync tiles)
+SMALL_M_SPLITK_BYTES = 32 << 20
+
+
+def _auto_force(m: int, n: int, k: int) -> int:
+    env = os.environ.get("OSTQUANT_GEMM_KIND")
+    if env:
+        return int(env)
+    if m <= 8:
+        return 7
+    if m <= 16:
+        return 0 if n * k // 2 >= SMALL_M_SPLITK_BYTES else 8
+    if k % 128 == 0:
+        return 3 if k >= 8192 else 5
+    return -1
+
+
+def _gemm_cuda(a_q, a_scale, a_zero, w, w_scale, w_sum, out_dtype, force=None, out=None):
+    """Launch the CUDA GEMM (no checks beyond shapes). force: None = _auto_force, -1 = the
+    library's heuristic, else a kernel kind (0/1/2/4 mma.sync split-K or tiles, 3/5 wgmma,
+    7/8 decode; 6 is the pipelined wgmma that failed on H100: refused). `out` (tests): [M, N]."""
+    n, k = weight_shape(w)
+    a2 = a_q.reshape(-1, k).contiguous()
+    if a2.data_ptr() % 16:  # 16-B cp.async
+        a2 = a2.clone()
+    m = a2.shape[0]
+    if force is None:
+        force = _auto_force(m, n, k)
+    if force == 6:
+        raise ValueError("GEMM kind 6 (pipelined wgmma) is known to be wrong on H100; use 5")
+    if out is None:
+        out = torch.empty((m, n), dtype=out_dtype, device=a_q.device)
+    if m == 0:
+        return out
+    lib = _lib.load()
+    as_ = a_scale.reshape(-1).to(torch.float32).contiguous()
+    az = a_zero.reshape(-1).to(torch.float32).contiguous()
+    ws = w_scale.reshape(-1)
+    if ws.dtype not in (torch.float32, torch.float16):
+        ws = ws.float()
+    ws = ws.contiguous()
+    wsum = w_sum.reshape(-1)
+    if wsum.dtype != torch.int32:
+        wsum = wsum.round().to(torch.int32) if wsum.is_floating_point() else wsum.to(torch.int32)
+    wsum = wsum.contiguous()
+    wbytes = lib.ostq_gemm_workspace_bytes(m, n, k, force)
+    workspace = torch.empty(max(wbytes // 4, 1), dtype=torch.int32, device=a_q.device)
+    nctr = lib.ostq_gemm_counters(m, n, k, force)
+    if nctr > _N_COUNTERS:
+        raise RuntimeError(f"int4_gemm needs {nctr} tile counters > {_N_COUNTERS}")
+    ctr = _counters(a_q.device)
+    rc = lib.ostq_int4_gemm(_ptr(a2), _ptr(as_), _ptr(az), _ptr(w), _ptr(ws), int(ws.dtype == torch.float16),
+                            _ptr(wsum), _ptr(out), int(out_dtype == torch.float16), m, n, k, _ptr(workspace),
+                            _ptr(ctr), force, _stream(a_q.device))
+    _lib.check(rc, "int4_gemm")
+    return out
+
+
+@torch.library.custom_op("ostquant::int4_gemm", mutates_args=())
+def _int4_gemm_op(a_q: torch.Tensor, a_scale: torch.Tensor, a_zero: torch.Tensor, w: torch.Tensor,
+                  w_scale: torch.Tensor, w_sum: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    if not _gemm_kernel_ok(a_q, w, out_dtype):
+        return int4_gemm_ref(a_q, a_scale, a_zero, w, w_scale, w_sum, out_dtype).contiguous()
+    n, _ = weight_shape(w)
+    return _gemm_cuda(a_q, a_scale, a_zero, w, w_scale, w_sum, out_dtype).view(*a_q.shape[:-1], n)
+
+
+@_int4_gemm_op.register_fake
+def _(a_q, a_scale, a_zero, w, w_scale, w_sum, out_dtype):
+    n, _ = weight_shape(w)
+    return a_q.new_empty((*a_q.shape[:-1], n), dtype=out_dtype)
+
+
+def int4_gemm(a_q: torch.Tensor, a_scale: torch.Tensor, a_zero: torch.Tensor, w_prepared: torch.Tensor,
+              w_scale: torch.Tensor, w_sum: torch.Tensor, out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """out[..., n] = a_scale * w_scale[n] * (sum_k a_q[..., k] w[n, k] - a_zero * w_sum[n])."""
+    return torch.ops.ostquant.int4_gemm(a_q, a_scale, a_zero, w_prepared, w_scale, w_sum, out_dtype)

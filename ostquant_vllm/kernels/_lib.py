@@ -1,0 +1,75 @@
+"""ctypes loading of the prebuilt shared library (python -m ostquant_vllm.kernels.build)."""
+from __future__ import annotations
+
+import ctypes
+import os
+from pathlib import Path
+
+BUILD_DIR = Path(__file__).resolve().parent / "_build"
+LIB_NAME = "libostquant_kernels.so"
+
+_lib = None
+_err: str | None = None
+DEFAULT_WGMMA = "5"
+DEFAULT_SMALL_M = "1"       # M <= 16: 1 = decode kernels (K split inside a CTA), 0 = split-K mma
+# wgmma split-K for mid M: off. Measured on H100 (benchmarks/NOTES_kernels.md): the int32
+# partials' round trip costs more than the idle SMs it fills (8B o_proj M=256: 28.6 us without,
+# 65 us with).
+DEFAULT_WGMMA_SPLIT = "0"
+
+
+def lib_path() -> Path:
+    return Path(os.environ.get("OSTQUANT_KERNELS_LIB", BUILD_DIR / LIB_NAME))
+
+
+def load():
+    """The ctypes library, or None (reason in load_error())."""
+    global _lib, _err
+    if _lib is not None or _err is not None:
+        return _lib
+    p = lib_path()
+    try:
+        lib = ctypes.CDLL(str(p))
+    except OSError as e:
+        _err = f"{p}: {e}"
+        return None
+    vp, i, f, ll = ctypes.c_void_p, ctypes.c_int, ctypes.c_float, ctypes.c_longlong
+    lib.ostq_version.restype = i
+    lib.ostq_gemm_workspace_bytes.argtypes = [i, i, i, i]
+    lib.ostq_gemm_workspace_bytes.restype = ll
+    lib.ostq_gemm_counters.argtypes = [i, i, i, i]
+    lib.ostq_gemm_counters.restype = ll
+    lib.ostq_int4_gemm.argtypes = [vp, vp, vp, vp, vp, i, vp, vp, i, i, i, i, vp, vp, i, vp]
+    lib.ostq_int4_gemm.restype = i
+    lib.ostq_quantize_act.argtypes = [vp, vp, vp, vp, i, i, i, i, f, i, i, i, vp, i, vp]
+    lib.ostq_hb_mask.argtypes = [i, i]
+    lib.ostq_hb_mask.restype = ctypes.c_ulonglong
+    lib.ostq_quantize_act.restype = i
+    lib.ostq_set_wgmma.argtypes = [i]
+    lib.ostq_set_wgmma.restype = None
+    # C-side automatic choice for M > 64 (used only when Python passes force=-1): 5 wgmma with
+    # weights via shared memory, 3 wgmma with weights via registers, 0 mma.sync only. Kind 6
+    # (pipelined wgmma) FAILED the H100 correctness test and is never selected.
+    mode = int(os.environ.get("OSTQUANT_WGMMA", DEFAULT_WGMMA))
+    lib.ostq_set_wgmma(mode if mode in (0, 3, 5) else 5)
+    lib.ostq_set_small.argtypes = [i]
+    lib.ostq_set_small.restype = None
+    lib.ostq_set_small(int(os.environ.get("OSTQUANT_SMALL_M", DEFAULT_SMALL_M)))
+    lib.ostq_set_wgmma_split.argtypes = [i]
+    lib.ostq_set_wgmma_split.restype = None
+    lib.ostq_set_wgmma_split(int(os.environ.get("OSTQUANT_WGMMA_SPLIT", DEFAULT_WGMMA_SPLIT)))
+    lib.ostq_error_string.argtypes = [i]
+    lib.ostq_error_string.restype = ctypes.c_char_p
+    _lib = lib
+    return lib
+
+
+def load_error() -> str | None:
+    load()
+    return _err
+
+
+def check(rc: int, what: str) -> None:
+    if rc != 0:
+        msg = _lib.ostq_error_string(rc).decode() if _lib is not None else str(rc)
+        raise RuntimeError(f"ostquant kernel {what} failed: {msg} ({rc})")

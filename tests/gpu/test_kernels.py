@@ -1,0 +1,228 @@
+"""GPU checks of the Hopper kernels against the reference math (skipped without an sm_90 GPU
+and the built library: python -m ostquant_vllm.kernels.build).
+
+GEMM: against an exact float64 model of the integer math, on fresh random inputs, outputs
+NaN-poisoned first; bound |out - ref| <= 2^-8 |ref| (bf16 rounding is 2^-9): a wrong scale,
+zero point or nibble order is off by far more. Quantize: against
+numerics.quantize_act(hadamard.apply_hadamard(x.float())), allowing < 0.1% of +-1-level flips
+(fp32 summation order at .5 ties) and 1e-5 relative on scales.
+"""
+import os
+
+import pytest
+import torch
+
+from ostquant_vllm import kernels
+from ostquant_vllm.kernels import _gemm_cuda, _quant_cuda
+from ostquant_vllm.kernels.layout import levels_to_prepared
+from ostquant_vllm.kernels.reference import quantize_act_ref
+
+pytestmark = pytest.mark.skipif(not kernels.available(), reason=f"kernels unavailable: {kernels.unavailable_reason()}")
+
+LLAMA8 = [(4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096)]
+LLAMA70 = [(8192, 10240), (8192, 8192), (8192, 57344), (28672, 8192)]
+SMALL = [(576, 960), (576, 576), (576, 3072), (1536, 576)]
+SHAPES = SMALL + LLAMA8 + LLAMA70  # (K, N)
+MS = [1, 3, 16, 64, 257, 2048]
+DEV = "cuda"
+
+
+def _weights(n, k, gen):
+    w = torch.randint(-8, 8, (n, k), dtype=torch.int8, device=DEV, generator=gen)
+    return w, levels_to_prepared(w)
+
+
+def _acts(m, k, bits, gen):
+    lo, hi = -(2 ** (bits - 1)), 2 ** (bits - 1)
+    a = torch.randint(lo, hi, (m, k), dtype=torch.int8, device=DEV, generator=gen)
+    s = torch.rand(m, 1, device=DEV, generator=gen) * 0.02 + 1e-3
+    z = torch.randint(lo, hi, (m, 1), device=DEV, generator=gen).float()
+    return a, s, z
+
+
+def _model(a, s, z, w, ws, wsum):
+    acc = a.double() @ w.double().T
+    return s.double() * ws.double().reshape(1, -1) * (acc - z.double() * wsum.double().reshape(1, -1))
+
+
+def _check_gemm(out, ref, what):
+    assert not torch.isnan(out).any(), f"{what}: unwritten (NaN) outputs"
+    err = (out.double() - ref).abs()
+    bad = err > 2**-8 * ref.abs() + 1e-30
+    assert not bad.any(), (f"{what}: {int(bad.sum())} of {bad.numel()} outside bound; "
+                           f"max rel {float((err / ref.abs().clamp_min(1e-30)).max()):.3e}")
+
+
+@pytest.mark.parametrize("k,n", SHAPES)
+def test_int4_gemm_shapes(k, n):
+    gen = torch.Generator(device=DEV).manual_seed(k * 7 + n)
+    w, wp = _weights(n, k, gen)
+    wsum = w.int().sum(1).int()
+    for m in MS:
+        for bits in (4, 8):
+            a, s, z = _acts(m, k, bits, gen)
+            ws = (torch.rand(n, device=DEV, generator=gen) * 0.05 + 1e-3)
+            ws = ws.half() if bits == 4 else ws  # both scale dtypes
+            out = torch.full((m, n), float("nan"), dtype=torch.bfloat16, device=DEV)
+            _gemm_cuda(a, s, z, wp, ws, wsum, torch.bfloat16, out=out)
+            torch.cuda.synchronize()
+            _check_gemm(out, _model(a, s, z, w, ws, wsum), f"M={m} N={n} K={k} a{bits}")
+
+
+@pytest.mark.parametrize("force", [0, 1, 2, 3, 4, 5, 7, 8])  # 6: known bad, refused
+@pytest.mark.parametrize("k,n", [(576, 960), (4096, 6144), (14336, 4096)])
+def test_int4_gemm_each_kernel(k, n, force):
+    """Every tile configuration at every M (the automatic choice uses each on part of the range)."""
+    if force in (3, 5) and k % 128:
+        pytest.skip("wgmma path needs K % 128 == 0 (falls back to mma)")
+    gen = torch.Generator(device=DEV).manual_seed(100 + force)
+    w, wp = _weights(n, k, gen)
+    wsum = w.int().sum(1).int()
+    for m in MS + [129, 300]:
+        a, s, z = _acts(m, k, 8, gen)
+        ws = torch.rand(n, device=DEV, generator=gen) * 0.05
+        out = torch.full((m, n), float("nan"), dtype=torch.bfloat16, device=DEV)
+        _gemm_cuda(a, s, z, wp, ws, wsum, torch.bfloat16, force=force, out=out)
+        torch.cuda.synchronize()
+        _check_gemm(out, _model(a, s, z, w, ws, wsum), f"kernel {force} M={m} N={n} K={k}")
+
+
+def test_int4_gemm_fp16_out_and_public_api():
+    gen = torch.Generator(device=DEV).manual_seed(3)
+    k, n, m = 4096, 4096, 37
+    w, wp = _weights(n, k, gen)
+    from ostquant_vllm.numerics import pack_int4
+    assert torch.equal(kernels.prepare_weight(pack_int4(w)), wp)
+    a, s, z = _acts(m, k, 4, gen)
+    ws = torch.rand(n, device=DEV, generator=gen) * 0.05
+    wsum = w.int().sum(1).int()
+    ref = _model(a, s, z, w, ws, wsum)
+    out = kernels.int4_gemm(a, s, z, wp, ws, wsum, torch.float16)
+    assert out.dtype == torch.float16
+    _check_gemm(out, ref, "fp16 out")
+    out2 = kernels.int4_gemm(a, s.reshape(-1), z.reshape(-1), wp, ws, wsum.float())  # [M] scales, fp32 w_sum
+    _check_gemm(out2, ref, "bf16 out, flat scales")
+
+
+def test_int4_gemm_wgmma_splitk():
+    """The wgmma split-K path (off by default: slower on H100) still computes the right thing."""
+    lib = kernels._lib.load()
+    gen = torch.Generator(device=DEV).manual_seed(11)
+    k, n = 4096, 6144
+    w, wp = _weights(n, k, gen)
+    wsum = w.int().sum(1).int()
+    lib.ostq_set_wgmma_split(1)
+    try:
+        for m in (64, 257):
+            a, s, z = _acts(m, k, 8, gen)
+            ws = torch.rand(n, device=DEV, generator=gen) * 0.05
+            for force in (3, 5):
+                out = torch.full((m, n), float("nan"), dtype=torch.bfloat16, device=DEV)
+                _gemm_cuda(a, s, z, wp, ws, wsum, torch.bfloat16, force=force, out=out)
+                torch.cuda.synchronize()
+                _check_gemm(out, _model(a, s, z, w, ws, wsum), f"split-K kernel {force} M={m}")
+    finally:
+        lib.ostq_set_wgmma_split(int(kernels._lib.DEFAULT_WGMMA_SPLIT))
+
+
+def test_int4_gemm_deterministic_and_graph():
+    """Bit-identical across runs and inside a CUDA graph replay (with the fused quantizer)."""
+    gen = torch.Generator(device=DEV).manual_seed(4)
+    k, n = 14336, 4096
+    w, wp = _weights(n, k, gen)
+    wsum = w.int().sum(1).int()
+    a, s, z = _acts(4, k, 4, gen)
+    ws = torch.rand(n, device=DEV, generator=gen) * 0.05
+    o1 = kernels.int4_gemm(a, s, z, wp, ws, wsum)
+    o2 = kernels.int4_gemm(a, s, z, wp, ws, wsum)
+    assert torch.equal(o1, o2)
+    x = torch.randn(4, k, device=DEV, generator=gen).to(torch.bfloat16)
+    kernels.quantize_act(x, 4, hadamard=True)  # warm (H_b table)
+    kernels.int4_gemm(*kernels.quantize_act(x, 4, hadamard=True), wp, ws, wsum)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        q, sq, zq = kernels.quantize_act(x, 4, hadamard=True)
+        og = kernels.int4_gemm(q, sq, zq, wp, ws, wsum)
+    for _ in range(3):
+        x.copy_(torch.randn(4, k, device=DEV, generator=gen).to(torch.bfloat16))
+        g.replay()
+        torch.cuda.synchronize()
+        q2, s2, z2 = kernels.quantize_act(x, 4, hadamard=True)
+        assert torch.equal(q, q2)
+        assert torch.equal(og, kernels.int4_gemm(q2, s2, z2, wp, ws, wsum))
+
+
+def test_torch_compile_traces_ops():
+    gen = torch.Generator(device=DEV).manual_seed(5)
+    k, n = 1536, 576
+    w, wp = _weights(n, k, gen)
+    ws = torch.rand(n, device=DEV, generator=gen) * 0.05
+    wsum = w.int().sum(1).int()
+
+    def f(x):
+        q, s, z = kernels.quantize_act(x, 4, hadamard=True)
+        return kernels.int4_gemm(q, s, z, wp, ws, wsum)
+
+    x = torch.randn(5, k, device=DEV, generator=gen).to(torch.bfloat16)
+    cf = torch.compile(f, backend="aot_eager", fullgraph=True)
+    assert torch.equal(cf(x), f(x))
+
+
+QK = [576, 1536, 3072, 4096, 8192, 14336, 28672]
+HAD_K = [576, 1536, 4096, 8192, 14336, 28672]  # 576 = 9*64: no Hadamard of that order -> reference
+
+
+def _check_quant(x, bits, sym, clip, hadamard, variant=None):
+    m, k = x.shape
+    q = torch.full((m, k), 99, dtype=torch.int8, device=DEV)
+    s = torch.full((m, 1), float("nan"), device=DEV)
+    z = torch.full((m, 1), float("nan"), device=DEV)
+    _quant_cuda(x, bits, sym, clip, hadamard, out=(q, s, z), variant=variant)
+    torch.cuda.synchronize()
+    # reference on the CPU: there torch divides by the Python-int qmax exactly, as numerics.py
+    # reads; CUDA torch multiplies by a rounded reciprocal instead (1-ulp scale differences
+    # that flip levels at the frequent exact .5 ties of bf16 inputs)
+    qr, sr, zr = (t.to(DEV) for t in quantize_act_ref(x.cpu(), bits, sym, clip, hadamard))
+    what = f"M={m} K={k} bits={bits} sym={sym} clip={clip} had={hadamard} variant={variant}"
+    assert not torch.isnan(s).any() and not torch.isnan(z).any(), what
+    assert torch.allclose(s, sr, rtol=1e-5, atol=0), f"{what}: scale"
+    if not hadamard:
+        assert torch.equal(s, sr) and torch.equal(z, zr), f"{what}: plain scale/zero should be exact"
+    zd = (z - zr).abs()
+    assert zd.max() <= 1 and int((zd > 0).sum()) <= max(1, m // 1000), f"{what}: zero {int((zd > 0).sum())}"
+    d = (q.int() - qr.int()).abs()
+    nbad = int((d > 0).sum())
+    assert d.max() <= 1 and nbad <= max(2, q.numel() // 1000), f"{what}: {nbad} level flips, max {int(d.max())}"
+    if not hadamard:
+        assert nbad == 0, f"{what}: plain quantization should be exact, {nbad} flips"
+    lo, hi = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
+    assert int(q.min()) >= lo and int(q.max()) <= hi, what
+
+
+@pytest.mark.parametrize("k", QK)
+def test_quantize_plain(k):
+    gen = torch.Generator(device=DEV).manual_seed(k)
+    for m in MS:
+        cfgs = [(4, False, 1.0), (8, False, 1.0), (4, True, 1.0), (8, True, 0.9), (4, False, 0.9)]
+        for bits, sym, clip in (cfgs if m < 2048 else cfgs[:2]):
+            x = (torch.randn(m, k, device=DEV, generator=gen) * 3 + 0.5).to(torch.bfloat16)
+            _check_quant(x, bits, sym, clip, False)
+
+
+@pytest.mark.parametrize("variant", [0, 1])
+@pytest.mark.parametrize("k", [1536, 4096, 8192, 14336, 28672, 20 * 64, 36 * 32, 52 * 16, 60 * 64])
+def test_quantize_hadamard(k, variant):
+    assert kernels._quant_kernel_ok(torch.empty(1, k, dtype=torch.bfloat16, device=DEV), 4, True)
+    gen = torch.Generator(device=DEV).manual_seed(k + 1)
+    for m in MS:
+        cfgs = [(4, False), (8, False), (4, True)]
+        for bits, sym in (cfgs if m < 2048 else cfgs[:1]):
+            x = torch.randn(m, k, device=DEV, generator=gen)
+            x[:, :: max(1, k // 7)] *= 20  # outlier channels, what the rotation is for
+            _check_quant(x.to(torch.bfloat16), bits, sym, 1.0, True, variant)
+
+
+def test_quantize_public_api_shapes():
+    x = torch.randn(2, 3, 1536, device=DEV).to(torch.bfloat16)
+    q, s, z = kernels.quantize_act(x, 4, hadamard=True)
+    assert q.shape == x.shape and s.shape == (2, 3, 1) and z.shape == (2, 3, 1)

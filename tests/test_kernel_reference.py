@@ -1,0 +1,152 @@
+"""CPU checks of the kernel package: int4 packing, the prepared layout (decoded the way the CUDA
+kernel's registers see it), the reference GEMM epilogue against a float64 model, and the
+custom ops' fallback path and fake implementations."""
+import numpy as np
+import pytest
+import torch
+
+from ostquant_vllm import kernels
+from ostquant_vllm.hadamard import apply_hadamard
+from ostquant_vllm.kernels.layout import prepared_to_levels, unprepare_weight, weight_levels
+from ostquant_vllm.numerics import pack_int4, quantize_act, unpack_int4
+
+
+def _levels(n, k, g):
+    return torch.randint(-8, 8, (n, k), dtype=torch.int8, generator=g)
+
+
+def test_pack_roundtrip_and_nibble_order():
+    g = torch.Generator().manual_seed(0)
+    w = _levels(5, 34, g)
+    p = pack_int4(w)
+    assert p.shape == (5, 17) and p.dtype == torch.int8
+    assert torch.equal(unpack_int4(p), w)
+    # low nibble = even column
+    u = p.view(torch.uint8).to(torch.int32)
+    lo = (u & 15) - (((u & 15) & 8) << 1)
+    assert torch.equal(lo.to(torch.int8), w[:, 0::2])
+
+
+@pytest.mark.parametrize("n,k", [(16, 64), (48, 192), (576, 1536)])
+def test_prepared_roundtrip(n, k):
+    g = torch.Generator().manual_seed(n + k)
+    w = _levels(n, k, g)
+    p = kernels.prepare_weight(pack_int4(w))
+    assert p.shape == (n // 16, k // 64, 32, 16) and p.dtype == torch.int8
+    assert torch.equal(prepared_to_levels(p), w)
+    assert torch.equal(unprepare_weight(p), pack_int4(w))
+    assert torch.equal(weight_levels(p), w)
+
+
+def test_prepare_weight_odd_shape_passthrough():
+    w = _levels(24, 64, torch.Generator().manual_seed(1))
+    p = kernels.prepare_weight(pack_int4(w))
+    assert p.dim() == 2 and torch.equal(weight_levels(p), w)
+
+
+def test_prepared_layout_matches_mma_fragments():
+    """Decode each lane's 16 bytes exactly as the kernel does (w & 0xF0F0F0F0, (w << 4) & ...) and
+    place the bytes by the PTX m16n8k32 A-fragment layout: must give 16 * W."""
+    n, k = 32, 128
+    w = _levels(n, k, torch.Generator().manual_seed(2))
+    p = kernels.prepare_weight(pack_int4(w)).view(torch.uint8).numpy()
+    words = p.reshape(n // 16, k // 64, 32, 16).view("<u4")  # [nb, kb, lane, 4]
+    A = np.zeros((n, k), dtype=np.int64)
+    for nb in range(n // 16):
+        for kb in range(k // 64):
+            for lane in range(32):
+                g, t = lane >> 2, lane & 3
+                for s in range(2):
+                    w01, w23 = int(words[nb, kb, lane, 2 * s]), int(words[nb, kb, lane, 2 * s + 1])
+                    regs = [w01 & 0xF0F0F0F0, (w01 << 4) & 0xF0F0F0F0, w23 & 0xF0F0F0F0, (w23 << 4) & 0xF0F0F0F0]
+                    for r, reg in enumerate(regs):
+                        for j in range(4):
+                            byte = (reg >> (8 * j)) & 0xFF
+                            val = byte - 256 if byte >= 128 else byte
+                            row = g + (8 if r in (1, 3) else 0)
+                            col = t * 4 + j + (16 if r >= 2 else 0)
+                            A[nb * 16 + row, kb * 64 + s * 32 + col] = val
+    assert np.array_equal(A, 16 * w.numpy().astype(np.int64))
+
+
+def _float64_model(a, a_s, a_z, w, w_s, w_sum):
+    acc = a.double() @ w.double().T
+    return a_s.double().reshape(-1, 1) * w_s.double().reshape(1, -1) * (acc - a_z.double().reshape(-1, 1) * w_sum.double().reshape(1, -1))
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_reference_gemm_epilogue(bits):
+    g = torch.Generator().manual_seed(bits)
+    m, n, k = 7, 48, 192
+    x = torch.randn(m, k, generator=g)
+    q, s, z = quantize_act(x, bits)
+    w = _levels(n, k, g)
+    ws = (torch.rand(n, generator=g) * 0.1).half()
+    wsum = w.int().sum(1)
+    out = kernels.int4_gemm(q, s, z, kernels.prepare_weight(pack_int4(w)), ws, wsum)
+    ref = _float64_model(q, s, z, w, ws, wsum)
+    assert out.dtype == torch.bfloat16 and out.shape == (m, n)
+    assert torch.all((out.double() - ref).abs() <= 2**-8 * ref.abs() + 1e-12)
+    # the integer model dequantizes to x @ w^T up to the activation quantization error
+    deq = (s * (q.float() - z)) @ (w.float() * ws.float()[:, None]).T
+    assert torch.allclose(ref.float(), deq, rtol=1e-4, atol=1e-4)
+
+
+def test_reference_gemm_float_wsum_and_packed_weight():
+    g = torch.Generator().manual_seed(5)
+    m, n, k = 3, 24, 64  # 24 rows: packed (2-D) fallback layout
+    a = torch.randint(-8, 8, (m, k), dtype=torch.int8, generator=g)
+    w = _levels(n, k, g)
+    s, z = torch.rand(m, 1, generator=g), torch.randint(-8, 8, (m, 1), generator=g).float()
+    ws = torch.rand(n, generator=g)
+    out = kernels.int4_gemm(a, s, z, kernels.prepare_weight(pack_int4(w)), ws, w.float().sum(1))
+    ref = _float64_model(a, s, z, w, ws, w.int().sum(1))
+    assert torch.all((out.double() - ref).abs() <= 2**-8 * ref.abs() + 1e-12)
+
+
+@pytest.mark.parametrize("hadamard", [False, True])
+@pytest.mark.parametrize("bits,sym", [(4, False), (8, False), (4, True)])
+def test_quantize_act_fallback_matches_reference(bits, sym, hadamard):
+    x = torch.randn(2, 3, 1536, generator=torch.Generator().manual_seed(bits)).to(torch.bfloat16)
+    q, s, z = kernels.quantize_act(x, bits, sym=sym, hadamard=hadamard)
+    xr = apply_hadamard(x.float()) if hadamard else x
+    q2, s2, z2 = quantize_act(xr, bits, sym=sym)
+    assert torch.equal(q, q2) and torch.equal(s, s2) and torch.equal(z, z2)
+    assert q.shape == x.shape and s.shape == (2, 3, 1)
+
+
+def test_fake_impls():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode():
+        x = torch.empty(4, 576, dtype=torch.bfloat16)
+        q, s, z = kernels.quantize_act(x, 4, hadamard=False)
+        assert q.shape == (4, 576) and q.dtype == torch.int8 and s.shape == (4, 1)
+        w = torch.empty(960 // 16, 576 // 64, 32, 16, dtype=torch.int8)
+        out = kernels.int4_gemm(q, s, z, w, torch.empty(960), torch.empty(960, dtype=torch.int32))
+        assert out.shape == (4, 960) and out.dtype == torch.bfloat16
+
+
+def test_opcheck():
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(3, 128, generator=g).to(torch.bfloat16)
+    torch.library.opcheck(torch.ops.ostquant.quantize_act.default, (x, 4, False, 1.0, True))
+    w = kernels.prepare_weight(pack_int4(_levels(32, 128, g)))
+    q, s, z = kernels.quantize_act(x, 8)
+    torch.library.opcheck(torch.ops.ostquant.int4_gemm.default,
+                          (q, s, z, w, torch.rand(32, generator=g), torch.zeros(32, dtype=torch.int32), torch.bfloat16))
+
+
+def test_available_false_on_cpu():
+    if not torch.cuda.is_available():
+        assert not kernels.available()
+        assert kernels.unavailable_reason()
+
+
+def test_auto_kernel_choice():
+    from ostquant_vllm.kernels import _auto_force
+    assert _auto_force(1, 4096, 4096) == 7
+    assert _auto_force(16, 4096, 4096) == 8
+    assert _auto_force(16, 57344, 8192) == 0
+    assert _auto_force(2048, 4096, 4096) == 5
+    assert _auto_force(2048, 4096, 14336) == 3
+    assert _auto_force(64, 576, 576) == -1  # K % 128: the library's mma tiles
