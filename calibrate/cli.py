@@ -43,6 +43,7 @@ def _calibrate_parser(sub):
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--threads", type=int, default=d.threads, help="torch threads (0: torch default; 1 is fastest on 2 shared cores)")
+    p.add_argument("--device", default="", help="cuda or cpu (default: cuda when available)")
     p.add_argument("--report", help="also write the report JSON here")
     p.set_defaults(func=_cmd_calibrate)
 
@@ -62,7 +63,7 @@ def _cmd_calibrate(a) -> int:
         train_windows=a.train_windows, train_seqlen=a.train_seqlen, eval_windows=a.eval_windows,
         eval_seqlen=a.eval_seqlen, eval_float=not a.no_eval_float, qsur=not a.no_qsur,
         zeroshot_tasks=tuple(t for t in a.zeroshot.split(",") if t), zeroshot_limit=a.zeroshot_limit,
-        seed=a.seed, threads=a.threads)
+        seed=a.seed, threads=a.threads, device=a.device)
     work = a.output.rstrip("/") + ".work" if a.output else None
     report = calibrate(cfg, a.output, work, resume=a.resume)
     if a.report:

@@ -31,10 +31,10 @@ def export_checkpoint(model, qweights: dict, fmt: QuantFormat, out_dir: str, tok
     state = {}
     for name, p in model.named_parameters():
         if name.rsplit(".", 1)[0] not in qweights:
-            state[name] = p.detach().to(STORE_DTYPE).contiguous()
+            state[name] = p.detach().to(STORE_DTYPE).cpu().contiguous()
     for name, (q, scale) in qweights.items():
-        state[f"{name}.qweight"] = pack_int4(q).contiguous()
-        state[f"{name}.weight_scale"] = scale.to(torch.float16).contiguous()
+        state[f"{name}.qweight"] = pack_int4(q.cpu()).contiguous()
+        state[f"{name}.weight_scale"] = scale.to(torch.float16).cpu().contiguous()
     save_file(state, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
 
     config = model.config.to_dict()

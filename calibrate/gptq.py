@@ -39,9 +39,10 @@ def gptq(w: torch.Tensor, H: torch.Tensor, bits: int, group_size: int = -1, damp
     W[:, dead] = 0
     # Scales are fixed up front from the whole weight (per channel), or per group as GPTQ reaches it.
     scale = fp16_scale(weight_scale(W, bits, -1, mse=mse)) if group_size <= 0 else None
-    perm = torch.argsort(torch.diag(H), descending=True) if act_order and group_size <= 0 else torch.arange(n_in)
+    perm = (torch.argsort(torch.diag(H), descending=True) if act_order and group_size <= 0
+            else torch.arange(n_in, device=H.device))
     W, H = W[:, perm], H[perm][:, perm]
-    H += damp * torch.mean(torch.diag(H)) * torch.eye(n_in, dtype=H.dtype)
+    H += damp * torch.mean(torch.diag(H)) * torch.eye(n_in, dtype=H.dtype, device=H.device)
     Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
     qmax = 2 ** (bits - 1) - 1
     Q = torch.zeros_like(W)
@@ -125,7 +126,8 @@ def quantize_weights(model, settings: QuantSettings, windows: torch.Tensor | Non
         hs, kw = capture_layer_inputs(model, windows, batch)
         for i, layer in enumerate(tqdm(layers, desc="GPTQ layers")):
             lins = _layer_linears(layer)
-            hess = {n: torch.zeros(l.in_features, l.in_features, dtype=torch.float64) for n, l in lins.items()}
+            hess = {n: torch.zeros(l.in_features, l.in_features, dtype=torch.float64, device=l.weight.device)
+                    for n, l in lins.items()}
             count = [0]
 
             def hook(name):

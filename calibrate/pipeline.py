@@ -65,6 +65,7 @@ class CalibConfig:
     zeroshot_tasks: tuple = ()
     zeroshot_limit: int | None = None
     seed: int = 0
+    device: str = ""                    # "" : cuda when available, else cpu
     threads: int = 1                    # torch threads: on 2 shared cores, 1 beats 2 (OpenMP spin under load)
 
     def quant_format(self) -> QuantFormat:
@@ -82,17 +83,17 @@ class CalibConfig:
         return fmt
 
 
-def init_transforms(method: str, act_bits: int, weights: dict, g: Geometry, qk_scale: bool, seed: int):
+def init_transforms(method: str, act_bits: int, weights: dict, g: Geometry, qk_scale: bool, seed: int, device=None):
     gen = torch.Generator().manual_seed(seed)
     if method == "rtn":
         return None
     if method == "quarot":
         return Transforms(g, r_res=random_hadamard_residual(g, gen), r_ov=random_hadamard_ov(g, gen),
-                          learn_rotations=False, scales=False, scale_qk=False, had_down=True)
+                          learn_rotations=False, scales=False, scale_qk=False, had_down=True, device=device)
     # ostquant: WOMI (the official W4A16 recipe starts R_res from a random Hadamard instead)
     r_res = random_hadamard_residual(g, gen) if act_bits >= 16 else womi_residual(weights, g, gen)
     return Transforms(g, r_res=r_res, r_ov=womi_ov(weights, g, gen), learn_rotations=True, scales=True,
-                      scale_qk=qk_scale, had_down=True)
+                      scale_qk=qk_scale, had_down=True, device=device)
 
 
 def calibrate(cfg: CalibConfig, out_dir: str | None = None, work_dir: str | None = None, resume: bool = False) -> dict:
@@ -105,10 +106,14 @@ def calibrate(cfg: CalibConfig, out_dir: str | None = None, work_dir: str | None
     report = {"package_version": __version__, "config": _jsonable(dataclasses.asdict(cfg)),
               "quantization_config": fmt.to_dict()}
 
+    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls; quantizer arithmetic stays fp32
     model, tokenizer, path = load_model(cfg.model)
-    report["model_path"] = path
-    evals = eval_windows(tokenizer, cfg.eval_text, cfg.eval_seqlen, cfg.eval_windows)
-    gptq_windows = calib_windows(tokenizer, cfg.calib_text, cfg.calib_seqlen, cfg.calib_windows, cfg.seed)
+    model.to(device)
+    report["model_path"], report["device"] = path, str(device)
+    evals = eval_windows(tokenizer, cfg.eval_text, cfg.eval_seqlen, cfg.eval_windows).to(device)
+    gptq_windows = calib_windows(tokenizer, cfg.calib_text, cfg.calib_seqlen, cfg.calib_windows, cfg.seed).to(device)
     report["data"] = {"eval": f"{cfg.eval_text}: first {len(evals)} windows of {cfg.eval_seqlen} tokens",
                       "calibration": f"{cfg.calib_text}: {cfg.calib_windows} windows of {cfg.calib_seqlen} "
                                      f"(GPTQ), {cfg.train_windows} of {cfg.train_seqlen} (training), seed {cfg.seed}"}
@@ -128,12 +133,14 @@ def calibrate(cfg: CalibConfig, out_dir: str | None = None, work_dir: str | None
 
     g = Geometry.of(model.config)
     weights = transformable_weights(model)
-    transforms = init_transforms(cfg.method, fmt.act_bits, weights, g, not has_qk_norm(model.config), cfg.seed)
+    transforms = init_transforms(cfg.method, fmt.act_bits, weights, g, not has_qk_norm(model.config), cfg.seed,
+                                 device)
     if transforms is not None and transforms.had_down:  # the online x -> x H before down_proj
         for layer in model.model.layers:
             layer.mlp.down_proj.hadamard = True
     if cfg.method == "ostquant":
-        train_windows = calib_windows(tokenizer, cfg.calib_text, cfg.train_seqlen, cfg.train_windows, cfg.seed + 1)
+        train_windows = calib_windows(tokenizer, cfg.calib_text, cfg.train_seqlen, cfg.train_windows,
+                                      cfg.seed + 1).to(device)
         settings.w_fake = fmt.act_bits >= 16   # W4A16 trains with weight fake quantization
         state_path = os.path.join(work_dir, "train_state.pt") if work_dir else None
         if work_dir:
@@ -143,6 +150,7 @@ def calibrate(cfg: CalibConfig, out_dir: str | None = None, work_dir: str | None
         settings.w_fake = False
         report["train"] = {"losses": losses, "seconds": time.time() - t_train,
                            "orthogonality_error": orthogonality_error(transforms)}
+        transforms.project_rotations()
         log.info("trained %d steps: KL-top %.4f -> %.4f, ||R^T R - I|| = %.2e", len(losses), losses[0], losses[-1],
                  report["train"]["orthogonality_error"])
     if transforms is not None:

@@ -4,6 +4,7 @@ quantization with straight-through rounding. Resumable: the whole state is saved
 and a resumed run continues to the same result as an uninterrupted one."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from dataclasses import dataclass
@@ -34,12 +35,13 @@ class TrainConfig:
 
 
 @torch.no_grad()
-def teacher_topk(model, windows: torch.Tensor, settings: QuantSettings, k: int, micro_batch: int):
-    """Top-k token ids and their probabilities (softmax over the full vocabulary) of the float model."""
+def teacher_topk(model, weights: dict, windows: torch.Tensor, settings: QuantSettings, k: int, micro_batch: int):
+    """Top-k token ids and their probabilities (softmax over the full vocabulary) of the float model:
+    the same network with quantization off, fed the transformed weights (equal to the original)."""
     ids, probs = [], []
     with quant_disabled(settings):
         for i in tqdm(range(0, len(windows), micro_batch), desc="teacher top-k", leave=False):
-            logits = model(windows[i:i + micro_batch], use_cache=False).logits.float()
+            logits = functional_call(model, weights, (windows[i:i + micro_batch],), {"use_cache": False}).logits.float()
             p, top = torch.softmax(logits, -1).topk(k, dim=-1)
             ids.append(top.to(torch.int32))
             probs.append(p)
@@ -84,7 +86,9 @@ def train(model, base_weights: dict, transforms: Transforms, windows: torch.Tens
 
     `stop_after` ends the run early (as if killed) after that many steps in this call: for tests.
     """
-    top_ids, top_probs = teacher_topk(model, windows, settings, cfg.top_k, cfg.micro_batch)
+    with torch.no_grad():
+        top_ids, top_probs = teacher_topk(model, transforms.apply(base_weights), windows, settings, cfg.top_k,
+                                          cfg.micro_batch)
     opt, sched = _make_optimizer(transforms, cfg)
     start, losses = 0, []
     if resume and state_path and os.path.exists(state_path):
@@ -108,7 +112,8 @@ def train(model, base_weights: dict, transforms: Transforms, windows: torch.Tens
             loss = kl_top(logits, top_ids[mb], top_probs[mb]) * len(mb) / len(idx)
             loss.backward(retain_graph=j + cfg.micro_batch < len(idx))
             total += loss.item()
-        opt.step()
+        with _full_fp32():  # the Stiefel retraction needs fp32 matmuls: under TF32 rotations drift (1e-2)
+            opt.step()
         sched.step()
         losses.append(total)
         bar.set_postfix(kl_top=f"{total:.4f}")
@@ -120,12 +125,22 @@ def train(model, base_weights: dict, transforms: Transforms, windows: torch.Tens
     return losses
 
 
+@contextlib.contextmanager
+def _full_fp32():
+    prev = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = prev
+
+
 def orthogonality_error(transforms: Transforms) -> float:
     """max ||R^T R - I|| (Frobenius) over every rotation."""
     err = 0.0
     for R in (transforms.r_res, transforms.r_ov):
         if R is not None:
             R = R.detach().double()
-            eye = torch.eye(R.shape[-1], dtype=torch.float64)
+            eye = torch.eye(R.shape[-1], dtype=torch.float64, device=R.device)
             err = max(err, torch.linalg.matrix_norm(R.transpose(-1, -2) @ R - eye).max().item())
     return err

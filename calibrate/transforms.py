@@ -113,7 +113,9 @@ class Transforms(nn.Module):
     (always positive). A pair left out (None / False) is the identity."""
 
     def __init__(self, g: Geometry, *, r_res: torch.Tensor | None, r_ov: torch.Tensor | None,
-                 learn_rotations: bool, scales: bool, scale_qk: bool, had_down: bool):
+                 learn_rotations: bool, scales: bool, scale_qk: bool, had_down: bool, device=None):
+        """Build on the final device: Module.to() across devices replaces a ManifoldParameter by a plain
+        Parameter, which RiemannianAdam then updates as Euclidean (rotations drift)."""
         super().__init__()
         self.g = g
         stiefel = geoopt.Stiefel()
@@ -121,14 +123,14 @@ class Transforms(nn.Module):
         def rot(t):
             if t is None:
                 return None
-            t = t.float().contiguous()
+            t = t.to(device=device, dtype=torch.float32).contiguous()
             return geoopt.ManifoldParameter(t, manifold=stiefel) if learn_rotations else nn.Parameter(t, requires_grad=False)
 
         self.r_res = rot(r_res)
         self.r_ov = rot(r_ov)                                       # [L, kv, h, h]
 
         def zeros(*shape, on=scales):
-            return nn.Parameter(torch.zeros(*shape)) if on else None
+            return nn.Parameter(torch.zeros(*shape, device=device)) if on else None
 
         self.log_s_attn = zeros(g.layers, g.d)
         self.log_s_ffn = zeros(g.layers, g.d)
@@ -136,6 +138,15 @@ class Transforms(nn.Module):
         self.log_s_qk = zeros(g.layers, g.kv_heads, g.h // 2, on=scales and scale_qk)
         self.log_s_up_down = zeros(g.layers, g.m)
         self.had_down = had_down
+
+    @torch.no_grad()
+    def project_rotations(self) -> None:
+        """Snap every rotation to the nearest orthogonal matrix (polar factor, float64), so that the
+        fused float model is exactly the original one."""
+        for R in (self.r_res, self.r_ov):
+            if R is not None:
+                U, _, Vh = torch.linalg.svd(R.double())
+                R.copy_((U @ Vh).to(R.dtype))
 
     def rotation_parameters(self) -> list[nn.Parameter]:
         return [p for p in (self.r_res, self.r_ov) if p is not None and p.requires_grad]
@@ -154,8 +165,9 @@ class Transforms(nn.Module):
 
         if self.r_res is not None:
             rotate_residual(w, cast(self.r_res), g)
-        H = hadamard_matrix(g.m, dtype) if self.had_down else None
-        ones_kv = torch.ones(g.kv_heads, g.h, dtype=dtype)
+        dev = next(iter(w.values())).device
+        H = hadamard_matrix(g.m, dtype, dev) if self.had_down else None
+        ones_kv = torch.ones(g.kv_heads, g.h, dtype=dtype, device=dev)
         for i in range(g.layers):
             if self.log_s_attn is not None:
                 scale_norm_output(w, f"model.layers.{i}.input_layernorm.weight",
@@ -163,7 +175,7 @@ class Transforms(nn.Module):
                 scale_norm_output(w, f"model.layers.{i}.post_attention_layernorm.weight",
                                   [mlp(i, p) for p in READERS_FFN], self.log_s_ffn[i].to(dtype).exp())
             if self.r_ov is not None or self.log_s_ov is not None:
-                R = cast(self.r_ov[i]) if self.r_ov is not None else torch.eye(g.h, dtype=dtype).expand(g.kv_heads, g.h, g.h)
+                R = cast(self.r_ov[i]) if self.r_ov is not None else torch.eye(g.h, dtype=dtype, device=dev).expand(g.kv_heads, g.h, g.h)
                 s = self.log_s_ov[i].to(dtype).exp() if self.log_s_ov is not None else ones_kv
                 transform_ov(w, i, R, s, g)
             if self.log_s_qk is not None:
@@ -183,7 +195,7 @@ def womi_residual(weights: dict, g: Geometry, gen: torch.Generator) -> torch.Ten
     gram = torch.zeros(g.d, g.d, dtype=torch.float64)
     for i in range(g.layers):
         for key in [attn(i, p) for p in READERS_ATTN] + [mlp(i, p) for p in READERS_FFN]:
-            W = weights[key].double()
+            W = weights[key].double().cpu()
             gram += W.T @ W
     _, Q = torch.linalg.eigh(gram)
     return Q @ random_hadamard_matrix(g.d, gen)
@@ -193,7 +205,7 @@ def womi_ov(weights: dict, g: Geometry, gen: torch.Generator) -> torch.Tensor:
     """R_ov per KV head: eigenvectors of the Gram matrix of the o_proj columns of its query heads."""
     out = torch.empty(g.layers, g.kv_heads, g.h, g.h, dtype=torch.float64)
     for i in range(g.layers):
-        wo = weights[attn(i, "o_proj")].double().reshape(g.d, g.kv_heads, g.group, g.h)
+        wo = weights[attn(i, "o_proj")].double().cpu().reshape(g.d, g.kv_heads, g.group, g.h)
         for k in range(g.kv_heads):
             cols = wo[:, k].reshape(-1, g.h)                         # every [d, h] block stacked
             _, Q = torch.linalg.eigh(cols.T @ cols)

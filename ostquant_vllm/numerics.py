@@ -105,11 +105,13 @@ def fake_quant_weight(w: torch.Tensor, bits: int, group_size: int = -1, mse: boo
 def act_qparams(x: torch.Tensor, bits: int, sym: bool = False, clip: float = 1.0):
     """(scale, zero) per row of x [..., K]; zero is in the unsigned level domain (0 when sym)."""
     xf = x.float()
+    # Divide by a tensor on x's device: CUDA turns division by a Python number into a multiply
+    # by its rounded reciprocal, which moves .5 ties and breaks CPU/GPU agreement.
     if sym:
-        qmax = 2 ** (bits - 1) - 1
+        qmax = xf.new_tensor(2 ** (bits - 1) - 1)
         scale = (xf.abs().amax(-1, keepdim=True) * clip).clamp_min(1e-5) / qmax
         return scale, torch.zeros_like(scale)
-    qmax = 2**bits - 1
+    qmax = xf.new_tensor(2**bits - 1)
     xmin = xf.amin(-1, keepdim=True).clamp(max=0) * clip
     xmax = xf.amax(-1, keepdim=True).clamp(min=0) * clip
     scale = (xmax - xmin).clamp_min(1e-5) / qmax
@@ -186,7 +188,7 @@ def _round_half_away(x: torch.Tensor) -> torch.Tensor:
 def int4_kv_quantize(x_rot: torch.Tensor):
     """Cache write of already-rotated values [..., d] -> (levels 0..15 float, zero, read scale)."""
     xf = x_rot.float()
-    scale = ((xf.amax(-1, keepdim=True) - xf.amin(-1, keepdim=True)) / 15.0).clamp_min(1e-6)
+    scale = ((xf.amax(-1, keepdim=True) - xf.amin(-1, keepdim=True)) / xf.new_tensor(15.0)).clamp_min(1e-6)
     zero = torch.clamp(_round_half_away(-xf.amin(-1, keepdim=True) / scale), 0, 15)
     q = torch.clamp(_round_half_away(xf * (1.0 / scale) + zero), 0, 15)
     read_scale = (scale.view(torch.int32) & -16).view(torch.float32)

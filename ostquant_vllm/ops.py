@@ -113,7 +113,10 @@ def linear(x: torch.Tensor, p: Prepared, act_bits: int, act_sym: bool, act_clip:
     if p.path == "kernel":
         CALLS["kernel"] += 1
         kern = _kernels()
-        q, a_scale, a_zero = kern.quantize_act(x2, act_bits, act_sym, act_clip, bool(hadamard_blocks))
+        fused_h = hadamard_blocks == 1          # the kernel fuses one full-width H_down
+        if hadamard_blocks > 1:                 # block-diagonal H (TP-split checkpoints): in torch
+            x2 = hadamard_input(x2, hadamard_blocks).to(x2.dtype)
+        q, a_scale, a_zero = kern.quantize_act(x2, act_bits, act_sym, act_clip, fused_h)
         y = kern.int4_gemm(q, a_scale, a_zero, p.weight, p.w_scale, p.w_sum).to(out_dtype)
     else:
         CALLS["reference_int"] += 1

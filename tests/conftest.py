@@ -187,8 +187,10 @@ REAL_TEXT_PROMPTS = [
 
 def export_real_rtn(out_dir: str, preset: str = "w4a4kv4") -> str:
     """The real default model (SmolLM2-135M-Instruct) as an ostquant checkpoint in seconds:
-    SPEC §2 preparation, H_down fused into down_proj when the preset has it online, RTN int4
-    weights (no learned transforms), written by the lead's calibrate.export.export_checkpoint."""
+    SPEC §2 preparation, a random-Hadamard R_res (QuaRot-style, calibrate.transforms), H_down
+    fused into down_proj when the preset has it online, RTN int4 weights (nothing learned),
+    written by the lead's calibrate.export.export_checkpoint. (Without R_res, RTN W4A4 is a
+    chaotic model where one 4-bit level flip from 1e-6 float noise changes the text.)"""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from calibrate.assets import default_model_dir
@@ -201,6 +203,14 @@ def export_real_rtn(out_dir: str, preset: str = "w4a4kv4") -> str:
     src = default_model_dir()
     model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
     prepare(model, torch.float32)
+    from calibrate.transforms import Geometry, random_hadamard_residual, rotate_residual
+
+    g = Geometry.of(model.config)
+    w = {k: v.detach().double() for k, v in model.named_parameters()}
+    rotate_residual(w, random_hadamard_residual(g, torch.Generator().manual_seed(0)).double(), g)
+    with torch.no_grad():
+        for k, p in model.named_parameters():
+            p.copy_(w[k].to(p.dtype))
     fmt = QuantFormat(**PRESETS[preset])
     if preset == "w4a16":
         fmt.weight_group_size = 64
@@ -228,7 +238,7 @@ def real_model_available() -> bool:
     return os.path.exists(os.path.join(SMOL_DIR, "model.safetensors"))
 
 
-def agreement(llm, ref, prompts, n_tokens: int = 64, logprobs: int = 5) -> dict:
+def agreement(llm, ref, prompts, n_tokens: int = 64, logprobs: int = 5, noise_floor: bool = True) -> dict:
     """Greedy agreement of a vLLM LLM with the fake-quant reference model.
 
     vLLM generates n_tokens greedily per prompt; the reference reads prompt + vLLM's tokens in one
@@ -236,13 +246,19 @@ def agreement(llm, ref, prompts, n_tokens: int = 64, logprobs: int = 5) -> dict:
     history. `token_agreement`: fraction of the positions where both choose the same token (all
     agree <=> the two greedy sequences are identical); `identical`: fraction of prompts whose
     whole sequence agrees; `first_logprob_max_diff`: max |logprob difference| over vLLM's top
-    `logprobs` tokens at the first generated position."""
+    `logprobs` tokens at the first generated position.
+
+    `noise_*`: the same two numbers for the reference against itself with its input embeddings
+    perturbed by 1e-6 (relative) on the same token sequences: the float round-off floor. A 4-bit
+    activation level flips when round-off moves a value across a rounding boundary, so two
+    implementations that differ only in float summation order agree no better than this."""
     from vllm import SamplingParams
 
     sp = SamplingParams(max_tokens=n_tokens, temperature=0.0, ignore_eos=True, logprobs=logprobs)
     outs = llm.generate(prompts, sp, use_tqdm=False)
-    agree = total = identical = 0
-    max_diff = 0.0
+    agree = total = identical = n_agree = n_identical = 0
+    max_diff = n_max_diff = 0.0
+    g = torch.Generator().manual_seed(0)
     for o in outs:
         gen = list(o.outputs[0].token_ids)
         ids = torch.tensor([list(o.prompt_token_ids) + gen[:-1]])
@@ -257,5 +273,20 @@ def agreement(llm, ref, prompts, n_tokens: int = 64, logprobs: int = 5) -> dict:
         lp = logits[p - 1].log_softmax(-1)
         for tid, v in o.outputs[0].logprobs[0].items():
             max_diff = max(max_diff, abs(v.logprob - lp[tid].item()))
-    return {"token_agreement": agree / total, "identical": identical / len(outs), "prompts": len(outs),
-            "tokens_per_prompt": n_tokens, "first_logprob_max_diff": max_diff}
+        if noise_floor:
+            with torch.no_grad():
+                e = ref.get_input_embeddings()(ids)
+                e = e * (1 + 1e-6 * torch.randn(e.shape, generator=g, dtype=e.dtype))
+                nl = ref(inputs_embeds=e).logits[0].float()
+            nmatch = [a == b for a, b in zip(nl[p - 1:].argmax(-1).tolist(), pred)]
+            n_agree += sum(nmatch)
+            n_identical += all(nmatch)
+            nlp = nl[p - 1].log_softmax(-1)
+            for tid in o.outputs[0].logprobs[0]:
+                n_max_diff = max(n_max_diff, abs(nlp[tid].item() - lp[tid].item()))
+    res = {"token_agreement": agree / total, "identical": identical / len(outs), "prompts": len(outs),
+           "tokens_per_prompt": n_tokens, "first_logprob_max_diff": max_diff}
+    if noise_floor:
+        res.update(noise_token_agreement=n_agree / total, noise_identical=n_identical / len(outs),
+                   noise_first_logprob_max_diff=n_max_diff)
+    return res

