@@ -53,11 +53,11 @@ class CalibConfig:
     calib_text: str = "c4"
     calib_windows: int = 16             # GPTQ Hessians
     calib_seqlen: int = 512
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=16, batch=4, micro_batch=2))
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=8, batch=4, micro_batch=2))
     train_windows: int = 16
     train_seqlen: int = 256
     eval_text: str = "wiki"
-    eval_windows: int = 16
+    eval_windows: int = 8
     eval_seqlen: int = 512
     eval_float: bool = True
     qsur: bool = True
