@@ -98,9 +98,11 @@ def test_training_lowers_loss_keeps_orthogonality_and_resumes_exactly(tmp_path):
     assert torch.load(state, weights_only=False)["step"] == 2                            # last save: step 2
     model3, w3, T_res, windows3, settings3 = _train_setup()
     losses_res = train(model3, w3, T_res, windows3, settings3, cfg, state_path=state, resume=True)
-    assert losses_res == pytest.approx(losses_full, rel=1e-5)
+    # Same to float32 round-off (KL values here are ~3e-4); a lost optimizer or scheduler state
+    # changes them by orders of magnitude more.
+    assert losses_res == pytest.approx(losses_full, rel=2e-4)
     for (n, a), b in zip(T_full.state_dict().items(), T_res.state_dict().values()):
-        assert torch.allclose(a, b, atol=1e-6), n
+        assert torch.allclose(a, b, atol=1e-5), n
 
 
 def test_trained_transforms_fuse_exactly():
@@ -206,7 +208,8 @@ def test_cli_help(cmd):
 
 def test_unsupported_architecture_is_refused_by_name(tmp_path):
     from transformers import GPT2Config
-    GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=100).save_pretrained(tmp_path)
+    GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=100, bos_token_id=0, eos_token_id=0,
+               architectures=["GPT2LMHeadModel"]).save_pretrained(tmp_path)
     r = subprocess.run([sys.executable, "-m", "calibrate.cli", "calibrate", str(tmp_path), "--no-qsur"],
                        capture_output=True, text=True)
     assert r.returncode == 2
