@@ -1,5 +1,4 @@
 """GPTQ vs RTN, training (resume, orthogonality, KL-Top), export + validating loader, QSUR, CLI."""
-import copy
 import json
 import os
 import subprocess

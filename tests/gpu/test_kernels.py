@@ -7,7 +7,6 @@ zero point or nibble order is off by far more. Quantize: against
 numerics.quantize_act(hadamard.apply_hadamard(x.float())), allowing < 0.1% of +-1-level flips
 (fp32 summation order at .5 ties) and 1e-5 relative on scales.
 """
-import os
 
 import pytest
 import torch
