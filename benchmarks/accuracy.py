@@ -69,7 +69,9 @@ def main(argv=None) -> int:
               "rows": []}
     if a.resume and os.path.exists(out):
         redo = {tuple(x.split(":")) for x in a.redo.split(",") if x}
-        result["rows"] = [r for r in json.load(open(out))["rows"] if (r["method"], r["setting"]) not in redo]
+        prev = json.load(open(out))
+        result["rows"] = [r for r in prev["rows"] if (r["method"], r["setting"]) not in redo]
+        result["commands"] = prev.get("commands", []) + result["commands"]
     done = {(row["method"], row["setting"]) for row in result["rows"]}
 
     def save():
