@@ -120,9 +120,7 @@ def calibrate(cfg: CalibConfig, out_dir: str | None = None, work_dir: str | None
 
     log.info("preparing: untie lm_head, fold RMSNorm weights, float32")
     prepare(model)
-    settings = QuantSettings(w_bits=fmt.weight_bits, w_group=fmt.weight_group_size, a_bits=fmt.act_bits,
-                             a_sym=fmt.act_sym, a_clip=fmt.act_clip, kv_bits=fmt.kv_bits,
-                             kv_cache_dtype=STORE_DTYPE)
+    settings = QuantSettings.from_format(fmt, kv_cache_dtype=STORE_DTYPE)
     quantize_model(model, settings, had_down=False)
     if cfg.eval_float:
         with quant_disabled(settings):
