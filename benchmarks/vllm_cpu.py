@@ -54,33 +54,19 @@ def throughput(model, prompts, tokens, dtype="bfloat16", **kw) -> float:
 
 
 def server_start(ckpt) -> float:
-    import requests
-
     from conftest import free_port
+
+    from ostquant_vllm.serve import stop_server, wait_healthy
 
     port = free_port()
     env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0")
-    t = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-m", "ostquant_vllm.serve", ckpt, "--host", "127.0.0.1", "--port",
                              str(port), "--enforce-eager", "--max-model-len", "512"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     try:
-        while time.perf_counter() - t < 600:
-            if proc.poll() is not None:
-                raise RuntimeError(f"server exited with {proc.returncode}")
-            try:
-                if requests.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                    return time.perf_counter() - t
-            except requests.ConnectionError:
-                pass
-            time.sleep(0.25)
-        raise RuntimeError("server did not start in 600 s")
+        return wait_healthy(proc, f"http://127.0.0.1:{port}", 600)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_server(proc)
 
 
 def main(argv=None) -> int:

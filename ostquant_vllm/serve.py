@@ -10,7 +10,39 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
+import time
+
+
+def wait_healthy(proc, base_url: str, timeout_s: float, log_path: str | None = None) -> float:
+    """Seconds until `base_url`/health answers 200 for the server process `proc`; a RuntimeError
+    (with the tail of its log, when given) if it exits or does not come up within timeout_s."""
+    import requests
+
+    def tail() -> str:
+        return open(log_path).read()[-3000:] if log_path else ""
+
+    t0 = time.perf_counter()
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}: {tail()}")
+        try:
+            if requests.get(base_url + "/health", timeout=2).status_code == 200:
+                return time.perf_counter() - t0
+        except requests.ConnectionError:
+            pass
+        if time.perf_counter() - t0 > timeout_s:
+            raise RuntimeError(f"server did not start in {timeout_s} s: {tail()}")
+        time.sleep(0.25)
+
+
+def stop_server(proc) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
 
 
 def _has_flag(argv: list[str], flag: str) -> bool:

@@ -5,7 +5,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -13,6 +12,8 @@ pytest.importorskip("vllm")
 requests = pytest.importorskip("requests")
 
 from conftest import REAL_TEXT_PROMPTS, free_port  # noqa: E402
+
+from ostquant_vllm.serve import stop_server, wait_healthy  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -27,27 +28,11 @@ def server(tiny_ckpts, tmp_path_factory):
                              "--max-num-seqs", "64", "--served-model-name", "tiny"],
                             stdout=log, stderr=subprocess.STDOUT, env=env)
     base = f"http://127.0.0.1:{port}"
-    t0 = time.time()
     try:
-        while True:
-            if proc.poll() is not None:
-                log.flush()
-                raise RuntimeError(f"server exited with {proc.returncode}: " + open(log.name).read()[-3000:])
-            try:
-                if requests.get(base + "/health", timeout=2).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                pass
-            if time.time() - t0 > 300:
-                raise RuntimeError("server did not start in 300 s: " + open(log.name).read()[-3000:])
-            time.sleep(1)
+        wait_healthy(proc, base, 300, log.name)
         yield base
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_server(proc)
         log.close()
 
 
