@@ -50,13 +50,23 @@ def main(argv=None) -> int:
     p.add_argument("--resume", action="store_true", help="skip rows already in the JSON")
     p.add_argument("--redo", default="", help="comma-separated METHOD:SETTING rows to drop and run again")
     p.add_argument("--zeroshot", default="", help="comma-separated tasks for every row")
-    p.add_argument("--zeroshot-limit", type=int, default=None)
+    p.add_argument("--zeroshot-limit", type=int, default=None, help="first N documents of each task")
+    p.add_argument("--zeroshot-settings", default=",".join(SETTINGS),
+                   help="settings whose rows get zero-shot (the float row gets it with the first of them)")
+    p.add_argument("--train-steps", type=int, default=None, help="override the recipe's training steps")
+    p.add_argument("--train-batch", type=int, default=None, help="override the recipe's windows a step")
+    p.add_argument("--train-micro-batch", type=int, default=None, help="override the windows a forward")
+    p.add_argument("--train-weight-quant", choices=["on", "off"], default=None,
+                   help="weight fake quantization while training (default: only for W4A16, as the official code)")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     name = os.path.basename(a.model.rstrip("/")).replace(".gguf", "")
     out = a.out or os.path.join(os.path.dirname(__file__), "results", f"accuracy_{name}_{a.recipe}.json")
     r = dict(RECIPES[a.recipe])
-    train = TrainConfig(**r.pop("train"))
+    if a.train_weight_quant:
+        r["train_weight_quant"] = a.train_weight_quant == "on"
+    overrides = {"steps": a.train_steps, "batch": a.train_batch, "micro_batch": a.train_micro_batch}
+    train = TrainConfig(**{**r.pop("train"), **{k: v for k, v in overrides.items() if v is not None}})
     if r["eval_windows"] == 0:
         r["eval_windows"] = None  # the whole held-out text
     result = {"model": name, "recipe": a.recipe, "recipe_settings": {**r, "train": train.__dict__},
@@ -85,14 +95,16 @@ def main(argv=None) -> int:
             if (method, setting) in done:
                 continue
             need_float = ("float", "w16a16kv16") not in done
+            zs = setting in a.zeroshot_settings.split(",")
             cfg = CalibConfig(model=a.model, method=method, preset=setting, train=train, eval_float=need_float,
-                              zeroshot_tasks=tuple(t for t in a.zeroshot.split(",") if t),
+                              zeroshot_tasks=tuple(t for t in a.zeroshot.split(",") if t and zs),
                               zeroshot_limit=a.zeroshot_limit, **r)
             t0 = time.time()
             rep = calibrate(cfg)
             if need_float:
                 result["rows"].append({"method": "float", "setting": "w16a16kv16", "ppl": rep["ppl_float"],
-                                       "qsur": _summary_qsur(rep.get("qsur_before"))})
+                                       "qsur": _summary_qsur(rep.get("qsur_before")),
+                                       **({"zeroshot": rep["zeroshot_float"]} if "zeroshot_float" in rep else {})})
                 done.add(("float", "w16a16kv16"))
             row = {"method": method, "setting": setting, "ppl": rep["ppl"], "seconds": time.time() - t0,
                    "qsur_before": _summary_qsur(rep.get("qsur_before")),
@@ -101,6 +113,7 @@ def main(argv=None) -> int:
             if "train" in rep:
                 row["train_seconds"] = rep["train"]["seconds"]
                 row["kl_top_first_last"] = [rep["train"]["losses"][0], rep["train"]["losses"][-1]]
+                row["kl_top"] = rep["train"]["losses"]
                 row["orthogonality_error"] = rep["train"]["orthogonality_error"]
             if "zeroshot" in rep:
                 row["zeroshot"] = rep["zeroshot"]

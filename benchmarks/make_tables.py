@@ -32,7 +32,32 @@ def accuracy_table(path: str) -> str:
     if q and o and fl:
         closed = (q["ppl"] - o["ppl"]) / (q["ppl"] - fl)
         out += ["", f"W4A4KV4: OSTQuant closes {100 * closed:.0f}% of the QuaRot-to-float gap (bar: 30%)."]
+    zs = [r for r in d["rows"] if r.get("zeroshot")]
+    if zs:
+        tasks = list(zs[0]["zeroshot"])
+        out += ["", f"**Zero-shot accuracy** (acc; first {zs[0]['zeroshot'][tasks[0]]['n']} documents of each task at most)",
+                "", "| method | setting | " + " | ".join(tasks) + " | mean |", "| --- | --- |" + " --- |" * (len(tasks) + 1)]
+        for r in zs:
+            accs = [r["zeroshot"][t]["acc"] for t in tasks]
+            out.append(f"| {r['method']} | {r['setting']} | " + " | ".join(f"{a:.3f}" for a in accs)
+                       + f" | {sum(accs) / len(accs):.3f} |")
+    if d.get("experiments"):
+        out += [""] + [f"- experiment ({e['method']} {e['setting']}): {e['what']}: perplexity {_fmt(e['ppl'])}"
+                       for e in d["experiments"]]
     out += [""] + [f"- {n}" for n in d.get("notes", [])] + [f"- command: `{c}`" for c in d.get("commands", [])]
+    return "\n".join(out)
+
+
+def vllm_gpu_table(path: str) -> str:
+    d = json.load(open(path))
+    out = [f"**vLLM {d['vllm']} on the {d['gpu']} vs calibration's fake-quant model** ({os.path.basename(path)}; "
+           f"bf16 vLLM with our kernels, fp32 reference with a bf16-rounded cache)", "",
+           "| checkpoint | KV cache | linear path (calls) | token agreement | reference vs its 1e-6-perturbed self |",
+           "| --- | --- | --- | --- | --- |"]
+    for r in d["rows"]:
+        out.append(f"| {r['checkpoint']} | {r.get('kv_cache_dtype', 'bf16')} | {r['linear_calls']} | "
+                   f"{r['token_agreement']:.3f} | {r['noise_token_agreement']:.3f} |")
+    out += ["", f"- command: `{d.get('command')}`"]
     return "\n".join(out)
 
 
@@ -80,6 +105,8 @@ def all_tables() -> str:
         parts.append(accuracy_table(p))
     for p in sorted(glob.glob(os.path.join(res, "vllm_cpu_*.json"))):
         parts.append(vllm_cpu_table(p))
+    for p in sorted(glob.glob(os.path.join(res, "vllm_gpu_*.json"))):
+        parts.append(vllm_gpu_table(p))
     for p in sorted(glob.glob(os.path.join(res, "kernels_*.json"))):
         if "run1" not in p:
             parts.append(kernels_table(p))

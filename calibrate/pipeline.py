@@ -55,6 +55,7 @@ class CalibConfig:
     calib_seqlen: int = 512
     train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=8, batch=4, micro_batch=2))
     train_windows: int = 16
+    train_weight_quant: bool | None = None   # weight fake quantization while training; None: only for W4A16 (official)
     train_seqlen: int = 256
     eval_text: str = "wiki"
     eval_windows: int = 8
@@ -125,7 +126,9 @@ def calibrate(cfg: CalibConfig, out_dir: str | None = None, work_dir: str | None
     if cfg.eval_float:
         with quant_disabled(settings):
             report["ppl_float"] = perplexity(model, evals, desc="perplexity (float)")
-        log.info("float perplexity %.3f", report["ppl_float"])
+            log.info("float perplexity %.3f", report["ppl_float"])
+            if cfg.zeroshot_tasks:
+                report["zeroshot_float"] = _zeroshot(cfg, model, tokenizer, device)
     if cfg.qsur:
         report["qsur_before"] = model_qsur(model, evals, settings, cfg.qsur_tokens)
 
@@ -139,7 +142,7 @@ def calibrate(cfg: CalibConfig, out_dir: str | None = None, work_dir: str | None
     if cfg.method == "ostquant":
         train_windows = calib_windows(tokenizer, cfg.calib_text, cfg.train_seqlen, cfg.train_windows,
                                       cfg.seed + 1).to(device)
-        settings.w_fake = fmt.act_bits >= 16   # W4A16 trains with weight fake quantization
+        settings.w_fake = fmt.act_bits >= 16 if cfg.train_weight_quant is None else cfg.train_weight_quant
         state_path = os.path.join(work_dir, "train_state.pt") if work_dir else None
         if work_dir:
             os.makedirs(work_dir, exist_ok=True)
@@ -165,12 +168,17 @@ def calibrate(cfg: CalibConfig, out_dir: str | None = None, work_dir: str | None
     report["ppl"] = perplexity(model, evals, desc=f"perplexity ({cfg.method} {cfg.preset})")
     log.info("%s %s perplexity %.3f", cfg.method, cfg.preset, report["ppl"])
     if cfg.zeroshot_tasks:
-        from .zeroshot import evaluate_zeroshot
-        report["zeroshot"] = evaluate_zeroshot(model, tokenizer, list(cfg.zeroshot_tasks), limit=cfg.zeroshot_limit)
+        report["zeroshot"] = _zeroshot(cfg, model, tokenizer, device)
     report["seconds"] = time.time() - t0
     if out_dir:
         export_checkpoint(model, qweights, fmt, out_dir, tokenizer, report)
     return report
+
+
+def _zeroshot(cfg: CalibConfig, model, tokenizer, device) -> dict:
+    from .zeroshot import evaluate_zeroshot
+    return evaluate_zeroshot(model, tokenizer, list(cfg.zeroshot_tasks), limit=cfg.zeroshot_limit, device=str(device),
+                             batch_size=32 if device.type == "cuda" else 8)
 
 
 def _jsonable(x):

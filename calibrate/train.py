@@ -64,6 +64,27 @@ def step_windows(step: int, n: int, batch: int, seed: int) -> torch.Tensor:
     return perm[pos * batch:(pos + 1) * batch] if n >= batch else perm
 
 
+def accumulate_gradients(model, base_weights: dict, transforms: Transforms, windows, top_ids, top_probs,
+                         idx: torch.Tensor, micro_batch: int) -> float:
+    """Gradients of the step's mean KL-Top into the transforms' .grad; returns the loss.
+
+    The transforms are applied once; the micro-batches backpropagate into detached copies of the
+    transformed weights (each one's activations are freed at once), then one backward takes the
+    summed weight gradients through the transforms: memory is one micro-batch's at any batch size."""
+    weights = transforms.apply(base_weights)
+    leaves = {k: v.detach().requires_grad_(v.requires_grad) for k, v in weights.items()}
+    total = 0.0
+    for j in range(0, len(idx), micro_batch):
+        mb = idx[j:j + micro_batch]
+        logits = functional_call(model, leaves, (windows[mb],), {"use_cache": False}).logits
+        loss = kl_top(logits, top_ids[mb], top_probs[mb]) * len(mb) / len(idx)
+        loss.backward()
+        total += loss.item()
+    grads = [(w, leaves[k].grad) for k, w in weights.items() if leaves[k].grad is not None]
+    torch.autograd.backward([w for w, _ in grads], [g for _, g in grads])
+    return total
+
+
 def _make_optimizer(transforms: Transforms, cfg: TrainConfig):
     groups = [{"params": transforms.rotation_parameters(), "lr": cfg.lr_rot},
               {"params": transforms.scale_parameters(), "lr": cfg.lr_scale}]
@@ -104,14 +125,8 @@ def train(model, base_weights: dict, transforms: Transforms, windows: torch.Tens
     for step in bar:
         idx = step_windows(step, len(windows), cfg.batch, cfg.seed)
         opt.zero_grad(set_to_none=True)
-        total = 0.0
-        weights = transforms.apply(base_weights)  # once a step; its graph is kept across micro-batches
-        for j in range(0, len(idx), cfg.micro_batch):
-            mb = idx[j:j + cfg.micro_batch]
-            logits = functional_call(model, weights, (windows[mb],), {"use_cache": False}).logits
-            loss = kl_top(logits, top_ids[mb], top_probs[mb]) * len(mb) / len(idx)
-            loss.backward(retain_graph=j + cfg.micro_batch < len(idx))
-            total += loss.item()
+        total = accumulate_gradients(model, base_weights, transforms, windows, top_ids, top_probs, idx,
+                                     cfg.micro_batch)
         with _full_fp32():  # the Stiefel retraction needs fp32 matmuls: under TF32 rotations drift (1e-2)
             opt.step()
         sched.step()

@@ -131,12 +131,13 @@ def quantize_act(x: torch.Tensor, bits: int, sym: bool = False, clip: float = 1.
 
 
 def fake_quant_act(x: torch.Tensor, bits: int, sym: bool = False, clip: float = 1.0) -> torch.Tensor:
-    """Differentiable (STE through round) quantize-dequantize, per token, in x's dtype."""
+    """Differentiable quantize-dequantize, per token, in x's dtype: straight-through for round, and
+    (as the official quantizer) true gradients through the scale, i.e. the row's min and max. That
+    path is what tells the transforms to shrink the ranges; a detached scale leaves them no signal."""
     if bits >= 16:
         return x
-    with torch.no_grad():
-        scale, zero = act_qparams(x.detach(), bits, sym, clip)
-    scale, zero = scale.to(x.dtype), zero.to(x.dtype)
+    scale, zero = act_qparams(x, bits, sym, clip)
+    scale, zero = scale.to(x.dtype), zero.detach().to(x.dtype)
     if sym:
         qmax = 2 ** (bits - 1) - 1
         return torch.clamp(round_ste(x / scale), -qmax - 1, qmax) * scale
@@ -207,7 +208,11 @@ def fake_quant_kv_int4(x: torch.Tensor, cache_dtype: torch.dtype | None = None) 
         y = y + (y.to(cache_dtype).float() - y).detach()
     q, zero, read_scale = int4_kv_quantize(y.detach())
     deq = (q - zero) * read_scale
-    y_fq = y + (deq - y).detach()
+    # Gradient surrogate: straight-through round, true gradient through the (max - min) / 15 scale;
+    # its forward value is replaced by the exact cache numerics.
+    scale = ((y.amax(-1, keepdim=True) - y.amin(-1, keepdim=True)) / 15.0).clamp_min(1e-6)
+    surrogate = (y / scale + (q - zero - y / scale).detach()) * scale
+    y_fq = surrogate + (deq - surrogate).detach()
     return (rht(y_fq, inverse=True) / d).to(x.dtype)
 
 

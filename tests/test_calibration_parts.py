@@ -6,6 +6,7 @@ import sys
 
 import pytest
 import torch
+from torch.func import functional_call
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from calibrate.fuse import fuse, transformable_weights
@@ -13,7 +14,7 @@ from calibrate.gptq import gptq, rtn, weight_error
 from calibrate.prepare import prepare
 from calibrate.qmodel import QuantSettings, load_fake_quant_model, quantize_model
 from calibrate.qsur import log10_qsur_per_dim
-from calibrate.train import TrainConfig, kl_top, orthogonality_error, train
+from calibrate.train import TrainConfig, accumulate_gradients, kl_top, orthogonality_error, teacher_topk, train
 from calibrate.transforms import Geometry, Transforms, womi_ov, womi_residual
 from ostquant_vllm.format import CheckpointError, QuantFormat, validate_checkpoint
 
@@ -82,6 +83,26 @@ def _train_setup(seed=0):
                    scales=True, scale_qk=True, had_down=True)
     windows = torch.randint(0, 256, (6, 32), generator=torch.Generator().manual_seed(3))
     return model, w, T, windows, settings
+
+
+def test_micro_batched_gradients_equal_one_full_batch_backward():
+    """accumulate_gradients (transform once, micro-batches into detached weights, one backward through
+    the transforms) gives the gradients of the plain full-batch loss."""
+    model, w, T, windows, settings = _train_setup()
+    model.requires_grad_(False)
+    ids, probs = teacher_topk(model, T.apply(w), windows, settings, 50, 2)
+    idx = torch.arange(4)
+    loss = accumulate_gradients(model, w, T, windows, ids, probs, idx, micro_batch=1)
+    got = {n: p.grad.clone() for n, p in T.named_parameters() if p.grad is not None}
+    T.zero_grad(set_to_none=True)
+    logits = functional_call(model, T.apply(w), (windows[idx],), {"use_cache": False}).logits
+    ref = kl_top(logits, ids[idx], probs[idx])
+    ref.backward()
+    assert loss == pytest.approx(ref.item(), rel=1e-5)
+    assert set(got) == {n for n, p in T.named_parameters() if p.grad is not None} and len(got) >= 5
+    for n, p in T.named_parameters():
+        if p.grad is not None:
+            assert torch.allclose(got[n], p.grad, rtol=1e-3, atol=1e-8 + 1e-4 * p.grad.abs().max().item()), n
 
 
 def test_training_lowers_loss_keeps_orthogonality_and_resumes_exactly(tmp_path):

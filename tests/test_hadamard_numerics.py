@@ -119,10 +119,24 @@ def test_kv_int4_error_bound():
     assert 0.02 < rel < 0.15  # 4 bits over a gaussianised range: about 0.09
 
 
-def test_straight_through_gradients():
-    x = torch.randn(4, 64, requires_grad=True)
+def test_straight_through_gradients_and_range_gradients():
+    """Round is straight-through; the scale keeps its true gradient through each row's min and max
+    (as the official quantizer: that is the signal that teaches the transforms to shrink ranges)."""
+    x = torch.randn(4, 64, dtype=torch.float64, requires_grad=True)
     fake_quant_act(x, 4).sum().backward()
-    assert torch.allclose(x.grad, torch.ones_like(x))
+
+    x_ref = x.detach().clone().requires_grad_(True)
+    xmax, xmin = x_ref.amax(-1, keepdim=True).clamp(min=0), x_ref.amin(-1, keepdim=True).clamp(max=0)
+    s = (xmax - xmin) / 15
+    zp = torch.round(-xmin / s).detach()
+    r = x_ref / s
+    (((r + (torch.round(r) - r).detach() + zp).clamp(0, 15) - zp) * s).sum().backward()
+    assert torch.allclose(x.grad, x_ref.grad)
+    inner = torch.ones_like(x, dtype=torch.bool)
+    inner.scatter_(1, x.argmax(1, keepdim=True), False).scatter_(1, x.argmin(1, keepdim=True), False)
+    assert torch.equal(x.grad[inner], torch.ones_like(x.grad[inner]))   # straight through
+    assert (x.grad[~inner] - 1).abs().min() > 1e-3                         # the range's gradient
+
     x2 = torch.randn(4, 64, requires_grad=True)
     fake_quant_kv_int4(x2).sum().backward()
-    assert torch.allclose(x2.grad, torch.ones_like(x2), atol=1e-5)
+    assert torch.isfinite(x2.grad).all() and (x2.grad - 1).abs().max() > 1e-3
