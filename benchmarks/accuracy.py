@@ -58,11 +58,14 @@ def main(argv=None) -> int:
     p.add_argument("--train-micro-batch", type=int, default=None, help="override the windows a forward")
     p.add_argument("--train-weight-quant", choices=["on", "off"], default=None,
                    help="weight fake quantization while training (default: only for W4A16, as the official code)")
+    p.add_argument("--init", choices=["womi", "hadamard"], default=None, help="OSTQuant's starting rotations")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     name = os.path.basename(a.model.rstrip("/")).replace(".gguf", "")
     out = a.out or os.path.join(os.path.dirname(__file__), "results", f"accuracy_{name}_{a.recipe}.json")
     r = dict(RECIPES[a.recipe])
+    if a.init:
+        r["init"] = a.init
     if a.train_weight_quant:
         r["train_weight_quant"] = a.train_weight_quant == "on"
     overrides = {"steps": a.train_steps, "batch": a.train_batch, "micro_batch": a.train_micro_batch}

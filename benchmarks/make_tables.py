@@ -98,9 +98,19 @@ def vllm_cpu_table(path: str) -> str:
     return "\n".join(out)
 
 
+def cpu_default_table(path: str) -> str:
+    d = json.load(open(path))
+    return "\n".join([f"**The default CPU run** ({os.path.basename(path)}; {d['machine']})", "",
+                      f"- calibrate: {d['calibrate_wall_s'] / 60:.1f} min wall (bar: 15), perplexity {_fmt(d['ppl'])} "
+                      f"(float {_fmt(d['ppl_float'])}; {d['eval']}); generate with vLLM: {d['generate_wall_s']:.0f} s"]
+                     + [f"- command: `{c}`" for c in d["commands"]])
+
+
 def all_tables() -> str:
     parts = []
     res = os.path.join(HERE, "results")
+    if os.path.exists(os.path.join(res, "cpu_default_run.json")):
+        parts.append(cpu_default_table(os.path.join(res, "cpu_default_run.json")))
     for p in sorted(glob.glob(os.path.join(res, "accuracy_*.json"))):
         parts.append(accuracy_table(p))
     for p in sorted(glob.glob(os.path.join(res, "vllm_cpu_*.json"))):

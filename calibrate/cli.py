@@ -22,9 +22,15 @@ def _calibrate_parser(sub):
     p.add_argument("--preset", default=d.preset, choices=list(PRESETS))
     p.add_argument("--method", default=d.method, choices=list(METHODS))
     p.add_argument("--weight-quant", default=d.weight_quant, choices=["gptq", "rtn"])
+    p.add_argument("--init", default=d.init, choices=["womi", "hadamard"],
+                   help="OSTQuant's starting rotations: WOMI (SPEC, official) or QuaRot's random Hadamards "
+                        "(better on small training budgets)")
     p.add_argument("--weight-group-size", type=int, default=d.weight_group_size, help="-1: per output channel")
     p.add_argument("--act-sym", action="store_true", help="symmetric activations (default asymmetric)")
     p.add_argument("--act-clip", type=float, default=d.act_clip)
+    p.add_argument("--hadamard-blocks", type=int, default=d.hadamard_blocks,
+                   help="down_proj's online Hadamard as b diagonal blocks I_b (x) H_{m/b}: vLLM can then serve the "
+                        "checkpoint at any tensor parallel size dividing b (8: TP 1, 2, 4, 8)")
     p.add_argument("--steps", type=int, default=d.train.steps, help="training steps (ostquant)")
     p.add_argument("--batch", type=int, default=d.train.batch, help="windows per training step")
     p.add_argument("--micro-batch", type=int, default=d.train.micro_batch)
@@ -58,6 +64,7 @@ def _cmd_calibrate(a) -> int:
     cfg = CalibConfig(
         model=a.model, method=a.method, preset=a.preset, weight_group_size=a.weight_group_size,
         weight_quant=a.weight_quant, act_sym=a.act_sym, act_clip=a.act_clip,
+        hadamard_blocks=a.hadamard_blocks, init=a.init,
         calib_windows=a.calib_windows, calib_seqlen=a.calib_seqlen,
         train=TrainConfig(steps=a.steps, batch=a.batch, micro_batch=a.micro_batch, save_every=a.save_every, seed=a.seed),
         train_windows=a.train_windows, train_seqlen=a.train_seqlen, eval_windows=a.eval_windows,

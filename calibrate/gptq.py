@@ -9,7 +9,6 @@ import torch
 from tqdm import tqdm
 
 from ostquant_vllm.format import QUANTIZED_LINEARS
-from ostquant_vllm.hadamard import apply_hadamard
 from ostquant_vllm.numerics import dequantize_weight, quantize_weight, weight_scale
 
 from .qmodel import QuantLinear, QuantSettings, quant_disabled, set_quantized_weights
@@ -133,8 +132,7 @@ def quantize_weights(model, settings: QuantSettings, windows: torch.Tensor | Non
             def hook(name):
                 def f(module, args):
                     x = args[0].detach()
-                    if module.hadamard:
-                        x = apply_hadamard(x)
+                    x = module.rotate_input(x)
                     x = x.reshape(-1, x.shape[-1]).double()
                     hess[name] += x.T @ x
                     if name == "self_attn.q_proj":

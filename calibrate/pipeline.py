@@ -50,12 +50,14 @@ class CalibConfig:
     weight_quant: str = "gptq"          # or "rtn"
     act_sym: bool = False
     act_clip: float = 1.0
+    hadamard_blocks: int = 1            # H_down = I_b (x) H_{m/b}: vLLM can serve it at any TP degree dividing b
     calib_text: str = "c4"
     calib_windows: int = 16             # GPTQ Hessians
     calib_seqlen: int = 512
     train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=8, batch=4, micro_batch=2))
     train_windows: int = 16
     train_weight_quant: bool | None = None   # weight fake quantization while training; None: only for W4A16 (official)
+    init: str = "womi"                  # OSTQuant's starting rotations: "womi" (SPEC §5) or "hadamard" (QuaRot's)
     train_seqlen: int = 256
     eval_text: str = "wiki"
     eval_windows: int = 8
@@ -79,22 +81,29 @@ class CalibConfig:
         fmt = QuantFormat(weight_bits=self.weight_bits, weight_group_size=self.weight_group_size,
                           act_bits=p["act_bits"], act_sym=self.act_sym, act_clip=self.act_clip,
                           kv_bits=p["kv_bits"],
-                          online_hadamard={"down_proj": transforms, "qk": p["kv_bits"] < 16})
+                          online_hadamard={"down_proj": transforms, "qk": p["kv_bits"] < 16},
+                          hadamard_blocks=self.hadamard_blocks)
         fmt.validate()
         return fmt
 
 
-def init_transforms(method: str, act_bits: int, weights: dict, g: Geometry, qk_scale: bool, seed: int, device=None):
+def init_transforms(method: str, act_bits: int, weights: dict, g: Geometry, qk_scale: bool, seed: int, device=None,
+                    init: str = "womi", had_down: int = 1):
     gen = torch.Generator().manual_seed(seed)
     if method == "rtn":
         return None
     if method == "quarot":
         return Transforms(g, r_res=random_hadamard_residual(g, gen), r_ov=random_hadamard_ov(g, gen),
-                          learn_rotations=False, scales=False, scale_qk=False, had_down=True, device=device)
-    # ostquant: WOMI (the official W4A16 recipe starts R_res from a random Hadamard instead)
-    r_res = random_hadamard_residual(g, gen) if act_bits >= 16 else womi_residual(weights, g, gen)
-    return Transforms(g, r_res=r_res, r_ov=womi_ov(weights, g, gen), learn_rotations=True, scales=True,
-                      scale_qk=qk_scale, had_down=True, device=device)
+                          learn_rotations=False, scales=False, scale_qk=False, had_down=had_down, device=device)
+    if init not in ("womi", "hadamard"):
+        raise ValueError(f"unknown init {init!r}: choose womi or hadamard")
+    if init == "hadamard":  # QuaRot's random Hadamards, then learned
+        r_res, r_ov = random_hadamard_residual(g, gen), random_hadamard_ov(g, gen)
+    else:  # WOMI (the official W4A16 recipe starts R_res from a random Hadamard instead)
+        r_res = random_hadamard_residual(g, gen) if act_bits >= 16 else womi_residual(weights, g, gen)
+        r_ov = womi_ov(weights, g, gen)
+    return Transforms(g, r_res=r_res, r_ov=r_ov, learn_rotations=True, scales=True, scale_qk=qk_scale,
+                      had_down=had_down, device=device)
 
 
 def calibrate(cfg: CalibConfig, out_dir: str | None = None, work_dir: str | None = None, resume: bool = False) -> dict:
@@ -135,10 +144,10 @@ def calibrate(cfg: CalibConfig, out_dir: str | None = None, work_dir: str | None
     g = Geometry.of(model.config)
     weights = transformable_weights(model)
     transforms = init_transforms(cfg.method, fmt.act_bits, weights, g, not has_qk_norm(model.config), cfg.seed,
-                                 device)
+                                 device, cfg.init, had_down=fmt.hadamard_blocks)
     if transforms is not None and transforms.had_down:  # the online x -> x H before down_proj
         for layer in model.model.layers:
-            layer.mlp.down_proj.hadamard = True
+            layer.mlp.down_proj.hadamard = transforms.had_down
     if cfg.method == "ostquant":
         train_windows = calib_windows(tokenizer, cfg.calib_text, cfg.train_seqlen, cfg.train_windows,
                                       cfg.seed + 1).to(device)

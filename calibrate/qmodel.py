@@ -1,7 +1,7 @@
 """The fake-quantized model: a transformers model whose linears and attention compute SPEC §4/§8.
 
 - QuantLinear replaces nn.Linear in place (same parameter names, so torch.func.functional_call
-  can feed it transformed weights during training): optional online Hadamard, per-token
+  can feed it transformed weights during training): optional online (block-diagonal) Hadamard, per-token
   activation fake quantization, optional weight fake quantization.
 - The attention function "ostquant_sdpa" fake-quantizes K (after RoPE) and V per head with the
   numerics of vLLM's int4 KV cache, then runs SDPA.
@@ -22,7 +22,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from ostquant_vllm.format import QUANTIZED_LINEARS, QuantFormat, validate_checkpoint
-from ostquant_vllm.hadamard import apply_hadamard
+from ostquant_vllm.hadamard import apply_block_hadamard
 from ostquant_vllm.numerics import dequantize_weight, fake_quant_act, fake_quant_kv, fake_quant_weight, unpack_int4
 
 ATTN_IMPL = "ostquant_sdpa"
@@ -48,15 +48,19 @@ class QuantSettings:
 
 
 class QuantLinear(nn.Linear):
-    def __init__(self, lin: nn.Linear, settings: QuantSettings, hadamard: bool = False):
+    """hadamard: 0 = none, b = the online x -> x (I_b (x) H_{in/b}) (down_proj's H_down), as the plugin."""
+
+    def __init__(self, lin: nn.Linear, settings: QuantSettings, hadamard: int = 0):
         nn.Module.__init__(self)
         self.in_features, self.out_features = lin.in_features, lin.out_features
         self.weight, self.bias = lin.weight, lin.bias
-        self.settings, self.hadamard = settings, hadamard
+        self.settings, self.hadamard = settings, int(hadamard)
+
+    def rotate_input(self, x):
+        return apply_block_hadamard(x, self.hadamard) if self.hadamard else x
 
     def forward(self, x):
-        if self.hadamard:
-            x = apply_hadamard(x)
+        x = self.rotate_input(x)
         q = self.settings
         w = self.weight
         if q.enabled:
@@ -78,14 +82,15 @@ AttentionInterface.register(ATTN_IMPL, _ostquant_attention)
 AttentionMaskInterface.register(ATTN_IMPL, sdpa_mask)
 
 
-def quantize_model(model, settings: QuantSettings, had_down: bool) -> QuantSettings:
-    """In place: every decoder linear becomes a QuantLinear and attention fake-quantizes K/V."""
+def quantize_model(model, settings: QuantSettings, had_down: int) -> QuantSettings:
+    """In place: every decoder linear becomes a QuantLinear and attention fake-quantizes K/V.
+    had_down: the online H_down of down_proj (0 = none, b = I_b (x) H_{m/b})."""
     for layer in model.model.layers:
         for parent in (layer.self_attn, layer.mlp):
             for name in QUANTIZED_LINEARS:
                 lin = getattr(parent, name, None)
                 if lin is not None and not isinstance(lin, QuantLinear):
-                    setattr(parent, name, QuantLinear(lin, settings, hadamard=had_down and name == "down_proj"))
+                    setattr(parent, name, QuantLinear(lin, settings, hadamard=had_down if name == "down_proj" else 0))
                 elif isinstance(lin, QuantLinear):
                     lin.settings = settings
         layer.self_attn.quant_settings = settings
@@ -143,7 +148,7 @@ def load_fake_quant_model(ckpt_dir: str, dtype=torch.float32, kv_cache_dtype=tor
         raise ValueError(f"{ckpt_dir}: missing {missing[:5]}, unexpected {unexpected[:5]}")
     set_quantized_weights(model, qweights, fmt.weight_group_size)
     settings = QuantSettings.from_format(fmt, kv_cache_dtype=kv_cache_dtype)
-    quantize_model(model, settings, had_down=fmt.online_hadamard["down_proj"])
+    quantize_model(model, settings, had_down=fmt.hadamard_blocks if fmt.online_hadamard["down_proj"] else 0)
     model.eval()
     model.ostquant_format = fmt
     return model

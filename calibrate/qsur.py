@@ -39,8 +39,6 @@ _SITES = {"attn_in": "self_attn.q_proj", "o_in": "self_attn.o_proj", "ffn_in": "
 def model_qsur(model, windows: torch.Tensor, settings, max_tokens: int = 2048) -> list[dict]:
     """Per layer: log10(QSUR)/d of the activations entering each quantizer (after any online
     Hadamard, quantization off) and of each quantized weight."""
-    from ostquant_vllm.hadamard import apply_hadamard
-
     from .qmodel import quant_disabled
 
     layers = model.model.layers
@@ -52,7 +50,7 @@ def model_qsur(model, windows: torch.Tensor, settings, max_tokens: int = 2048) -
 
             def hook(m, args, key=(i, site)):
                 x = args[0].detach()
-                x = apply_hadamard(x) if getattr(m, "hadamard", False) else x
+                x = m.rotate_input(x) if hasattr(m, "rotate_input") else x
                 have = sum(t.shape[0] for t in acts.get(key, []))
                 if have < max_tokens:
                     acts.setdefault(key, []).append(x.reshape(-1, x.shape[-1])[: max_tokens - have].double())

@@ -14,7 +14,7 @@ import geoopt
 import torch
 from torch import nn
 
-from ostquant_vllm.hadamard import hadamard_matrix, random_hadamard_matrix
+from ostquant_vllm.hadamard import block_hadamard_matrix, block_size, random_hadamard_matrix
 
 READERS_ATTN = ("q_proj", "k_proj", "v_proj")
 READERS_FFN = ("gate_proj", "up_proj")
@@ -101,7 +101,8 @@ def scale_up_down(w: dict, i: int, s: torch.Tensor) -> None:
 
 
 def hadamard_down(w: dict, i: int, H: torch.Tensor) -> None:
-    """H_down: the online x -> x H before down_proj is undone by W_down <- W_down H."""
+    """H_down: the online x -> x H before down_proj is undone by W_down <- W_down H
+    (H = block_hadamard_matrix(m, blocks), orthonormal: (x H)(W H)^T = x W^T)."""
     w[mlp(i, "down_proj")] = w[mlp(i, "down_proj")] @ H
 
 
@@ -125,12 +126,13 @@ class Stiefel(geoopt.manifolds.CanonicalStiefel):
 
 class Transforms(nn.Module):
     """All pairs of one model. Rotations live on the Stiefel manifold; scales are log-parametrised
-    (always positive). A pair left out (None / False) is the identity."""
+    (always positive). A pair left out (None / False / 0) is the identity."""
 
     def __init__(self, g: Geometry, *, r_res: torch.Tensor | None, r_ov: torch.Tensor | None,
-                 learn_rotations: bool, scales: bool, scale_qk: bool, had_down: bool, device=None):
+                 learn_rotations: bool, scales: bool, scale_qk: bool, had_down: int, device=None):
         """Build on the final device: Module.to() across devices replaces a ManifoldParameter by a plain
-        Parameter, which RiemannianAdam then updates as Euclidean (rotations drift)."""
+        Parameter, which RiemannianAdam then updates as Euclidean (rotations drift).
+        had_down: 0 = no H_down, b = the block-diagonal I_b (x) H_{m/b} (True = 1, the full H)."""
         super().__init__()
         self.g = g
         stiefel = Stiefel()
@@ -152,7 +154,9 @@ class Transforms(nn.Module):
         self.log_s_ov = zeros(g.layers, g.kv_heads, g.h)
         self.log_s_qk = zeros(g.layers, g.kv_heads, g.h // 2, on=scales and scale_qk)
         self.log_s_up_down = zeros(g.layers, g.m)
-        self.had_down = had_down
+        self.had_down = int(had_down)
+        if self.had_down:
+            block_size(g.m, self.had_down)  # fail now, not after training, if m/b has no Hadamard
 
     @torch.no_grad()
     def project_rotations(self) -> None:
@@ -180,7 +184,7 @@ class Transforms(nn.Module):
         if self.r_res is not None:
             rotate_residual(w, cast(self.r_res), g)
         dev = next(iter(w.values())).device
-        H = hadamard_matrix(g.m, dtype, dev) if self.had_down else None
+        H = block_hadamard_matrix(g.m, self.had_down, dtype, dev) if self.had_down else None
         ones_kv = torch.ones(g.kv_heads, g.h, dtype=dtype, device=dev)
         for i in range(g.layers):
             if self.log_s_attn is not None:

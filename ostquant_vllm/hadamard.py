@@ -2,6 +2,9 @@
 the PyTorch reference path and the CUDA kernels (which read the H_b tables built here).
 
 Sylvester's construction gives 2^k; Paley's constructions give the small factors b.
+The block-diagonal I_blocks (x) H_{n/blocks} (down_proj's H_down with `hadamard_blocks` > 1) is
+what lets vLLM's tensor parallelism split H_down: each rank applies I_{blocks/tp} (x) H_{n/blocks}
+to its own slice, with no communication.
 """
 from __future__ import annotations
 
@@ -135,3 +138,26 @@ def apply_hadamard(x: torch.Tensor) -> torch.Tensor:
     if b > 1:
         y = y @ _small_hadamard(b).to(y)
     return (y / n**0.5).reshape(shape).to(dtype)
+
+
+def block_size(n: int, blocks: int) -> int:
+    """n / blocks, checked: blocks divides n and a Hadamard matrix of that order exists."""
+    if not isinstance(blocks, int) or blocks < 1 or n % blocks:
+        raise ValueError(f"hadamard_blocks={blocks!r} does not divide the Hadamard size {n}")
+    try:
+        factor(n // blocks)
+    except ValueError as e:
+        raise ValueError(f"hadamard_blocks={blocks}: blocks of size {n // blocks} = {n} / {blocks}: {e}") from None
+    return n // blocks
+
+
+def block_hadamard_matrix(n: int, blocks: int = 1, dtype=torch.float64, device=None) -> torch.Tensor:
+    """Orthonormal I_blocks (x) H_{n/blocks} (blocks = 1: the full H)."""
+    H = _hadamard(block_size(n, blocks))
+    return torch.kron(torch.eye(blocks, dtype=torch.float64), H).to(dtype=dtype, device=device)
+
+
+def apply_block_hadamard(x: torch.Tensor, blocks: int = 1) -> torch.Tensor:
+    """x @ (I_blocks (x) H_{n/blocks}) along the last dim: each block of n/blocks columns on its own."""
+    n = x.shape[-1]
+    return apply_hadamard(x.reshape(*x.shape[:-1], blocks, block_size(n, blocks))).reshape(x.shape)

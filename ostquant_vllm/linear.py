@@ -4,7 +4,8 @@ Parameters (created with vLLM's parameter classes, so the fused QKV / gate_up lo
 shard them): `qweight` int8 [out, in/2] (two signed nibbles a byte, low nibble = even input
 column) and `weight_scale` fp16 [out] (or [out, in/group]). Every write goes through a counting
 wrapper of the layer's weight loader: a missing, duplicated, mis-typed or mis-shaped tensor
-raises a CheckpointError naming the checkpoint tensor.
+raises a CheckpointError naming the checkpoint tensor. How TP splits them, and which TP degrees
+a checkpoint can serve: tensor_parallel.py.
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import zlib
 
 import torch
 
-from . import compat, ops
+from . import compat, ops, tensor_parallel
 from .format import CheckpointError, QuantFormat
 
 _L = compat.linear_classes()
@@ -51,7 +52,6 @@ class OstQuantLinearMethod(_L.LinearMethodBase):
         self.fmt = fmt
         self.prefix = prefix
         self.ckpt_names = ckpt_names          # checkpoint module name of each shard
-        self.is_down = prefix.rsplit(".", 1)[-1] == "down_proj"
 
     # ------------------------------------------------------------------ weights
     def create_weights(self, layer, input_size_per_partition, output_partition_sizes, input_size,
@@ -59,12 +59,11 @@ class OstQuantLinearMethod(_L.LinearMethodBase):
         fmt = self.fmt
         n = sum(output_partition_sizes)
         k = input_size_per_partition
-        if k % 2:
-            raise CheckpointError(f"{self.prefix}: in_features per partition {k} is odd (int4 packing)")
         gs = fmt.weight_group_size
-        if gs > 0 and k % gs:
-            raise CheckpointError(f"{self.prefix}: in_features per partition {k} is not a multiple of "
-                                  f"weight_group_size {gs}")
+        # Refuse a TP degree this checkpoint cannot serve (a packed byte, a scale group or the
+        # H_down blocks cut across ranks) before any tensor is read; down_proj: its blocks per rank.
+        tp = getattr(layer, "tp_size", 1) or 1
+        layer.ostq_hadamard_blocks = tensor_parallel.partition(fmt, self.prefix, input_size, tp)
         loader = extra_weight_attrs.get("weight_loader")
         qweight = ModelWeightParameter(data=torch.zeros(n, k // 2, dtype=torch.int8), input_dim=1,
                                        output_dim=0, weight_loader=self._counting(layer, "qweight", loader))
@@ -79,15 +78,6 @@ class OstQuantLinearMethod(_L.LinearMethodBase):
         layer.register_parameter("weight_scale", scale)
         layer.ostq_loaded = set()
         layer.ostq_params_dtype = params_dtype
-        tp = getattr(layer, "tp_size", 1) or 1
-        layer.ostq_hadamard_blocks = 0
-        if self.is_down and fmt.online_hadamard["down_proj"]:
-            blocks = fmt.hadamard_blocks
-            if tp > 1 and blocks % tp:
-                raise CheckpointError(f"{self.prefix}: the down_proj Hadamard has {blocks} block(s), which "
-                                      f"tensor parallel size {tp} cannot split (export with hadamard_blocks a "
-                                      f"multiple of {tp})")
-            layer.ostq_hadamard_blocks = max(1, blocks // tp)
         vc = compat.current_vllm_config()
         load_format = getattr(getattr(vc, "load_config", None), "load_format", None) if vc else None
         layer.ostq_dummy = str(load_format) in ("dummy", "LoadFormat.DUMMY")

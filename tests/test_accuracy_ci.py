@@ -1,8 +1,12 @@
-"""The accuracy ordering on the real default model at W4A4KV4, with a budget that fits CI.
+"""The accuracy ordering on the real default model at W4A4KV4, with a budget that fits CI:
+OSTQuant < QuaRot-style < RTN perplexity (RTN weights for all three, to stay fast).
 
-QuaRot-style rotations (RTN weights here, to stay fast) must beat plain RTN by far: 4-bit activations
-with SmolLM2's down_proj outliers (|x| up to ~500) break RTN without transforms. OSTQuant < QuaRot is
-what the committed GPU table measures; on this CI budget it is not asserted (see README results)."""
+4-bit activations with SmolLM2's down_proj outliers (|x| up to ~500) break RTN without transforms;
+QuaRot's rotations fix most of it; OSTQuant's learned rotations and scales must then beat QuaRot on
+held-out text after 4 training steps. On a budget this small OSTQuant starts from QuaRot's random
+Hadamards (`init="hadamard"`): from WOMI it needs far more steps to pass them (measured here: 137 vs
+QuaRot's 89; on the H100 with the full recipe both starts end at 33.8 against QuaRot's 37.1,
+benchmarks/results/accuracy_SmolLM2-135M-Instruct.json)."""
 import torch
 
 from calibrate.pipeline import CalibConfig, calibrate
@@ -11,13 +15,17 @@ from calibrate.train import TrainConfig
 
 def _ppl(method):
     cfg = CalibConfig(method=method, preset="w4a4kv4", weight_quant="rtn", calib_windows=2, calib_seqlen=256,
-                      train=TrainConfig(steps=1, batch=1, micro_batch=1), train_windows=1, train_seqlen=64,
-                      eval_windows=2, eval_seqlen=256, eval_float=method == "rtn", qsur=False, device="cpu")
+                      train=TrainConfig(steps=4, batch=2, micro_batch=1), train_windows=2, train_seqlen=256,
+                      init="hadamard", eval_windows=2, eval_seqlen=256, eval_float=method == "rtn", qsur=False,
+                      device="cpu")
     return calibrate(cfg)
 
 
-def test_quarot_beats_rtn_at_w4a4kv4_on_real_model():
+def test_ostquant_beats_quarot_beats_rtn_at_w4a4kv4_on_real_model():
     torch.set_num_threads(1)
     rtn = _ppl("rtn")
     quarot = _ppl("quarot")
-    assert rtn["ppl_float"] < quarot["ppl"] < rtn["ppl"] / 10, (rtn["ppl_float"], quarot["ppl"], rtn["ppl"])
+    ost = _ppl("ostquant")
+    assert ost["train"]["losses"][-1] < ost["train"]["losses"][0]
+    assert rtn["ppl_float"] < ost["ppl"] < 0.95 * quarot["ppl"] < quarot["ppl"] < rtn["ppl"] / 10, (
+        rtn["ppl_float"], ost["ppl"], quarot["ppl"], rtn["ppl"])
