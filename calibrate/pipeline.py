@@ -186,7 +186,7 @@ def calibrate(cfg: CalibConfig, out_dir: str | None = None, work_dir: str | None
 
 def _zeroshot(cfg: CalibConfig, model, tokenizer, device) -> dict:
     from .zeroshot import evaluate_zeroshot
-    return evaluate_zeroshot(model, tokenizer, list(cfg.zeroshot_tasks), limit=cfg.zeroshot_limit, device=str(device),
+    return evaluate_zeroshot(model, tokenizer, list(cfg.zeroshot_tasks), limit=cfg.zeroshot_limit,
                              batch_size=32 if device.type == "cuda" else 8)
 
 

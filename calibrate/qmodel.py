@@ -22,7 +22,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from ostquant_vllm.format import QUANTIZED_LINEARS, QuantFormat, validate_checkpoint
-from ostquant_vllm.hadamard import apply_block_hadamard
+from ostquant_vllm.hadamard import apply_hadamard
 from ostquant_vllm.numerics import dequantize_weight, fake_quant_act, fake_quant_kv, fake_quant_weight, unpack_int4
 
 ATTN_IMPL = "ostquant_sdpa"
@@ -57,7 +57,7 @@ class QuantLinear(nn.Linear):
         self.settings, self.hadamard = settings, int(hadamard)
 
     def rotate_input(self, x):
-        return apply_block_hadamard(x, self.hadamard) if self.hadamard else x
+        return apply_hadamard(x, self.hadamard) if self.hadamard else x
 
     def forward(self, x):
         x = self.rotate_input(x)

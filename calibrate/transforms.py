@@ -14,7 +14,7 @@ import geoopt
 import torch
 from torch import nn
 
-from ostquant_vllm.hadamard import block_hadamard_matrix, block_size, random_hadamard_matrix
+from ostquant_vllm.hadamard import block_size, hadamard_matrix, random_hadamard_matrix
 
 READERS_ATTN = ("q_proj", "k_proj", "v_proj")
 READERS_FFN = ("gate_proj", "up_proj")
@@ -102,7 +102,7 @@ def scale_up_down(w: dict, i: int, s: torch.Tensor) -> None:
 
 def hadamard_down(w: dict, i: int, H: torch.Tensor) -> None:
     """H_down: the online x -> x H before down_proj is undone by W_down <- W_down H
-    (H = block_hadamard_matrix(m, blocks), orthonormal: (x H)(W H)^T = x W^T)."""
+    (H = hadamard_matrix(m, blocks=b), orthonormal: (x H)(W H)^T = x W^T)."""
     w[mlp(i, "down_proj")] = w[mlp(i, "down_proj")] @ H
 
 
@@ -184,7 +184,7 @@ class Transforms(nn.Module):
         if self.r_res is not None:
             rotate_residual(w, cast(self.r_res), g)
         dev = next(iter(w.values())).device
-        H = block_hadamard_matrix(g.m, self.had_down, dtype, dev) if self.had_down else None
+        H = hadamard_matrix(g.m, dtype, dev, blocks=self.had_down) if self.had_down else None
         ones_kv = torch.ones(g.kv_heads, g.h, dtype=dtype, device=dev)
         for i in range(g.layers):
             if self.log_s_attn is not None:

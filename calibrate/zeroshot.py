@@ -662,7 +662,7 @@ def _shared(model, units, encoded, results, batch_size, device, pbar):
 
 
 def loglikelihood(model, tokenizer, requests: Sequence[tuple[str, str]], batch_size: int = 8,
-                  device: str = "cpu", desc: str = "loglikelihood", disable_tqdm: bool = False,
+                  device: str | None = None, desc: str = "loglikelihood", disable_tqdm: bool = False,
                   max_length: int | None = None, share_context: bool | str = "auto") -> list[tuple[float, bool]]:
     """[(sum log p(continuation | context), continuation is the greedy decode)] per request.
 
@@ -755,12 +755,13 @@ def _check_shared(model, call, units, encoded, batch_size, device, max_len) -> b
 
 
 def evaluate_zeroshot(model, tokenizer, tasks: Iterable[str], limit: int | None = None, batch_size: int = 8,
-                      device: str = "cpu", data_root: str | os.PathLike | None = None,
+                      device: str | None = None, data_root: str | os.PathLike | None = None,
                       disable_tqdm: bool = False, share_context: bool | str = "auto") -> dict[str, dict[str, Any]]:
     """lm-eval style zero-shot accuracy.
 
     ``model``: any causal LM, ``model(input_ids=LongTensor[B, T]).logits -> [B, T', V]``
-    (already on ``device``; put in eval mode for the run). ``tokenizer``: HF tokenizer.
+    (put in eval mode for the run); inputs go to its weights' device (``device``: only for a
+    weightless callable, default cpu). ``tokenizer``: HF tokenizer.
     ``limit``: first N docs of each task. ``share_context``: see :func:`loglikelihood`
     (``False`` = exactly HFLM's computation). Returns
     ``{task: {"acc": float, "acc_norm": float | None, "n": int, "acc_stderr": float}}``

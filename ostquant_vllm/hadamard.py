@@ -113,9 +113,10 @@ def _hadamard(n: int) -> torch.Tensor:
     return torch.kron(H, _small_hadamard(b)) / n**0.5
 
 
-def hadamard_matrix(n: int, dtype=torch.float64, device=None) -> torch.Tensor:
-    """Orthonormal H = (H_{2^k} kron H_b) / sqrt(n)."""
-    return _hadamard(n).to(dtype=dtype, device=device)
+def hadamard_matrix(n: int, dtype=torch.float64, device=None, blocks: int = 1) -> torch.Tensor:
+    """Orthonormal I_blocks kron H_{n/blocks}, H_m = (H_{2^k} kron H_b) / sqrt(m) (blocks = 1: the full H_n)."""
+    H = _hadamard(block_size(n, blocks))
+    return torch.kron(torch.eye(blocks, dtype=torch.float64), H).to(dtype=dtype, device=device)
 
 
 def random_hadamard_matrix(n: int, generator: torch.Generator, dtype=torch.float64) -> torch.Tensor:
@@ -124,9 +125,10 @@ def random_hadamard_matrix(n: int, generator: torch.Generator, dtype=torch.float
     return (signs[:, None] * _hadamard(n)).to(dtype)
 
 
-def apply_hadamard(x: torch.Tensor) -> torch.Tensor:
-    """x @ H along the last dim, computed as a fast transform (no n x n matrix for the 2^k part)."""
-    n = x.shape[-1]
+def apply_hadamard(x: torch.Tensor, blocks: int = 1) -> torch.Tensor:
+    """x @ hadamard_matrix(n, blocks=blocks) along the last dim, as a fast transform (no n x n matrix for
+    the 2^k part); each block of n/blocks columns is transformed on its own."""
+    n = block_size(x.shape[-1], blocks)
     p2, b = factor(n)
     shape, dtype = x.shape, x.dtype
     y = x.reshape(-1, p2, b).to(torch.float32 if dtype != torch.float64 else dtype)
@@ -150,14 +152,3 @@ def block_size(n: int, blocks: int) -> int:
         raise ValueError(f"hadamard_blocks={blocks}: blocks of size {n // blocks} = {n} / {blocks}: {e}") from None
     return n // blocks
 
-
-def block_hadamard_matrix(n: int, blocks: int = 1, dtype=torch.float64, device=None) -> torch.Tensor:
-    """Orthonormal I_blocks (x) H_{n/blocks} (blocks = 1: the full H)."""
-    H = _hadamard(block_size(n, blocks))
-    return torch.kron(torch.eye(blocks, dtype=torch.float64), H).to(dtype=dtype, device=device)
-
-
-def apply_block_hadamard(x: torch.Tensor, blocks: int = 1) -> torch.Tensor:
-    """x @ (I_blocks (x) H_{n/blocks}) along the last dim: each block of n/blocks columns on its own."""
-    n = x.shape[-1]
-    return apply_hadamard(x.reshape(*x.shape[:-1], blocks, block_size(n, blocks))).reshape(x.shape)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .hadamard import apply_block_hadamard
+from .hadamard import apply_hadamard
 from .numerics import quantize_act, unpack_int4
 
 # Counts of the paths taken, by name: tests read them to prove the plugin really ran
@@ -92,7 +92,7 @@ def prepare_weights(qweight: torch.Tensor, weight_scale: torch.Tensor, act_bits:
 
 def hadamard_input(x: torch.Tensor, blocks: int) -> torch.Tensor:
     """x @ (I_blocks (x) H_{K/blocks}) in float32 (down_proj's online H_down)."""
-    return apply_block_hadamard(x.float(), blocks)
+    return apply_hadamard(x.float(), blocks)
 
 
 def linear(x: torch.Tensor, p: Prepared, act_bits: int, act_sym: bool, act_clip: float,

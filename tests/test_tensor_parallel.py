@@ -252,9 +252,9 @@ def test_default_model_geometry():
 def test_block_hadamard_is_the_plugins():
     """calibrate's QuantLinear, transforms' fused matrix and the plugin apply the same I_b (x) H_{m/b}."""
     from calibrate.qmodel import QuantLinear, QuantSettings
-    from ostquant_vllm.hadamard import block_hadamard_matrix
+    from ostquant_vllm.hadamard import hadamard_matrix
 
-    Hb = block_hadamard_matrix(M, BLOCKS)
+    Hb = hadamard_matrix(M, blocks=BLOCKS)
     assert torch.allclose(Hb @ Hb.t(), torch.eye(M, dtype=torch.float64), atol=1e-12)
     assert torch.equal(Hb[:48, 48:], torch.zeros(48, M - 48, dtype=torch.float64))   # block diagonal
     x = torch.randn(3, M, dtype=torch.float64)
