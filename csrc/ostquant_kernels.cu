@@ -258,45 +258,60 @@ __global__ void __launch_bounds__(WARPS_N* WARPS_M * 32)
   });
 }
 
-// 1b. GEMM for decode (M <= 16): one CTA per 16 weight rows, its KW warps split K among
-//     themselves (each warp a private cp.async pipeline, no CTA barrier in the loop) and sum
-//     in shared memory at the end, so there is no split-K round trip through global memory.
-template <int WT, int KW, int STAGES, typename OutT>
+// 1b. GEMM for decode and small batches: one CTA per 16*R weight rows and 8*WT tokens, its KW
+//     warps split K among themselves (each warp a private cp.async pipeline, no CTA barrier in
+//     the loop) and sum in shared memory at the end: no split-K round trip through global memory.
+//     R > 1: each warp multiplies R weight blocks by the same token tiles, so the activations are
+//     read from L2 once per 16*R rows instead of once per 16 (what limits WT = 4/8 at R = 1).
+template <int WT, int R, int KW, int STAGES>
+struct DecCfg {
+  static constexpr int kAB = WT * 8 * 64;                 // activation bytes per stage (8*WT tokens x 64 B)
+  static constexpr int kStage = 512 * R + kAB;            // + R 16-row x k64 weight blocks
+  static constexpr int kPipe = KW * STAGES * kStage;
+  static constexpr int kRed = KW * 32 * R * WT * 4 * 4;   // int32 partials of every warp, after the loop
+  static constexpr int kSmem = kPipe > kRed ? kPipe : kRed;
+};
+
+template <int WT, int R, int KW, int STAGES, typename OutT>
 __global__ void __launch_bounds__(KW * 32)
     gemm_dec_kernel(const int8_t* __restrict__ A, const uint8_t* __restrict__ Wp, Epi epi, OutT* __restrict__ out,
                     int M, int N, int K) {
-  constexpr int kAB = WT * 8 * 64;             // activation bytes per stage (8*WT tokens x 64 B)
-  constexpr int kStage = 512 + kAB;            // + one 16-row x k64 weight block
+  using C = DecCfg<WT, R, KW, STAGES>;
   extern __shared__ __align__(128) uint8_t smem[];
-  __shared__ int red[KW][32][WT * 4];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, t = lane & 3;
-  const int nb = blockIdx.x, m0 = blockIdx.y * (8 * WT);
+  const int nb0 = blockIdx.x * R, m0 = blockIdx.y * (8 * WT);
+  const int NB = N / 16;
   const int KB = K / 64;
   const int per = (KB + KW - 1) / KW;
   const int kb0 = warp * per;
   const int nk = max(0, min(KB, kb0 + per) - kb0);
-  const uint32_t sbase = smem_u32(smem) + warp * (STAGES * kStage);
-  const uint8_t* wsrc = Wp + ((size_t)nb * KB + kb0) * 512 + lane * 16;
+  const uint32_t sbase = smem_u32(smem) + warp * (STAGES * C::kStage);
 
   auto load = [&](int kt, int slot) {
-    const uint32_t sw = sbase + slot * kStage;
-    cp_async16(sw + lane * 16, wsrc + (size_t)kt * 512, true);
+    const uint32_t sw = sbase + slot * C::kStage;
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      const int nb = min(nb0 + r, NB - 1);  // a last CTA past N re-reads a valid block (not stored)
+      cp_async16(sw + r * 512 + lane * 16, Wp + ((size_t)nb * KB + kb0 + kt) * 512 + lane * 16, true);
+    }
 #pragma unroll
     for (int it = 0; it < WT; ++it) {
       const int c = lane + it * 32;
-      const int r = c >> 2, ch = c & 3;
-      const int m = m0 + r;
+      const int rr = c >> 2, ch = c & 3;
+      const int m = m0 + rr;
       const bool ok = m < M;
       const int8_t* src = A + (size_t)(ok ? m : 0) * K + (size_t)(kb0 + kt) * 64 + ch * 16;
-      cp_async16(sw + 512 + r * 64 + ((ch ^ ((r >> 1) & 3)) << 4), src, ok);
+      cp_async16(sw + 512 * R + rr * 64 + ((ch ^ ((rr >> 1) & 3)) << 4), src, ok);
     }
   };
-  int acc[WT][4];
+  int acc[R][WT][4];
 #pragma unroll
-  for (int j = 0; j < WT; ++j)
+  for (int r = 0; r < R; ++r)
 #pragma unroll
-    for (int q = 0; q < 4; ++q) acc[j][q] = 0;
+    for (int j = 0; j < WT; ++j)
+#pragma unroll
+      for (int q = 0; q < 4; ++q) acc[r][j][q] = 0;
 #pragma unroll
   for (int s = 0; s < STAGES - 1; ++s) {
     if (s < nk) load(s, s);
@@ -310,57 +325,67 @@ __global__ void __launch_bounds__(KW * 32)
       if (nx < nk) load(nx, nx % STAGES);
       cp_async_commit();
     }
-    const uint32_t sw = sbase + (kt % STAGES) * kStage;
-    const uint4 wv = lds128(sw + lane * 16);
+    const uint32_t sw = sbase + (kt % STAGES) * C::kStage;
+    uint4 wv[R];
+#pragma unroll
+    for (int r = 0; r < R; ++r) wv[r] = lds128(sw + r * 512 + lane * 16);
     uint32_t bfr[WT][4];
 #pragma unroll
     for (int j = 0; j < WT; ++j) {
-      const int r = j * 8 + (lane & 7);
+      const int rr = j * 8 + (lane & 7);
       const int ch = lane >> 3;
-      ldmatrix_x4(sw + 512 + r * 64 + ((ch ^ ((r >> 1) & 3)) << 4), bfr[j][0], bfr[j][1], bfr[j][2], bfr[j][3]);
+      ldmatrix_x4(sw + 512 * R + rr * 64 + ((ch ^ ((rr >> 1) & 3)) << 4), bfr[j][0], bfr[j][1], bfr[j][2],
+                  bfr[j][3]);
     }
 #pragma unroll
     for (int s = 0; s < 2; ++s) {
-      uint32_t a[4];
-      widen(s ? wv.z : wv.x, s ? wv.w : wv.y, a);
 #pragma unroll
-      for (int j = 0; j < WT; ++j) mma_s8(acc[j], a, bfr[j][2 * s], bfr[j][2 * s + 1]);
+      for (int r = 0; r < R; ++r) {
+        uint32_t a[4];
+        widen(s ? wv[r].z : wv[r].x, s ? wv[r].w : wv[r].y, a);
+#pragma unroll
+        for (int j = 0; j < WT; ++j) mma_s8(acc[r][j], a, bfr[j][2 * s], bfr[j][2 * s + 1]);
+      }
     }
   }
   cp_async_wait<0>();
+  __syncthreads();  // every warp is done with its pipeline buffers: they now hold the partials
+  int* red = reinterpret_cast<int*>(smem);  // [KW][R*WT*4][32]: lane-fastest, conflict-free
+  constexpr int kVals = R * WT * 4;
 #pragma unroll
-  for (int j = 0; j < WT; ++j)
+  for (int r = 0; r < R; ++r)
 #pragma unroll
-    for (int q = 0; q < 4; ++q) red[warp][lane][j * 4 + q] = acc[j][q];
+    for (int j = 0; j < WT; ++j)
+#pragma unroll
+      for (int q = 0; q < 4; ++q) red[(warp * kVals + (r * WT + j) * 4 + q) * 32 + lane] = acc[r][j][q];
   __syncthreads();
-  if (warp != 0) return;
+  // the warps share the epilogue: warp w finishes values w, w + KW, ... of every lane
+  for (int v = warp; v < kVals; v += KW) {
+    int sum = 0;
 #pragma unroll
-  for (int j = 0; j < WT; ++j)
-#pragma unroll
-    for (int q = 0; q < 4; ++q) {
-      int v = 0;
-#pragma unroll
-      for (int w = 0; w < KW; ++w) v += red[w][lane][j * 4 + q];
-      const int n = nb * 16 + g + ((q & 2) ? 8 : 0);
-      const int m = m0 + j * 8 + t * 2 + (q & 1);
-      if (m < M && n < N) {
-        const float r = epilogue_value(v >> 4, epi.a_scale[m], __float2int_rn(epi.a_zero[m]), load_wscale(epi, n),
-                                       epi.w_sum[n]);
-        out[(size_t)m * N + n] = to_out<OutT>(r);
-      }
+    for (int w = 0; w < KW; ++w) sum += red[(w * kVals + v) * 32 + lane];
+    const int r = v / (WT * 4), j = (v / 4) % WT, q = v % 4;
+    const int n = (nb0 + r) * 16 + g + ((q & 2) ? 8 : 0);
+    const int m = m0 + j * 8 + t * 2 + (q & 1);
+    if (m < M && n < N) {
+      const float y = epilogue_value(sum >> 4, epi.a_scale[m], __float2int_rn(epi.a_zero[m]), load_wscale(epi, n),
+                                     epi.w_sum[n]);
+      out[(size_t)m * N + n] = to_out<OutT>(y);
     }
+  }
 }
 
-template <int WT, int KW, int STAGES, typename OutT>
+template <int WT, int R, int KW, int STAGES, typename OutT>
 int launch_dec(const int8_t* A, const uint8_t* Wp, const Epi& epi, OutT* out, int M, int N, int K, cudaStream_t st) {
-  auto kern = gemm_dec_kernel<WT, KW, STAGES, OutT>;
-  constexpr int smem = KW * STAGES * (512 + WT * 8 * 64);
+  auto kern = gemm_dec_kernel<WT, R, KW, STAGES, OutT>;
+  constexpr int smem = DecCfg<WT, R, KW, STAGES>::kSmem;
   static bool attr = false;
   if (!attr) {
-    cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+    cudaError_t e = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+    if (e != cudaSuccess) return (int)e;
     attr = true;
   }
-  dim3 grid(N / 16, (M + 8 * WT - 1) / (8 * WT));
+  dim3 grid((N / 16 + R - 1) / R, (M + 8 * WT - 1) / (8 * WT));
   kern<<<grid, KW * 32, smem, st>>>(A, Wp, epi, out, M, N, K);
   return (int)cudaGetLastError();
 }
@@ -995,7 +1020,8 @@ int launch_mma(const int8_t* A, const uint8_t* Wp, const Epi& epi, OutT* out, in
 // Heuristic shared by the launcher and the workspace query.
 // kinds: 0 mma BM16 split-K, 1 mma BM64 split-K, 2 mma 128x128, 3 wgmma 128x128 (+split-K),
 //        4 mma BM8 split-K, 5 wgmma (weights via smem), 6 = 5 pipelined, 7/8 decode (BM 8/16,
-//        K split among the warps of a CTA)
+//        K split among the warps of a CTA), 9-12 the decode kernel with R = 2/4 weight blocks a
+//        warp and 32/64 tokens a CTA (batches of 17-256 tokens)
 struct Plan {
   int kind, splits, BN, BM, splits_units;  // splits_units: k blocks (64 or 128) to split
 };
@@ -1023,6 +1049,10 @@ Plan plan_gemm(int M, int N, int K, int force) {
   const int sms = num_sms();
   switch (p.kind) {
     case 7: case 8: p.BN = 16; p.BM = p.kind == 7 ? 8 : 16; return p;  // no split-K
+    case 9: p.BN = 32; p.BM = 32; return p;     // decode kernel, 2 weight blocks x 32 tokens
+    case 10: p.BN = 32; p.BM = 64; return p;    // 2 x 64
+    case 11: p.BN = 64; p.BM = 32; return p;    // 4 x 32
+    case 12: p.BN = 64; p.BM = 64; return p;    // 4 x 64
     case 4: p.BM = 8; break;
     case 0: p.BM = 16; break;
     case 1: p.BM = 64; break;
@@ -1062,9 +1092,17 @@ int gemm_dispatch(const int8_t* A, const uint8_t* Wp, const Epi& epi, OutT* out,
     case 4:
       return launch_mma<4, 1, 1, 1, 8, OutT>(A, Wp, epi, out, M, N, K, p.splits, ws, counters, st);
     case 7:
-      return launch_dec<1, 4, 8, OutT>(A, Wp, epi, out, M, N, K, st);
+      return launch_dec<1, 1, 4, 8, OutT>(A, Wp, epi, out, M, N, K, st);
     case 8:
-      return launch_dec<2, 4, 8, OutT>(A, Wp, epi, out, M, N, K, st);
+      return launch_dec<2, 1, 4, 8, OutT>(A, Wp, epi, out, M, N, K, st);
+    case 9:
+      return launch_dec<4, 2, 4, 6, OutT>(A, Wp, epi, out, M, N, K, st);
+    case 10:
+      return launch_dec<8, 2, 4, 4, OutT>(A, Wp, epi, out, M, N, K, st);
+    case 11:
+      return launch_dec<4, 4, 4, 4, OutT>(A, Wp, epi, out, M, N, K, st);
+    case 12:
+      return launch_dec<8, 4, 4, 3, OutT>(A, Wp, epi, out, M, N, K, st);
     case 0:
       return launch_mma<4, 1, 1, 2, 6, OutT>(A, Wp, epi, out, M, N, K, p.splits, ws, counters, st);
     case 1:

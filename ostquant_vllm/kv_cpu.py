@@ -20,7 +20,7 @@ import logging
 
 from .format import CheckpointError, QuantFormat
 from .numerics import fake_quant_kv_int4
-from .ops import CALLS
+from .ops import count
 
 logger = logging.getLogger("ostquant_vllm")
 
@@ -43,14 +43,14 @@ def _kv4_class(base: type) -> type:
         ostquant_kv4 = True
 
         def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping, *args, **kwargs):
-            CALLS["kv4_emulated"] += 1
+            count("kv4_emulated")
             return super().do_kv_cache_update(layer, _fq(key, key.dtype), _fq(value, value.dtype),
                                               kv_cache, slot_mapping, *args, **kwargs)
 
         def forward(self, layer, query, key, value, *args, **kwargs):
             backend = getattr(layer, "attn_backend", None)
             if getattr(backend, "forward_includes_kv_cache_update", False) and key is not None:
-                CALLS["kv4_emulated"] += 1
+                count("kv4_emulated")
                 key, value = _fq(key, key.dtype), _fq(value, value.dtype)
             return super().forward(layer, query, key, value, *args, **kwargs)
 

@@ -23,8 +23,14 @@ from .hadamard import apply_hadamard
 from .numerics import quantize_act, unpack_int4
 
 # Counts of the paths taken, by name: tests read them to prove the plugin really ran
-# (and that a silent fallback did not), e.g. CALLS["reference_int"].
+# (and that a silent fallback did not), e.g. CALLS["reference_int"]. Eager calls only: under
+# torch.compile / CUDA graphs a path is counted while vLLM warms up, not on every replay.
 CALLS: collections.Counter = collections.Counter()
+
+
+def count(path: str) -> None:
+    if not torch.compiler.is_compiling():  # a Python side effect must not enter a traced graph
+        CALLS[path] += 1
 
 FP32_EXACT_LIMIT = 2**24
 
@@ -53,7 +59,7 @@ class Prepared:
     """What the GEMM needs, computed once after loading."""
     path: str                      # "kernel" | "reference_int" | "dequant"
     w_scale: torch.Tensor          # fp32 [N] or [N, G]
-    w_sum: torch.Tensor | None     # fp32 [N] or [N, G]: sum over k of the weight levels
+    w_sum: torch.Tensor | None     # sum over k of the weight levels: kernel int32 [N], else fp32 [N] or [N, G]
     weight: torch.Tensor           # kernel: kernels.prepare_weight(qweight);
                                    # reference_int: fp32 levels [K, N] (or [G, gs, N]);
                                    # dequant: dequantized weight [N, K] in the model dtype
@@ -76,9 +82,8 @@ def prepare_weights(qweight: torch.Tensor, weight_scale: torch.Tensor, act_bits:
         w = (levels.float() * s).to(dtype)
         return Prepared("dequant", w_scale, None, w, gs, k)
     if kernels_usable(qweight.device, gs, act_bits):
-        kern = _kernels()
-        w_sum = levels.float().sum(1)
-        return Prepared("kernel", w_scale, w_sum, kern.prepare_weight(qweight), gs, k)
+        w_sum = levels.sum(1, dtype=torch.int32)                # the kernel's epilogue type: no per-call cast
+        return Prepared("kernel", w_scale, w_sum, _kernels().prepare_weight(qweight), gs, k)
     if gs > 0:
         g = k // gs
         lv = levels.float().view(n, g, gs)                      # [N, G, gs]
@@ -97,25 +102,29 @@ def hadamard_input(x: torch.Tensor, blocks: int) -> torch.Tensor:
 
 def linear(x: torch.Tensor, p: Prepared, act_bits: int, act_sym: bool, act_clip: float,
            hadamard_blocks: int = 0, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """y = x W^T with W the int4 weight. hadamard_blocks > 0: apply H_down to x first."""
+    """y = x W^T with W the int4 weight. hadamard_blocks > 0: apply H_down to x first.
+    Traceable by torch.compile (vLLM compiles the model and replays it in CUDA graphs): the kernel
+    path calls the registered custom ops directly."""
     out_dtype = x.dtype
     if p.path == "dequant":
-        CALLS["dequant"] += 1
+        count("dequant")
         if hadamard_blocks:
             x = hadamard_input(x, hadamard_blocks).to(out_dtype)
         return torch.nn.functional.linear(x, p.weight, bias)
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
     if p.path == "kernel":
-        CALLS["kernel"] += 1
-        kern = _kernels()
+        count("kernel")
         fused_h = hadamard_blocks == 1          # the kernel fuses one full-width H_down
         if hadamard_blocks > 1:                 # block-diagonal H (TP-split checkpoints): in torch
             x2 = hadamard_input(x2, hadamard_blocks).to(x2.dtype)
-        q, a_scale, a_zero = kern.quantize_act(x2, act_bits, act_sym, act_clip, fused_h)
-        y = kern.int4_gemm(q, a_scale, a_zero, p.weight, p.w_scale, p.w_sum).to(out_dtype)
+        # torch.ops.ostquant.* are registered by ostquant_vllm.kernels (imported by prepare_weights)
+        q, a_scale, a_zero = torch.ops.ostquant.quantize_act(x2, act_bits, act_sym, act_clip, fused_h)
+        gemm_dtype = out_dtype if out_dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
+        y = torch.ops.ostquant.int4_gemm(q, a_scale, a_zero, p.weight, p.w_scale, p.w_sum, gemm_dtype)
+        y = y.to(out_dtype)
     else:
-        CALLS["reference_int"] += 1
+        count("reference_int")
         if hadamard_blocks:
             x2 = hadamard_input(x2, hadamard_blocks)
         q, a_scale, a_zero = quantize_act(x2, act_bits, act_sym, act_clip)

@@ -149,4 +149,11 @@ def test_auto_kernel_choice():
     assert _auto_force(16, 57344, 8192) == 0
     assert _auto_force(2048, 4096, 4096) == 5
     assert _auto_force(2048, 4096, 14336) == 3
-    assert _auto_force(64, 576, 576) == -1  # K % 128: the library's mma tiles
+    # batches of 17-256 tokens (kernels_h100_midm.json): the decode kernel with R weight blocks
+    assert _auto_force(32, 28672, 4096) == 9
+    assert _auto_force(64, 4096, 14336) == 11 and _auto_force(128, 6144, 4096) == 11
+    assert _auto_force(64, 28672, 4096) == 5          # wide layers keep wgmma
+    assert _auto_force(256, 4096, 14336) == 12 and _auto_force(256, 4096, 4096) == 12
+    assert _auto_force(256, 6144, 4096) == 5
+    assert _auto_force(64, 576, 576) == 11  # the decode kernels need K % 64 only
+    assert _auto_force(512, 576, 576) == -1  # K % 128 at large M: the library's mma tiles

@@ -57,6 +57,13 @@ def load(layer, shard_tensors):
         layer.weight_scale.weight_loader(layer.weight_scale, scale, *args)
 
 
+def levels_of(layer) -> torch.Tensor:
+    """int4 levels [N, K] the forward uses (the reference path's prepared fp32 [K, N])."""
+    p = layer.ostq_prepared
+    assert p.path == "reference_int"
+    return p.weight.t().to(torch.int8)
+
+
 def test_fused_shards_land_right(vctx):
     qkv = make_layer("qkv")
     shards = {"q": rand_q(NH * H, D, 1), "k": rand_q(NKV * H, D, 2), "v": rand_q(NKV * H, D, 3)}
@@ -64,7 +71,8 @@ def test_fused_shards_land_right(vctx):
     qkv.quant_method.process_weights_after_loading(qkv)
     full_levels = torch.cat([shards[s][0] for s in "qkv"])
     full_scale = torch.cat([shards[s][1] for s in "qkv"])
-    assert torch.equal(unpack_int4(qkv.qweight.data), full_levels)
+    assert torch.equal(levels_of(qkv), full_levels)
+    assert qkv.qweight.numel() == 0  # the checkpoint layout is freed once the prepared copy exists
     assert torch.equal(qkv.weight_scale.data, full_scale)
     x = torch.randn(3, D)
     y = qkv(x)[0] if isinstance(qkv(x), tuple) else qkv(x)
@@ -76,7 +84,7 @@ def test_fused_shards_land_right(vctx):
     sh = {0: rand_q(M, D, 4), 1: rand_q(M, D, 5)}
     load(gu, {1: sh[1], 0: sh[0]})
     gu.quant_method.process_weights_after_loading(gu)
-    assert torch.equal(unpack_int4(gu.qweight.data), torch.cat([sh[0][0], sh[1][0]]))
+    assert torch.equal(levels_of(gu), torch.cat([sh[0][0], sh[1][0]]))
     assert torch.equal(gu.weight_scale.data, torch.cat([sh[0][1], sh[1][1]]))
 
 
@@ -131,7 +139,7 @@ def test_dummy_weights_finite(vctx):
     qkv.ostq_dummy = True
     qkv.weight_scale.data.uniform_(-1e-3, 1e-3)
     qkv.quant_method.process_weights_after_loading(qkv)
-    assert unpack_int4(qkv.qweight.data).float().std() > 1  # random nibbles, not zeros
+    assert levels_of(qkv).float().std() > 1  # random nibbles, not zeros
     y = qkv(torch.randn(5, D) * 10)
     y = y[0] if isinstance(y, tuple) else y
     assert torch.isfinite(y).all() and y.abs().sum() > 0

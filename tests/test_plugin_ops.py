@@ -104,3 +104,32 @@ def test_bf16_input_runs():
     p = ops.prepare_weights(qw, scale, 4, -1, torch.bfloat16)
     y = ops.linear(torch.randn(2, 3, 128, dtype=torch.bfloat16), p, 4, False, 1.0)
     assert y.dtype == torch.bfloat16 and y.shape == (2, 3, 32) and torch.isfinite(y).all()
+
+
+@pytest.mark.parametrize("act_bits,hadamard", [(4, True), (8, False)])
+def test_kernel_path_traces_under_torch_compile(act_bits, hadamard):
+    """vLLM compiles the model (fullgraph) and replays it in CUDA graphs: the kernel path must trace
+    with no graph break and compute what the reference path does. Off the GPU the custom ops run
+    their PyTorch fallbacks, so the traced graph is checked here; the CUDA side in tests/gpu."""
+    from ostquant_vllm import kernels
+
+    n, k = 64, 256
+    levels, qw, scale = make_weight(n, k, seed=3)
+    ref = ops.prepare_weights(qw, scale, act_bits, -1, torch.bfloat16)
+    assert ref.path == "reference_int"
+    kern = ops.Prepared("kernel", ref.w_scale, levels.sum(1, dtype=torch.int32), kernels.prepare_weight(qw), -1, k)
+    x = torch.randn(5, k, dtype=torch.bfloat16) * 4
+    blocks = 1 if hadamard else 0
+    torch._dynamo.reset()
+    f = torch.compile(lambda t: ops.linear(t, kern, act_bits, False, 1.0, hadamard_blocks=blocks), fullgraph=True,
+                      dynamic=True)
+    before = ops.CALLS["kernel"]
+    y = f(x)
+    assert ops.CALLS["kernel"] == before  # the counter is not part of the traced graph
+    y_eager = ops.linear(x, kern, act_bits, False, 1.0, hadamard_blocks=blocks)
+    assert ops.CALLS["kernel"] == before + 1
+    y_ref = ops.linear(x, ref, act_bits, False, 1.0, hadamard_blocks=blocks)
+    assert y.dtype == torch.bfloat16 and y.shape == (5, n)
+    torch.testing.assert_close(y, y_eager, rtol=0, atol=0)
+    torch.testing.assert_close(y.float(), y_ref.float(), rtol=1e-2, atol=1e-2 * y_ref.float().abs().max().item())
+    assert f(torch.randn(9, k, dtype=torch.bfloat16)).shape == (9, n)  # another token count, same graph

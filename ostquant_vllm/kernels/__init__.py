@@ -191,12 +191,17 @@ def _gemm_kernel_ok(a_q: torch.Tensor, w: torch.Tensor, out_dtype: torch.dtype) 
 
 
 # Which kernel ("kind", csrc plan_gemm) serves which shape, from the H100 measurements in
-# benchmarks/results/kernels_h100.json (see benchmarks/NOTES_kernels.md):
+# benchmarks/results/kernels_h100.json and kernels_h100_midm.json (see benchmarks/NOTES_kernels.md):
 #   M <= 8: 7 (decode: 16 weight rows a CTA, K split among its 4 warps, no global round trip)
 #   M <= 16: 8 (decode, 16 tokens) for weights < 32 MB, else 0 (mma.sync, split-K over CTAs)
-#   M > 16, K % 128 == 0: wgmma, 3 (weights global->registers) for K >= 8192, else 5 (via smem)
+#   M <= 256: the decode kernel with R weight blocks a warp while it beats wgmma: 9 (R=2, 32
+#     tokens) up to 32 tokens; 11 (R=4, 32 tokens a CTA row) up to 128; 12 (R=4, 64) up to 256 at
+#     N <= 4096 or K >= 8192. Wide layers (N >= 16384, e.g. gate_up) keep wgmma 5 from 33 tokens on:
+#     they have CTAs enough, and the decode kernel re-reads the activations once per 64 rows.
+#   M > 256, K % 128 == 0: wgmma, 3 (weights global->registers) for K >= 8192, else 5 (via smem)
 #   otherwise: -1, the library's own choice (mma.sync tiles)
 SMALL_M_SPLITK_BYTES = 32 << 20
+WIDE_N = 16384
 
 
 def _auto_force(m: int, n: int, k: int) -> int:
@@ -207,6 +212,17 @@ def _auto_force(m: int, n: int, k: int) -> int:
         return 7
     if m <= 16:
         return 0 if n * k // 2 >= SMALL_M_SPLITK_BYTES else 8
+    if m <= 256:
+        if m <= 32:
+            return 9
+        wide = n >= WIDE_N and k % 128 == 0
+        if m <= 128:
+            return 5 if wide else 11
+        if not wide and (n <= 4096 or k >= 8192):
+            return 12
+        if k % 128 == 0:
+            return 5
+        return 12
     if k % 128 == 0:
         return 3 if k >= 8192 else 5
     return -1
@@ -215,7 +231,8 @@ def _auto_force(m: int, n: int, k: int) -> int:
 def _gemm_cuda(a_q, a_scale, a_zero, w, w_scale, w_sum, out_dtype, force=None, out=None):
     """Launch the CUDA GEMM (no checks beyond shapes). force: None = _auto_force, -1 = the
     library's heuristic, else a kernel kind (0/1/2/4 mma.sync split-K or tiles, 3/5 wgmma,
-    7/8 decode; 6 is the pipelined wgmma that failed on H100: refused). `out` (tests): [M, N]."""
+    7/8 decode, 9-12 decode with 2/4 weight blocks a warp and 32/64 tokens a CTA; 6 is the
+    pipelined wgmma that failed on H100: refused). `out` (tests): [M, N]."""
     n, k = weight_shape(w)
     a2 = a_q.reshape(-1, k).contiguous()
     if a2.data_ptr() % 16:  # 16-B cp.async

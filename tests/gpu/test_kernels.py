@@ -68,8 +68,8 @@ def test_int4_gemm_shapes(k, n):
             _check_gemm(out, _model(a, s, z, w, ws, wsum), f"M={m} N={n} K={k} a{bits}")
 
 
-@pytest.mark.parametrize("force", [0, 1, 2, 3, 4, 5, 7, 8])  # 6: known bad, refused
-@pytest.mark.parametrize("k,n", [(576, 960), (4096, 6144), (14336, 4096)])
+@pytest.mark.parametrize("force", [0, 1, 2, 3, 4, 5, 7, 8, 9, 10, 11, 12])  # 6: known bad, refused
+@pytest.mark.parametrize("k,n", [(576, 960), (576, 1008), (4096, 6144), (14336, 4096)])  # 1008: 63 row blocks
 def test_int4_gemm_each_kernel(k, n, force):
     """Every tile configuration at every M (the automatic choice uses each on part of the range)."""
     if force in (3, 5) and k % 128:

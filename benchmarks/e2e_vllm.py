@@ -1,0 +1,390 @@
+"""vLLM end to end (issue 6): decode throughput, prefill latency and KV-cache room of bf16, FP8
+(W8A8 + fp8 KV), W4A16 (vLLM's GPTQ-Marlin/Machete path) and ostquant W4A8KV4 / W4A4KV4, at
+Llama-3-8B shapes with random weights (load_format="dummy"), one config after another on one GPU.
+
+    python -m benchmarks.e2e_vllm --out benchmarks/results/e2e_vllm_h100.json
+    python -m benchmarks.e2e_vllm --configs bf16,ostquant_w4a4kv4 --profile --resume --out ...  # where the
+        # decode step goes: adds "profiles" to --out, measures nothing else
+
+Timing is vLLM's own throughput / latency benchmarks' (`vllm bench throughput|latency`): a timed
+`LLM.generate` over fixed-length random-token prompts with `ignore_eos`, output tokens / wall s.
+It runs in-process for every batch size of a config (one engine start a config, not one a
+measurement): decode = batch B of 128-token prompts, 256 generated tokens each (the prefill of the
+B prompts is inside the time, as in `vllm bench throughput`); prefill = one 2048-token prompt,
+1 output token, median of 5, prefix caching off (so a repeat is a real prefill). Every config runs
+in its own process (a clean GPU), with the same memory share, so "KV-cache tokens" (vLLM's own
+count, from its log) compare the room each leaves. The parent merges rows into --out after every
+config: a later call with --resume skips finished configs.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+# Llama-3-8B (the issue's reference shapes) and a tiny Llama for the CPU smoke test.
+SHAPES = {
+    "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                      num_key_value_heads=8, head_dim=128, vocab_size=128256, max_position_embeddings=8192,
+                      rope_theta=500000.0, rms_norm_eps=1e-5, tie_word_embeddings=False),
+    "tiny": dict(hidden_size=256, intermediate_size=768, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=64, vocab_size=4096, max_position_embeddings=4096,
+                 rope_theta=10000.0, rms_norm_eps=1e-5, tie_word_embeddings=False),
+}
+
+# A GPTQ-format config (sym, no act-order, group 128): vLLM 0.26 serves it with its AutoGPTQ
+# method on its mixed-precision kernel choice (Machete/Marlin). `modules_in_block_to_quantize` is
+# required here: without it vLLM reads the list of quantized layers from the safetensors files,
+# and a dummy-weight folder has none, so every layer silently stays bf16 (the issue's "GPTQ ran at
+# bf16 speed"). The log line "Using <Kernel> for ...LinearMethod" and the weight memory prove it.
+GPTQ_W4 = {"quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": False, "sym": True,
+           "checkpoint_format": "gptq", "lm_head": False,
+           "modules_in_block_to_quantize": [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                                             "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]]}
+
+CONFIGS = ("bf16", "fp8", "w4a16", "ostquant_w4a8kv4", "ostquant_w4a4kv4")
+
+
+def engine_args(config: str, on_gpu: bool) -> tuple[dict | None, dict]:
+    """(quantization_config for config.json, extra LLM(...) kwargs) of a config."""
+    if config == "bf16":
+        return None, {}
+    if config == "fp8":  # vLLM quantizes the bf16 weights at load: per-tensor FP8 W8A8, dynamic acts
+        return None, {"quantization": "fp8", "kv_cache_dtype": "fp8"}
+    if config == "w4a16":
+        return dict(GPTQ_W4), {}
+    if config.startswith("ostquant_"):
+        from ostquant_vllm.format import QuantFormat
+
+        act_bits = {"ostquant_w4a8kv4": 8, "ostquant_w4a4kv4": 4}[config]
+        fmt = QuantFormat(act_bits=act_bits, kv_bits=4, online_hadamard={"down_proj": True, "qk": True})
+        fmt.validate()
+        # vLLM's int4 cache on the GPU; the CPU backend has none: the plugin emulates it (kv_cpu.py)
+        kv = {"kv_cache_dtype": "int4_per_token_head"} if on_gpu else {}
+        return fmt.to_dict(), {"quantization": "ostquant", **kv}
+    raise SystemExit(f"unknown config {config!r}: choose from {', '.join(CONFIGS)}")
+
+
+def write_model_dir(path: str, shape: str, quant_cfg: dict | None) -> str:
+    cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "torch_dtype": "bfloat16",
+           "hidden_act": "silu", "attention_bias": False, "mlp_bias": False, "bos_token_id": 1,
+           "eos_token_id": 2, **SHAPES[shape]}
+    if quant_cfg:
+        cfg["quantization_config"] = quant_cfg
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(cfg, f, indent=1)
+    return path
+
+
+# ------------------------------------------------------------------------------------------------
+# child: one config, one engine
+# ------------------------------------------------------------------------------------------------
+def run_config(a) -> dict:
+    import torch
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    on_gpu = torch.cuda.is_available()
+    qcfg, kw = engine_args(a.config, on_gpu)
+    model_dir = write_model_dir(os.path.join(a.work, a.config), a.shape, qcfg)
+    batches = [int(b) for b in a.batches.split(",")]
+    max_len = max(a.prefill_len, a.input_len + a.output_len) + 16
+    if a.eager or not on_gpu:
+        kw["enforce_eager"] = True
+    else:  # capture exactly the batch sizes measured (and the powers of two below): a shorter start
+        sizes = sorted({1, 2, 4, 8, 16, 32, 64, 128, 256, *batches})
+        kw["compilation_config"] = {"cudagraph_capture_sizes": [s for s in sizes if s <= max(batches)]}
+    t0 = time.time()
+    llm = LLM(model=model_dir, load_format="dummy", skip_tokenizer_init=True, dtype="bfloat16", seed=0,
+              max_model_len=max_len, max_num_seqs=max(batches), max_num_batched_tokens=max(8192, a.prefill_len),
+              enable_prefix_caching=False, gpu_memory_utilization=a.gpu_memory_utilization, **kw)
+    start_s = time.time() - t0
+    gen = torch.Generator().manual_seed(0)
+    vocab = SHAPES[a.shape]["vocab_size"]
+
+    def prompts(n, length):
+        ids = torch.randint(10, vocab - 10, (n, length), generator=gen).tolist()
+        return [TokensPrompt(prompt_token_ids=p) for p in ids]
+
+    def timed(ps, max_tokens):
+        sp = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, detokenize=False)
+        t = time.perf_counter()  # generate returns finished outputs: the GPU work is inside
+        outs = llm.generate(ps, sp, use_tqdm=False)
+        dt = time.perf_counter() - t
+        return dt, sum(len(o.outputs[0].token_ids) for o in outs)
+
+    timed(prompts(min(4, max(batches)), a.input_len), 16)  # warm-up
+    row = {"config": a.config, "engine_args": {k: v for k, v in kw.items()}, "engine_start_s": start_s,
+           "decode": []}
+    if a.profile:
+        return {"config": a.config, "profile": profile_decode(prompts, timed, a), **engine_facts(llm)}
+    for b in batches:
+        runs = []
+        for _ in range(a.repeats if b <= 16 else max(1, a.repeats - 1)):
+            dt, ntok = timed(prompts(b, a.input_len), a.output_len)
+            runs.append(ntok / dt)
+        row["decode"].append({"batch": b, "decode_tok_s": statistics.median(runs), "runs_tok_s": runs})
+        print(f"[e2e] {a.config} batch {b}: {statistics.median(runs):.1f} output tok/s", flush=True)
+    lat = [timed(prompts(1, a.prefill_len), 1)[0] * 1e3 for _ in range(a.prefill_repeats + 1)][1:]
+    row["prefill_ms"] = statistics.median(lat)
+    row["prefill_runs_ms"] = lat
+    print(f"[e2e] {a.config} prefill {a.prefill_len}: {row['prefill_ms']:.1f} ms", flush=True)
+    row.update(engine_facts(llm))
+    return row
+
+
+def engine_facts(llm) -> dict:
+    """What an in-process engine can tell (VLLM_ENABLE_V1_MULTIPROCESSING=0); the log has the rest."""
+    out = {}
+    try:
+        cc = llm.llm_engine.vllm_config.cache_config
+        if cc.num_gpu_blocks:
+            out["kv_blocks"] = int(cc.num_gpu_blocks)
+            out["block_size"] = int(cc.block_size)
+    except Exception:
+        pass
+    from ostquant_vllm import ops
+
+    if ops.CALLS:  # in-process engine only (with multiprocessing the linears run in the engine's process)
+        out["ostquant_linear_calls"] = dict(ops.CALLS)
+    return out
+
+
+def profile_decode(prompts, timed, a) -> dict:
+    """GPU time by kernel over a batch-64 generation (128 in, 128 out), grouped into what the step
+    is made of (kernels replayed from CUDA graphs are recorded by CUPTI too). Needs the engine in
+    this process: VLLM_ENABLE_V1_MULTIPROCESSING=0."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    b = 64
+    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+        dt, ntok = timed(prompts(b, a.input_len), 128)
+    per_kernel = {}
+    for e in prof.key_averages():
+        t = getattr(e, "self_device_time_total", None)
+        if t is None:
+            t = getattr(e, "self_cuda_time_total", 0)
+        if t and e.device_type == torch.autograd.DeviceType.CUDA:
+            per_kernel[e.key] = per_kernel.get(e.key, 0.0) + t
+    total = sum(per_kernel.values()) or 1.0
+    cats = {}
+    for k, t in per_kernel.items():
+        c = kernel_category(k)
+        cats[c] = cats.get(c, 0.0) + t
+    top = sorted(per_kernel.items(), key=lambda kv: -kv[1])[:15]
+    return {"batch": b, "output_tokens": ntok, "wall_s": dt, "gpu_busy_s": total / 1e6,
+            "fraction_by_category": {c: t / total for c, t in sorted(cats.items(), key=lambda kv: -kv[1])},
+            "top_kernels_ms": [[k[:120], t / 1e3] for k, t in top]}
+
+
+_CATEGORIES = [
+    ("ostquant_int4_gemm", r"gemm_(mma|dec|wgmma)_kernel"),
+    ("ostquant_quantize_act", r"quant_plain|quant_had"),
+    ("attention", r"attn|attention|paged|unified|reshape_and_cache|kv_cache|flash|fmha"),
+    ("dense_gemm", r"nvjet|gemm|cutlass|xmma|machete|marlin|Marlin|Machete|cublas|scaled_mm|sm90"),
+    ("quantize_other", r"quant|fp8"),
+    ("norm_act_rope", r"rms|norm|silu|act_and_mul|rotary|rope"),
+    ("sampling_logits", r"argmax|softmax|sort|topk|sample|gather|index"),
+]
+
+
+def kernel_category(name: str) -> str:
+    for cat, pat in _CATEGORIES:
+        if re.search(pat, name, re.I):
+            return cat
+    return "other"
+
+
+def child_main(a) -> None:
+    if a.profile:  # the profiler sees only this process: run the engine core in it
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    row = run_config(a)
+    print("E2E_ROW " + json.dumps(row), flush=True)
+    os._exit(0)  # skip vLLM's slow teardown: the parent only needs the row
+
+
+# ------------------------------------------------------------------------------------------------
+# parent: a process per config, rows merged into --out
+# ------------------------------------------------------------------------------------------------
+LOG_FACTS = {
+    "kv_cache_tokens": (r"[GC]PU KV cache size: ([\d,]+) tokens", lambda s: int(s.replace(",", ""))),
+    "weights_gib": (r"Model loading took ([\d.]+) ?GiB", float),
+    "linear_kernel": (r"Using (\w+) for (\w+LinearMethod)", str),
+    "attention_backend": (r"Using (\w+) (?:attention )?backend", str),
+}
+
+
+def parse_log(text: str) -> dict:
+    out = {}
+    for key, (pat, conv) in LOG_FACTS.items():
+        m = re.findall(pat, text)
+        if m:
+            v = m[-1]
+            out[key] = " for ".join(v) if isinstance(v, tuple) else conv(v)
+    return out
+
+
+def versions() -> dict:
+    out = {"python": platform.python_version()}
+    for mod in ("torch", "vllm", "transformers"):
+        try:
+            out[mod] = __import__(mod).__version__
+        except Exception as e:  # noqa: BLE001
+            out[mod] = f"unavailable: {type(e).__name__}"
+    # nvidia-smi, not torch.cuda: a CUDA context here would take memory from the engines measured
+    try:
+        out["gpu"] = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                                    text=True, timeout=60, check=True).stdout.strip().splitlines()[0]
+    except Exception:
+        out["gpu"] = "cpu"
+    return out
+
+
+def flat_rows(cfg_rows: list[dict]) -> list[dict]:
+    """The issue's result schema: one row a (config, batch)."""
+    rows = []
+    for r in cfg_rows:
+        for d in r.get("decode", []):
+            rows.append({"config": r["config"], "batch": d["batch"], "decode_tok_s": d["decode_tok_s"],
+                         "prefill_ms_2048": r.get("prefill_ms"), "kv_cache_tokens": r.get("kv_cache_tokens")})
+    return rows
+
+
+def ratios(cfg_rows: list[dict]) -> dict:
+    """Decode throughput and KV room of every config against bf16 and FP8 of the same run."""
+    by = {r["config"]: r for r in cfg_rows}
+    out = {}
+    for r in cfg_rows:
+        rr = {}
+        for base in ("bf16", "fp8"):
+            if base not in by or base == r["config"]:
+                continue
+            bd = {d["batch"]: d["decode_tok_s"] for d in by[base].get("decode", [])}
+            for d in r.get("decode", []):
+                if d["batch"] in bd:
+                    rr[f"decode_vs_{base}_b{d['batch']}"] = d["decode_tok_s"] / bd[d["batch"]]
+            if r.get("kv_cache_tokens") and by[base].get("kv_cache_tokens"):
+                rr[f"kv_tokens_vs_{base}"] = r["kv_cache_tokens"] / by[base]["kv_cache_tokens"]
+            if r.get("prefill_ms") and by[base].get("prefill_ms"):
+                rr[f"prefill_speedup_vs_{base}"] = by[base]["prefill_ms"] / r["prefill_ms"]
+        out[r["config"]] = rr
+    return out
+
+
+def parent_main(a, argv: list[str]) -> None:
+    result = {}
+    if a.resume and os.path.exists(a.out):
+        with open(a.out) as f:
+            result = json.load(f)
+    ver = versions()
+    if result.get("gpu") and result["gpu"] != ver["gpu"]:
+        raise SystemExit(f"{a.out} was measured on {result['gpu']}, this is {ver['gpu']}: ratios need one GPU")
+    result.update({"gpu": ver["gpu"], "vllm": ver["vllm"], "versions": ver, "shape": a.shape})
+    if not a.profile:  # a profile run (--batches 64) leaves the measurement settings as they are
+        result["settings"] = {"input_len": a.input_len, "output_len": a.output_len, "batches": a.batches,
+                              "prefill_len": a.prefill_len, "gpu_memory_utilization": a.gpu_memory_utilization,
+                              "cuda_graphs": not a.eager and ver["gpu"] != "cpu", "load_format": "dummy",
+                              "prefix_caching": False}
+    result.setdefault("commands", [])
+    result["commands"].append("python -m benchmarks.e2e_vllm " + " ".join(argv))
+    cfg_rows = [r for r in result.get("configs", []) if not (a.redo and r["config"] in a.configs.split(","))]
+    done = {r["config"] for r in cfg_rows}
+    for config in a.configs.split(","):
+        engine_args(config, False)  # an unknown name stops here, before any engine starts
+    work = a.work or tempfile.mkdtemp(prefix="ostq-e2e-")
+    for config in a.configs.split(","):
+        if config in done and not a.profile:
+            print(f"[e2e] {config}: already in {a.out}, skipped (--redo to measure again)", flush=True)
+            continue
+        cmd = [sys.executable, "-m", "benchmarks.e2e_vllm", "--child", "--config", config, "--work", work,
+               *child_flags(a)]
+        t0 = time.time()
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+        lines = []
+        for line in proc.stdout:
+            lines.append(line)
+            if not line.startswith("E2E_ROW "):
+                sys.stdout.write(line)
+        proc.wait()
+        text = "".join(lines)
+        rows = [json.loads(l[len("E2E_ROW "):]) for l in lines if l.startswith("E2E_ROW ")]
+        if proc.returncode != 0 or not rows:
+            print(f"[e2e] {config} FAILED (exit {proc.returncode}); rows so far kept in {a.out}", flush=True)
+            result.setdefault("failures", []).append({"config": config, "exit": proc.returncode,
+                                                      "log_tail": text[-3000:]})
+            continue
+        if a.profile:
+            result.setdefault("profiles", {})[config] = rows[0]
+            save(a.out, result, cfg_rows)
+            continue
+        row = {**rows[0], **parse_log(text), "wall_s": time.time() - t0}
+        if "kv_cache_tokens" not in row and row.get("kv_blocks"):
+            row["kv_cache_tokens"] = row["kv_blocks"] * row["block_size"]
+        cfg_rows = [r for r in cfg_rows if r["config"] != config] + [row]
+        save(a.out, result, cfg_rows)
+    save(a.out, result, cfg_rows)
+    print(json.dumps({"rows": flat_rows(cfg_rows), "ratios": ratios(cfg_rows)}, indent=1))
+
+
+def save(path: str, result: dict, cfg_rows: list[dict]) -> None:
+    order = {c: i for i, c in enumerate(CONFIGS)}
+    cfg_rows = sorted(cfg_rows, key=lambda r: order.get(r["config"], 99))
+    result["configs"] = cfg_rows
+    result["rows"] = flat_rows(cfg_rows)
+    result["ratios"] = ratios(cfg_rows)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(result, f, indent=1)
+    os.replace(tmp, path)
+
+
+def child_flags(a) -> list[str]:
+    out = ["--shape", a.shape, "--batches", a.batches, "--input-len", str(a.input_len), "--output-len",
+           str(a.output_len), "--prefill-len", str(a.prefill_len), "--repeats", str(a.repeats),
+           "--prefill-repeats", str(a.prefill_repeats), "--gpu-memory-utilization", str(a.gpu_memory_utilization)]
+    if a.eager:
+        out.append("--eager")
+    if a.profile:
+        out.append("--profile")
+    return out
+
+
+def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated, from {', '.join(CONFIGS)}")
+    p.add_argument("--out", default="/tmp/e2e_vllm.json", help="result JSON (merged after every config)")
+    p.add_argument("--resume", action="store_true", help="keep the configs already in --out")
+    p.add_argument("--redo", action="store_true", help="with --resume: measure the named configs again")
+    p.add_argument("--shape", choices=list(SHAPES), default="llama3-8b")
+    p.add_argument("--batches", default="1,16,64,256")
+    p.add_argument("--input-len", type=int, default=128)
+    p.add_argument("--output-len", type=int, default=256)
+    p.add_argument("--prefill-len", type=int, default=2048)
+    p.add_argument("--repeats", type=int, default=3, help="timed runs a batch size (one fewer above 16)")
+    p.add_argument("--prefill-repeats", type=int, default=5)
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    p.add_argument("--eager", action="store_true", help="no torch.compile / CUDA graphs")
+    p.add_argument("--profile", action="store_true", help="instead of measuring: GPU time shares by kernel of a batch-64 decode")
+    p.add_argument("--work", default="", help="folder for the config-only model folders")
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--config", help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    if a.child:
+        child_main(a)
+    else:
+        parent_main(a, argv)
+
+
+if __name__ == "__main__":
+    main()
