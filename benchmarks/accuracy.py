@@ -59,6 +59,8 @@ def main(argv=None) -> int:
     p.add_argument("--train-weight-quant", choices=["on", "off"], default=None,
                    help="weight fake quantization while training (default: only for W4A16, as the official code)")
     p.add_argument("--init", choices=["womi", "hadamard"], default=None, help="OSTQuant's starting rotations")
+    p.add_argument("--calib-text", choices=["c4", "wiki"], default=None,
+                   help="calibration text; wiki: the text after the evaluation windows (needs a partial eval)")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     name = os.path.basename(a.model.rstrip("/")).replace(".gguf", "")
@@ -66,6 +68,8 @@ def main(argv=None) -> int:
     r = dict(RECIPES[a.recipe])
     if a.init:
         r["init"] = a.init
+    if a.calib_text:
+        r["calib_text"] = a.calib_text
     if a.train_weight_quant:
         r["train_weight_quant"] = a.train_weight_quant == "on"
     overrides = {"steps": a.train_steps, "batch": a.train_batch, "micro_batch": a.train_micro_batch}

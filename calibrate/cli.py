@@ -36,6 +36,8 @@ def _calibrate_parser(sub):
     p.add_argument("--micro-batch", type=int, default=d.train.micro_batch)
     p.add_argument("--train-windows", type=int, default=d.train_windows)
     p.add_argument("--train-seqlen", type=int, default=d.train_seqlen)
+    p.add_argument("--calib-text", choices=["c4", "wiki"], default=d.calib_text,
+                   help="calibration text (GPTQ and training); wiki: only the text after the evaluation windows")
     p.add_argument("--calib-windows", type=int, default=d.calib_windows, help="GPTQ calibration windows")
     p.add_argument("--calib-seqlen", type=int, default=d.calib_seqlen)
     p.add_argument("--eval-windows", type=int, default=d.eval_windows)
@@ -65,7 +67,7 @@ def _cmd_calibrate(a) -> int:
         model=a.model, method=a.method, preset=a.preset, weight_group_size=a.weight_group_size,
         weight_quant=a.weight_quant, act_sym=a.act_sym, act_clip=a.act_clip,
         hadamard_blocks=a.hadamard_blocks, init=a.init,
-        calib_windows=a.calib_windows, calib_seqlen=a.calib_seqlen,
+        calib_text=a.calib_text, calib_windows=a.calib_windows, calib_seqlen=a.calib_seqlen,
         train=TrainConfig(steps=a.steps, batch=a.batch, micro_batch=a.micro_batch, save_every=a.save_every, seed=a.seed),
         train_windows=a.train_windows, train_seqlen=a.train_seqlen, eval_windows=a.eval_windows,
         eval_seqlen=a.eval_seqlen, eval_float=not a.no_eval_float, qsur=not a.no_qsur,

@@ -1,4 +1,6 @@
-"""Token windows: held-out evaluation text (wiki) and calibration text (c4), never overlapping."""
+"""Token windows: held-out evaluation text (wiki) and calibration text (c4 by default), never overlapping:
+calibrating on the evaluation text itself (as the official code does with WikiText-2's train split)
+draws only from the tokens after the evaluation windows."""
 from __future__ import annotations
 
 import torch
@@ -23,11 +25,14 @@ def eval_windows(tokenizer, text: str = "wiki", seqlen: int = 1024, max_windows:
     return ids[: n * seqlen].view(n, seqlen)
 
 
-def calib_windows(tokenizer, text: str = "c4", seqlen: int = 512, n: int = 32, seed: int = 0) -> torch.Tensor:
-    """n random windows [n, seqlen] of the calibration text, reproducible from the seed."""
-    ids = token_stream(tokenizer, text)
+def calib_windows(tokenizer, text: str = "c4", seqlen: int = 512, n: int = 32, seed: int = 0,
+                  skip_tokens: int = 0) -> torch.Tensor:
+    """n random windows [n, seqlen] of the calibration text after its first `skip_tokens` tokens
+    (the held-out part when it is also the evaluation text), reproducible from the seed."""
+    ids = token_stream(tokenizer, text)[skip_tokens:]
     if ids.numel() <= seqlen:
-        raise ValueError(f"text {text!r} has {ids.numel()} tokens, too few for windows of {seqlen}")
+        raise ValueError(f"text {text!r} has {ids.numel()} tokens after the {skip_tokens} held out for evaluation, "
+                         f"too few for calibration windows of {seqlen}: evaluate on fewer windows or calibrate on c4")
     gen = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, ids.numel() - seqlen, (n,), generator=gen)
     return torch.stack([ids[s: s + seqlen] for s in starts.tolist()])

@@ -123,9 +123,13 @@ def calibrate(cfg: CalibConfig, out_dir: str | None = None, work_dir: str | None
     model.to(device)
     report["model_path"], report["device"] = path, str(device)
     evals = eval_windows(tokenizer, cfg.eval_text, cfg.eval_seqlen, cfg.eval_windows).to(device)
-    gptq_windows = calib_windows(tokenizer, cfg.calib_text, cfg.calib_seqlen, cfg.calib_windows, cfg.seed).to(device)
+    # calibrating on the evaluation text: only on what follows the evaluation windows (never overlapping)
+    held_out = evals.numel() if cfg.calib_text == cfg.eval_text else 0
+    gptq_windows = calib_windows(tokenizer, cfg.calib_text, cfg.calib_seqlen, cfg.calib_windows, cfg.seed,
+                                 held_out).to(device)
     report["data"] = {"eval": f"{cfg.eval_text}: first {len(evals)} windows of {cfg.eval_seqlen} tokens",
-                      "calibration": f"{cfg.calib_text}: {cfg.calib_windows} windows of {cfg.calib_seqlen} "
+                      "calibration": f"{cfg.calib_text} (after token {held_out}): {cfg.calib_windows} windows of "
+                                     f"{cfg.calib_seqlen} "
                                      f"(GPTQ), {cfg.train_windows} of {cfg.train_seqlen} (training), seed {cfg.seed}"}
 
     log.info("preparing: untie lm_head, fold RMSNorm weights, float32")
@@ -150,7 +154,7 @@ def calibrate(cfg: CalibConfig, out_dir: str | None = None, work_dir: str | None
             layer.mlp.down_proj.hadamard = transforms.had_down
     if cfg.method == "ostquant":
         train_windows = calib_windows(tokenizer, cfg.calib_text, cfg.train_seqlen, cfg.train_windows,
-                                      cfg.seed + 1).to(device)
+                                      cfg.seed + 1, held_out).to(device)
         settings.w_fake = fmt.act_bits >= 16 if cfg.train_weight_quant is None else cfg.train_weight_quant
         state_path = os.path.join(work_dir, "train_state.pt") if work_dir else None
         if work_dir:

@@ -234,3 +234,17 @@ def test_unsupported_architecture_is_refused_by_name(tmp_path):
                        capture_output=True, text=True)
     assert r.returncode == 2
     assert "architecture GPT2LMHeadModel is not supported" in r.stderr and "LlamaForCausalLM" in r.stderr
+
+
+def test_calibration_on_the_evaluation_text_never_overlaps_it(monkeypatch):
+    """--calib-text wiki draws only from the tokens after the evaluation windows, and says so when
+    too few are left."""
+    from calibrate import data
+
+    monkeypatch.setattr(data, "token_stream", lambda tok, text: torch.arange(1000))
+    evals = data.eval_windows(None, "wiki", seqlen=100, max_windows=6)
+    w = data.calib_windows(None, "wiki", seqlen=50, n=64, seed=0, skip_tokens=evals.numel())
+    assert w.min() >= evals.numel() and w.max() < 1000 and w.shape == (64, 50)
+    assert (w[:, 1:] - w[:, :-1] == 1).all()  # contiguous windows of the text
+    with pytest.raises(ValueError, match="after the 960 held out for evaluation"):
+        data.calib_windows(None, "wiki", seqlen=50, n=4, skip_tokens=960)
