@@ -23,8 +23,9 @@ from .hadamard import apply_hadamard
 from .numerics import quantize_act, unpack_int4
 
 # Counts of the paths taken, by name: tests read them to prove the plugin really ran
-# (and that a silent fallback did not), e.g. CALLS["reference_int"]. Eager calls only: under
-# torch.compile / CUDA graphs a path is counted while vLLM warms up, not on every replay.
+# (and that a silent fallback did not), e.g. CALLS["reference_int"]. Forward calls are counted in
+# eager mode only (a compiled graph has no Python side effects); every layer also counts the path
+# it prepared at load ("prepared_kernel", ...), which holds under torch.compile / CUDA graphs too.
 CALLS: collections.Counter = collections.Counter()
 
 
