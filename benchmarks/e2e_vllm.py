@@ -122,10 +122,9 @@ def run_config(a) -> dict:
         return dt, sum(len(o.outputs[0].token_ids) for o in outs)
 
     timed(prompts(min(4, max(batches)), a.input_len), 16)  # warm-up
-    row = {"config": a.config, "engine_args": {k: v for k, v in kw.items()}, "engine_start_s": start_s,
-           "decode": []}
     if a.profile:
         return {"config": a.config, "profile": profile_decode(prompts, timed, a), **engine_facts(llm)}
+    row = {"config": a.config, "engine_args": dict(kw), "engine_start_s": start_s, "decode": []}
     for b in batches:
         runs = []
         for _ in range(a.repeats if b <= 16 else max(1, a.repeats - 1)):
