@@ -10,7 +10,8 @@ attention reads back from vLLM 0.26's int4 cache, expressed in the original basi
 then holds those values in the model dtype, so prefill and decode both attend to quantized K/V,
 as on the GPU. No global backend registration is touched: other models are unaffected.
 
-- cache dtype "int4_per_token_head" (GPU, Triton backend): vLLM does it; nothing installed.
+- cache dtype "int4_per_token_head" (GPU, Triton backend): vLLM's cache; on Hopper our kernels
+  write and decode it (kv4_attention.install), elsewhere vLLM's own path runs.
 - cache dtype "auto"/float dtypes: emulated (CPU; also works on GPU, at full KV memory).
 - any other cache dtype (fp8...) with a kv_bits=4 checkpoint: refused, it would double-quantize.
 """
@@ -71,6 +72,9 @@ def install(layer, fmt: QuantFormat, prefix: str = "") -> bool:
         return impl is not None
     kv_dtype = str(getattr(layer, "kv_cache_dtype", "auto"))
     if kv_dtype == NATIVE:
+        from . import kv4_attention
+
+        kv4_attention.install(layer, prefix)
         return False
     if kv_dtype not in EMULATED_OK:
         raise CheckpointError(f"{prefix}: the checkpoint has kv_bits=4 (vLLM's {NATIVE} numerics) but the "

@@ -14,7 +14,8 @@ from pathlib import Path
 
 from ._lib import BUILD_DIR, LIB_NAME
 
-SRC = Path(__file__).resolve().parents[2] / "csrc" / "ostquant_kernels.cu"
+CSRC = Path(__file__).resolve().parents[2] / "csrc"
+SOURCES = (CSRC / "ostquant_kernels.cu", CSRC / "kv4_attention.cu")  # GEMM + quantize; 4-bit KV attention
 
 
 HAD_B = (12, 20, 28, 36, 52, 60)
@@ -52,7 +53,7 @@ def write_hadamard_header(path: Path) -> None:
 def build_command(nvcc: str, out: Path, debug: bool = False) -> list[str]:
     return [nvcc, "-O3", "-std=c++17", "-gencode=arch=compute_90a,code=sm_90a", "-shared", "-Xcompiler", "-fPIC",
             "-cudart", "static", "-Xptxas", "-v", f"-I{out.parent}", *(["-lineinfo"] if debug else []),
-            "-o", str(out), str(SRC)]
+            "-o", str(out), *map(str, SOURCES)]
 
 
 def main(argv=None) -> int:

@@ -1,0 +1,503 @@
+// 4-bit KV cache on Hopper: the cache write and the decode attention of vLLM 0.26's
+// `int4_per_token_head` paged cache, as two kernels each (write; decode + split reduce).
+//
+// Cache record per (block, slot, kv head), bytes:  [K nibbles D/2 | K scale 4 | V nibbles D/2 | V scale 4]
+// (vLLM's TritonAttentionBackend layout; strides come from the tensor, NHD or HND). A nibble pair
+// byte holds dim 2j in its low and dim 2j+1 in its high nibble, unsigned levels 0..15; the fp32
+// scale hides the zero point in its low 4 mantissa bits and is read with them cleared.
+//
+// Numerics (one definition with ostquant_vllm/numerics.py: fake_quant_kv_int4 / int4_kv_quantize):
+//   write:  y = bf16(FWHT(signs * x)) in fp32 butterflies in the same order as _sylvester_fwht;
+//           scale = max((max - min) / 15, 1e-6); zero = clamp(rha(-min / scale)); q = clamp(rha(y * (1/scale) + zero))
+//           with every op correctly rounded (no FMA contraction), so the bytes equal the reference's.
+//   decode: q_rot = bf16(FWHT(signs * q)); s = scale/D * k_scale * (q_rot . k_level - zero_k * sum(q_rot));
+//           softmax; o = sum p * v_scale * (v_level - zero_v); out = FWHT(o) * signs / D.
+//
+// Decode kernel: one CTA per (kv head, split, sequence), 4 warps, 16-token tiles per warp.
+// Tensor cores with the GQA group as the M rows of m16n8k16 (rows >= group size are padding):
+//   S = Q K^T: A = rotated Q (bf16, registers for the whole loop), B = K nibbles widened to bf16
+//              in registers (lop3 magic-number trick, exact); the dot order over dims is permuted
+//              identically in A and B, which leaves the dot product unchanged.
+//   O += P V:  A = P * v_scale (fp16, the C fragment of S re-used as A, as in FlashAttention-2),
+//              B = V nibbles widened to fp16; output dims are permuted and put back in shared memory.
+// Splits: the context is cut into ceil(tiles / num_splits) tiles (at least MIN_TILES) per CTA,
+// computed on the device from seq_lens, so a CUDA graph captured at one length is right at any other.
+#include <cuda_runtime.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <stdint.h>
+
+#define KV4_API extern "C" __attribute__((visibility("default")))
+
+namespace kv4 {
+
+constexpr int NW = 4;          // warps per decode CTA
+constexpr int MIN_TILES = 16;  // 256 tokens: the least context a split is given
+
+__device__ __forceinline__ float rha(float x) {  // round half away from zero (numerics._round_half_away)
+  return x >= 0.f ? floorf(__fadd_rn(x, 0.5f)) : ceilf(__fsub_rn(x, 0.5f));
+}
+
+__device__ __forceinline__ float bf16_round(float x) { return __bfloat162float(__float2bfloat16_rn(x)); }
+
+// Nibbles 0 and 4 of x (bits 0-3, 16-19) as a pair of 16-bit floats: (magic | nibble) - magic.
+__device__ __forceinline__ uint32_t nib_pair(uint32_t x, uint32_t magic) {
+  uint32_t r;
+  asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(r) : "r"(x), "r"(0x000F000Fu), "r"(magic));  // (a & b) | c
+  return r;
+}
+__device__ __forceinline__ uint32_t nib_bf16(uint32_t x) {  // 128 + n - 128, exact in bf16
+  uint32_t p = nib_pair(x, 0x43004300u);
+  __nv_bfloat162 r = __hsub2(*reinterpret_cast<__nv_bfloat162*>(&p), __floats2bfloat162_rn(128.f, 128.f));
+  return *reinterpret_cast<uint32_t*>(&r);
+}
+__device__ __forceinline__ uint32_t nib_f16(uint32_t x) {  // 1024 + n - 1024, exact in fp16
+  uint32_t p = nib_pair(x, 0x64006400u);
+  __half2 r = __hsub2(*reinterpret_cast<__half2*>(&p), __floats2half2_rn(1024.f, 1024.f));
+  return *reinterpret_cast<uint32_t*>(&r);
+}
+__device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
+  __nv_bfloat162 r = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<uint32_t*>(&r);
+}
+__device__ __forceinline__ uint32_t pack_f16(float lo, float hi) {
+  __half2 r = __floats2half2_rn(lo, hi);
+  return *reinterpret_cast<uint32_t*>(&r);
+}
+__device__ __forceinline__ float2 unpack_f16(uint32_t x) { return __half22float2(*reinterpret_cast<__half2*>(&x)); }
+
+__device__ __forceinline__ void mma_bf16(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                         uint32_t b0, uint32_t b1) {
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+               "{%0,%1,%2,%3};"
+               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+               : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+__device__ __forceinline__ void mma_f16(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                        uint32_t b0, uint32_t b1) {
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+               "{%0,%1,%2,%3};"
+               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+               : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ uint32_t ld32(const uint8_t* p) { return __ldg(reinterpret_cast<const uint32_t*>(p)); }
+__device__ __forceinline__ uint2 ld64(const uint8_t* p) { return __ldg(reinterpret_cast<const uint2*>(p)); }
+
+// In-place unnormalised FWHT of rows [rows][D] in shared memory, butterflies in _sylvester_fwht's order.
+template <int D>
+__device__ void fwht_rows(float (*x)[D], int rows, int tid, int nthreads) {
+  for (int h = 1; h < D; h <<= 1) {
+    for (int i = tid; i < rows * D / 2; i += nthreads) {
+      const int r = i / (D / 2), p = i % (D / 2);
+      const int lo = (p / h) * 2 * h + (p % h);
+      const float a = x[r][lo], b = x[r][lo + h];
+      x[r][lo] = __fadd_rn(a, b);
+      x[r][lo + h] = __fsub_rn(a, b);
+    }
+    __syncthreads();
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// cache write: one warp per (token, kv head), K then V; lane holds dims [lane*E, lane*E + E)
+// ------------------------------------------------------------------------------------------------
+template <int D>
+__global__ void __launch_bounds__(128) write_kernel(const __nv_bfloat16* __restrict__ key,
+                                                    const __nv_bfloat16* __restrict__ value,
+                                                    uint8_t* __restrict__ cache,
+                                                    const int64_t* __restrict__ slot_mapping, int num_tokens,
+                                                    int nkv, int64_t k_tok, int64_t k_head, int64_t v_tok,
+                                                    int64_t v_head, int64_t c_blk, int64_t c_slot, int64_t c_head,
+                                                    int block_size, const float* __restrict__ signs) {
+  constexpr int E = D / 32;
+  const int w = blockIdx.x * 4 + (threadIdx.x >> 5), lane = threadIdx.x & 31;
+  if (w >= num_tokens * nkv) return;
+  const int tok = w / nkv, head = w % nkv;
+  const int64_t slot = slot_mapping[tok];
+  if (slot < 0) return;
+  uint8_t* rec = cache + (slot / block_size) * c_blk + (slot % block_size) * c_slot + head * c_head;
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const __nv_bfloat16* src = half ? value + tok * v_tok + head * v_head : key + tok * k_tok + head * k_head;
+    float x[E];
+#pragma unroll
+    for (int e = 0; e < E; ++e) x[e] = __bfloat162float(src[lane * E + e]) * signs[lane * E + e];
+#pragma unroll
+    for (int h = 1; h < D; h <<= 1) {
+      if (h < E) {
+#pragma unroll
+        for (int i = 0; i < E; ++i)
+          if (!(i & h)) {
+            const float a = x[i], b = x[i + h];
+            x[i] = __fadd_rn(a, b);
+            x[i + h] = __fsub_rn(a, b);
+          }
+      } else {
+        const int lm = h / E;
+#pragma unroll
+        for (int e = 0; e < E; ++e) {
+          const float o = __shfl_xor_sync(0xffffffffu, x[e], lm);
+          x[e] = (lane & lm) ? __fsub_rn(o, x[e]) : __fadd_rn(x[e], o);
+        }
+      }
+    }
+    float mn = INFINITY, mx = -INFINITY;
+#pragma unroll
+    for (int e = 0; e < E; ++e) {
+      x[e] = bf16_round(x[e]);
+      mn = fminf(mn, x[e]);
+      mx = fmaxf(mx, x[e]);
+    }
+#pragma unroll
+    for (int o = 16; o; o >>= 1) {
+      mn = fminf(mn, __shfl_xor_sync(0xffffffffu, mn, o));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+    }
+    const float scale = fmaxf(__fdiv_rn(__fsub_rn(mx, mn), 15.f), 1e-6f);
+    const float zero = fminf(fmaxf(rha(__fdiv_rn(-mn, scale)), 0.f), 15.f);
+    const float inv = __fdiv_rn(1.f, scale);
+    uint32_t packed = 0;
+#pragma unroll
+    for (int e = 0; e < E; ++e) {
+      const float q = fminf(fmaxf(rha(__fadd_rn(__fmul_rn(x[e], inv), zero)), 0.f), 15.f);
+      packed |= uint32_t(q) << (4 * e);
+    }
+    uint8_t* dst = rec + half * (D / 2 + 4);
+    if constexpr (E == 4) {
+      *reinterpret_cast<uint16_t*>(dst + lane * 2) = uint16_t(packed);
+    } else {
+      dst[lane] = uint8_t(packed);
+    }
+    if (lane == 0)
+      *reinterpret_cast<uint32_t*>(dst + D / 2) = (__float_as_uint(scale) & ~15u) | uint32_t(zero);
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// decode attention
+// ------------------------------------------------------------------------------------------------
+struct DecodeArgs {
+  const __nv_bfloat16* q;
+  int64_t q_tok, q_head;
+  __nv_bfloat16* out;
+  int64_t o_tok, o_head;
+  const uint8_t* cache;
+  int64_t c_blk, c_slot, c_head;
+  const int32_t* block_table;
+  int64_t bt_stride;
+  const int32_t* seq_lens;
+  const int32_t* query_start;
+  int group, block_size, num_splits;
+  float scale_log2;  // softmax scale / D * log2(e)
+  const float* signs;
+  float* part_o;   // [num_seqs][Hq][num_splits][D]
+  float* part_ml;  // [num_seqs][Hq][num_splits][2]
+};
+
+__device__ __forceinline__ int split_tiles(int tiles, int num_splits) {
+  const int chunk = (tiles + num_splits - 1) / num_splits;
+  return chunk > MIN_TILES ? chunk : MIN_TILES;
+}
+
+template <int D>
+struct Tile {  // one warp's raw loads for one 16-token tile
+  uint32_t k[2][D / 32];  // tokens g and 8+g: this thread's D/8 K bytes
+  uint32_t v[4][D / 64];  // tokens 2t, 2t+1, 8+2t, 9+2t: this thread's D/16 V bytes
+  uint32_t ks[4], vs[4];  // their K and V scale words
+};
+
+template <int D>
+__device__ __forceinline__ void load_tile(Tile<D>& r, const DecodeArgs& a, const int32_t* bt, int kvh, int tile,
+                                          int g, int t) {
+  const int tok0 = tile * 16;
+  const int64_t blk = bt[tok0 / a.block_size];
+  const uint8_t* base = a.cache + blk * a.c_blk + kvh * a.c_head + int64_t(tok0 % a.block_size) * a.c_slot;
+#pragma unroll
+  for (int n = 0; n < 2; ++n) {
+    const uint8_t* p = base + (n * 8 + g) * a.c_slot + t * (D / 8);
+#pragma unroll
+    for (int i = 0; i < D / 64; ++i) {
+      const uint2 x = ld64(p + 8 * i);
+      r.k[n][2 * i] = x.x;
+      r.k[n][2 * i + 1] = x.y;
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const uint8_t* p = base + ((i >> 1) * 8 + 2 * t + (i & 1)) * a.c_slot;
+    r.ks[i] = ld32(p + D / 2);
+    r.vs[i] = ld32(p + D + 4);
+#pragma unroll
+    for (int u = 0; u < D / 64; ++u) r.v[i][u] = ld32(p + D / 2 + 4 + g * (D / 16) + 4 * u);
+  }
+}
+
+template <int D, bool G16>
+__global__ void __launch_bounds__(128, 3) decode_kernel(const DecodeArgs a) {
+  constexpr int ROWS = G16 ? 16 : 8, KSTEPS = D / 16, NT = D / 8;
+  const int kvh = blockIdx.x, split = blockIdx.y, seq = blockIdx.z;
+  const int G = a.group, Hq = gridDim.x * G;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
+  const int tok_q = a.query_start[seq];
+  if (a.query_start[seq + 1] == tok_q) return;  // padding request of a CUDA graph batch
+  const int seq_len = a.seq_lens[seq];
+  const int tiles = (seq_len + 15) / 16;
+  const int chunk = split_tiles(tiles, a.num_splits);
+  const int t0 = split * chunk, t1 = min(tiles, t0 + chunk);
+  if (split > 0 && t0 >= t1) return;
+
+  __shared__ float sq[ROWS][D];  // rotated Q, later the output rows
+  __shared__ float sqsum[ROWS];
+  __shared__ float so[NW][ROWS][D];
+  __shared__ float sm[NW][ROWS], sl[NW][ROWS];
+
+  for (int i = tid; i < ROWS * D; i += blockDim.x) {
+    const int r = i / D, d = i % D;
+    sq[r][d] = r < G ? __bfloat162float(a.q[tok_q * a.q_tok + (kvh * G + r) * a.q_head + d]) * a.signs[d] : 0.f;
+  }
+  __syncthreads();
+  fwht_rows<D>(sq, G, tid, blockDim.x);
+  for (int i = tid; i < G * D; i += blockDim.x) sq[i / D][i % D] = bf16_round(sq[i / D][i % D]);
+  __syncthreads();
+  for (int r = warp; r < ROWS; r += NW) {
+    float s = 0.f;
+    for (int d = lane; d < D; d += 32) s += sq[r][d];
+#pragma unroll
+    for (int o = 16; o; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+    if (lane == 0) sqsum[r] = s;
+  }
+  __syncthreads();
+
+  // A fragments of Q: K word w of this thread covers dims t*D/4 + 8w + (0..7); its nibble pairs
+  // (0,4) (1,5) feed k-step 2w and (2,6) (3,7) k-step 2w+1 (see nib_pair); Q takes the same dims.
+  uint32_t qa[KSTEPS][2], qb[KSTEPS][2];
+#pragma unroll
+  for (int w = 0; w < D / 32; ++w) {
+    const int b = t * (D / 4) + 8 * w;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      qa[2 * w + h][0] = pack_bf16(sq[g][b + 2 * h], sq[g][b + 2 * h + 4]);
+      qa[2 * w + h][1] = pack_bf16(sq[g][b + 2 * h + 1], sq[g][b + 2 * h + 5]);
+      qb[2 * w + h][0] = G16 ? pack_bf16(sq[g + 8][b + 2 * h], sq[g + 8][b + 2 * h + 4]) : 0u;
+      qb[2 * w + h][1] = G16 ? pack_bf16(sq[g + 8][b + 2 * h + 1], sq[g + 8][b + 2 * h + 5]) : 0u;
+    }
+  }
+  const float qsum[2] = {sqsum[g], G16 ? sqsum[g + 8] : 0.f};
+
+  float acc[NT][4];
+#pragma unroll
+  for (int j = 0; j < NT; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
+  float m_r[2] = {-INFINITY, -INFINITY}, l_r[2] = {0.f, 0.f}, z_r[2] = {0.f, 0.f};
+
+  const int32_t* bt = a.block_table + seq * a.bt_stride;
+  Tile<D> cur, nxt;
+  int tile = t0 + warp;
+  if (tile < t1) load_tile<D>(cur, a, bt, kvh, tile, g, t);
+  for (; tile < t1; tile += NW) {
+    if (tile + NW < t1) load_tile<D>(nxt, a, bt, kvh, tile + NW, g, t);
+    // S = Q K^T for tokens 0-7 (n = 0) and 8-15 (n = 1) of the tile
+    float s[2][4];
+#pragma unroll
+    for (int n = 0; n < 2; ++n) {
+      s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
+#pragma unroll
+      for (int w = 0; w < D / 32; ++w) {
+        const uint32_t x = cur.k[n][w];
+        mma_bf16(s[n], qa[2 * w][0], qb[2 * w][0], qa[2 * w][1], qb[2 * w][1], nib_bf16(x), nib_bf16(x >> 4));
+        mma_bf16(s[n], qa[2 * w + 1][0], qb[2 * w + 1][0], qa[2 * w + 1][1], qb[2 * w + 1][1], nib_bf16(x >> 8),
+                 nib_bf16(x >> 12));
+      }
+    }
+    // scores: thread holds rows (g, g+8) x tokens n*8 + 2t + j
+    float vsc[4], zv[4];
+    bool valid[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int n = i >> 1, j = i & 1;
+      valid[i] = tile * 16 + n * 8 + 2 * t + j < seq_len;
+      const float zk = float(cur.ks[i] & 15u), sk = __uint_as_float(cur.ks[i] & ~15u) * a.scale_log2;
+      vsc[i] = __uint_as_float(cur.vs[i] & ~15u);
+      zv[i] = float(cur.vs[i] & 15u);
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const float v = (s[n][2 * r + j] - qsum[r] * zk) * sk;
+        s[n][2 * r + j] = valid[i] ? v : -INFINITY;
+      }
+    }
+    uint32_t pa[4];  // A fragment of P * v_scale: (row g | g+8) x (tokens 2t,2t+1 | 8+2t,9+2t)
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      float mx = fmaxf(fmaxf(s[0][2 * r], s[0][2 * r + 1]), fmaxf(s[1][2 * r], s[1][2 * r + 1]));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      const float m_new = fmaxf(m_r[r], mx);
+      const float alpha = m_new == -INFINITY ? 1.f : exp2f(m_r[r] - m_new);
+      m_r[r] = m_new;
+      float p[4], lsum = 0.f, zsum = 0.f;
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        p[i] = valid[i] && m_new != -INFINITY ? exp2f(s[i >> 1][2 * r + (i & 1)] - m_new) : 0.f;
+        lsum += p[i];
+      }
+      pa[r] = pack_f16(valid[0] ? p[0] * vsc[0] : 0.f, valid[1] ? p[1] * vsc[1] : 0.f);
+      pa[2 + r] = pack_f16(valid[2] ? p[2] * vsc[2] : 0.f, valid[3] ? p[3] * vsc[3] : 0.f);
+      const float2 p01 = unpack_f16(pa[r]), p23 = unpack_f16(pa[2 + r]);
+      zsum = p01.x * zv[0] + p01.y * zv[1] + p23.x * zv[2] + p23.y * zv[3];
+      l_r[r] = l_r[r] * alpha + lsum;
+      z_r[r] = z_r[r] * alpha + zsum;
+#pragma unroll
+      for (int j = 0; j < NT; ++j) {
+        acc[j][2 * r] *= alpha;
+        acc[j][2 * r + 1] *= alpha;
+      }
+    }
+    // O += P V: n-tile j, column g <-> dim g*D/8 + j; word u of a token covers dims g*D/8 + 8u + (0..7)
+#pragma unroll
+    for (int u = 0; u < D / 64; ++u) {
+      const uint32_t x01 = __byte_perm(cur.v[0][u], cur.v[1][u], 0x5410), y01 = __byte_perm(cur.v[0][u], cur.v[1][u], 0x7632);
+      const uint32_t x23 = __byte_perm(cur.v[2][u], cur.v[3][u], 0x5410), y23 = __byte_perm(cur.v[2][u], cur.v[3][u], 0x7632);
+#pragma unroll
+      for (int m = 0; m < 4; ++m) {
+        mma_f16(acc[8 * u + m], pa[0], pa[1], pa[2], pa[3], nib_f16(x01 >> (4 * m)), nib_f16(x23 >> (4 * m)));
+        mma_f16(acc[8 * u + 4 + m], pa[0], pa[1], pa[2], pa[3], nib_f16(y01 >> (4 * m)), nib_f16(y23 >> (4 * m)));
+      }
+    }
+    cur = nxt;
+  }
+
+  // per-warp rows -> shared memory (output dims put back in order), then the warps combined
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    l_r[r] += __shfl_xor_sync(0xffffffffu, l_r[r], 1);
+    l_r[r] += __shfl_xor_sync(0xffffffffu, l_r[r], 2);
+    z_r[r] += __shfl_xor_sync(0xffffffffu, z_r[r], 1);
+    z_r[r] += __shfl_xor_sync(0xffffffffu, z_r[r], 2);
+    const int row = g + 8 * r;
+    if (r == 1 && !G16) break;
+#pragma unroll
+    for (int j = 0; j < NT; ++j) {
+      so[warp][row][(2 * t) * (D / 8) + j] = acc[j][2 * r] - z_r[r];
+      so[warp][row][(2 * t + 1) * (D / 8) + j] = acc[j][2 * r + 1] - z_r[r];
+    }
+    if (t == 0) {
+      sm[warp][row] = m_r[r];
+      sl[warp][row] = l_r[r];
+    }
+  }
+  __syncthreads();
+  const bool single = a.num_splits == 1;
+  for (int i = tid; i < G * D; i += blockDim.x) {
+    const int r = i / D, d = i % D;
+    float M = -INFINITY;
+#pragma unroll
+    for (int w = 0; w < NW; ++w) M = fmaxf(M, sm[w][r]);
+    float O = 0.f, L = 0.f;
+    if (M != -INFINITY) {
+#pragma unroll
+      for (int w = 0; w < NW; ++w) {
+        const float f = exp2f(sm[w][r] - M);
+        O += f * so[w][r][d];
+        L += f * sl[w][r];
+      }
+    }
+    if (single) {
+      sq[r][d] = L > 0.f ? O / L : 0.f;
+    } else {
+      const int64_t idx = (int64_t(seq) * Hq + kvh * G + r) * a.num_splits + split;
+      a.part_o[idx * D + d] = O;
+      if (d == 0) {
+        a.part_ml[idx * 2] = M;
+        a.part_ml[idx * 2 + 1] = L;
+      }
+    }
+  }
+  if (!single) return;
+  __syncthreads();
+  fwht_rows<D>(sq, G, tid, blockDim.x);
+  for (int i = tid; i < G * D; i += blockDim.x) {
+    const int r = i / D, d = i % D;
+    a.out[tok_q * a.o_tok + (kvh * G + r) * a.o_head + d] = __float2bfloat16_rn(sq[r][d] * a.signs[d] / D);
+  }
+}
+
+// Combine the splits of one (sequence, query head) and undo the RHT: D threads.
+template <int D>
+__global__ void __launch_bounds__(D) reduce_kernel(const DecodeArgs a) {
+  const int head = blockIdx.x, seq = blockIdx.y, Hq = gridDim.x, d = threadIdx.x;
+  const int tok_q = a.query_start[seq];
+  if (a.query_start[seq + 1] == tok_q) return;
+  const int tiles = (a.seq_lens[seq] + 15) / 16;
+  const int chunk = split_tiles(tiles, a.num_splits);
+  const int active = tiles > 0 ? (tiles + chunk - 1) / chunk : 1;
+  const int64_t base = (int64_t(seq) * Hq + head) * a.num_splits;
+  float M = -INFINITY;
+  for (int s = 0; s < active; ++s) M = fmaxf(M, a.part_ml[(base + s) * 2]);
+  float O = 0.f, L = 0.f;
+  if (M != -INFINITY)
+    for (int s = 0; s < active; ++s) {
+      const float f = exp2f(a.part_ml[(base + s) * 2] - M);
+      O += f * a.part_o[(base + s) * D + d];
+      L += f * a.part_ml[(base + s) * 2 + 1];
+    }
+  __shared__ float x[1][D];
+  x[0][d] = L > 0.f ? O / L : 0.f;
+  __syncthreads();
+  fwht_rows<D>(x, 1, d, D);
+  a.out[tok_q * a.o_tok + head * a.o_head + d] = __float2bfloat16_rn(x[0][d] * a.signs[d] / D);
+}
+
+}  // namespace kv4
+
+// ------------------------------------------------------------------------------------------------
+// C API (pointers are device pointers; strides in elements for q/out/key/value, in bytes for the cache)
+// ------------------------------------------------------------------------------------------------
+KV4_API int ostq_kv4_write(const void* key, const void* value, void* cache, const int64_t* slot_mapping,
+                           int num_tokens, int nkv, int head_size, long long k_tok, long long k_head,
+                           long long v_tok, long long v_head, long long c_blk, long long c_slot, long long c_head,
+                           int block_size, const float* signs, void* stream) {
+  if (num_tokens <= 0) return 0;
+  const dim3 grid((num_tokens * nkv + 3) / 4);
+  auto s = static_cast<cudaStream_t>(stream);
+  auto k = static_cast<const __nv_bfloat16*>(key);
+  auto v = static_cast<const __nv_bfloat16*>(value);
+  auto c = static_cast<uint8_t*>(cache);
+  if (head_size == 128)
+    kv4::write_kernel<128><<<grid, 128, 0, s>>>(k, v, c, slot_mapping, num_tokens, nkv, k_tok, k_head, v_tok, v_head,
+                                                 c_blk, c_slot, c_head, block_size, signs);
+  else if (head_size == 64)
+    kv4::write_kernel<64><<<grid, 128, 0, s>>>(k, v, c, slot_mapping, num_tokens, nkv, k_tok, k_head, v_tok, v_head,
+                                                c_blk, c_slot, c_head, block_size, signs);
+  else
+    return (int)cudaErrorInvalidValue;
+  return (int)cudaGetLastError();
+}
+
+KV4_API int ostq_kv4_decode(const void* q, long long q_tok, long long q_head, void* out, long long o_tok,
+                            long long o_head, const void* cache, long long c_blk, long long c_slot, long long c_head,
+                            const int32_t* block_table, long long bt_stride, const int32_t* seq_lens,
+                            const int32_t* query_start, int num_seqs, int nkv, int group, int head_size,
+                            int block_size, float softmax_scale, const float* signs, float* part_o, float* part_ml,
+                            int num_splits, void* stream) {
+  if (num_seqs <= 0) return 0;
+  if (group < 1 || group > 16 || block_size % 16 || num_splits < 1) return (int)cudaErrorInvalidValue;
+  kv4::DecodeArgs a{static_cast<const __nv_bfloat16*>(q), q_tok, q_head, static_cast<__nv_bfloat16*>(out), o_tok,
+                    o_head, static_cast<const uint8_t*>(cache), c_blk, c_slot, c_head, block_table, bt_stride,
+                    seq_lens, query_start, group, block_size, num_splits,
+                    softmax_scale / head_size * 1.4426950408889634f, signs, part_o, part_ml};
+  auto s = static_cast<cudaStream_t>(stream);
+  const dim3 grid(nkv, num_splits, num_seqs);
+  const bool g16 = group > 8;
+  if (head_size == 128) {
+    if (g16) kv4::decode_kernel<128, true><<<grid, 128, 0, s>>>(a);
+    else kv4::decode_kernel<128, false><<<grid, 128, 0, s>>>(a);
+    if (num_splits > 1) kv4::reduce_kernel<128><<<dim3(nkv * group, num_seqs), 128, 0, s>>>(a);
+  } else if (head_size == 64) {
+    if (g16) kv4::decode_kernel<64, true><<<grid, 128, 0, s>>>(a);
+    else kv4::decode_kernel<64, false><<<grid, 128, 0, s>>>(a);
+    if (num_splits > 1) kv4::reduce_kernel<64><<<dim3(nkv * group, num_seqs), 64, 0, s>>>(a);
+  } else {
+    return (int)cudaErrorInvalidValue;
+  }
+  return (int)cudaGetLastError();
+}

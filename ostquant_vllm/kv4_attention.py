@@ -1,0 +1,295 @@
+"""The 4-bit KV cache on Hopper: our CUDA kernels on vLLM 0.26's `int4_per_token_head` paged cache.
+
+vLLM's own path (TritonAttentionImpl + vllm/v1/attention/ops/int4_per_token_head.py) rotates K, V
+and Q with a chain of small PyTorch/hadacore ops per layer and step, then runs a Triton kernel
+that does the int4 dot products on CUDA cores; it decodes slower than bf16 (issue 7). Here the
+same cache bytes are written and read by csrc/kv4_attention.cu:
+- write: one kernel per layer and step (RHT in registers, quantize, pack, scale word);
+- decode: split-K tensor-core attention with the RHT of Q and the inverse RHT of the output fused.
+
+`install(layer, prefix)` is called from the quantization config's attention hook (as kv_cpu is)
+and swaps the Triton impl's class for a subclass; nothing in vLLM is patched or registered
+globally. Batches in which some request has more than one query token (prefill, chunked-prefill
+mixes, speculative decoding), fp8 output fusion and features Llama does not use (ALiBi, sliding
+window, sinks, soft cap) go to vLLM's Triton path, which reads the same bytes.
+
+Numerics are numerics.fake_quant_kv_int4's (what calibration trains against): the write kernel
+produces exactly write_cache_reference's bytes; decode computes decode_reference's math with
+bf16 Q, fp16 P * v_scale and fp32 accumulation. OSTQUANT_KV4_ATTENTION=vllm keeps vLLM's path.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import logging
+import math
+import os
+
+import torch
+
+from . import numerics
+from .ops import count
+
+logger = logging.getLogger("ostquant_vllm")
+
+NATIVE = "int4_per_token_head"
+HEAD_SIZES = (64, 128)
+MAX_GROUP = 16          # query heads per KV head the decode kernel takes (m16n8k16 rows)
+CTAS_PER_SM = 3         # decode kernel occupancy (__launch_bounds__(128, 3))
+MAX_SPLITS = 64
+
+
+def record_bytes(head_size: int) -> int:
+    """Bytes per (slot, kv head): K nibbles, K scale, V nibbles, V scale."""
+    return 2 * (head_size // 2 + 4)
+
+
+# ---------------------------------------------------------------------------------------------
+# PyTorch reference (CPU tests; what the GPU tests compare the kernels against)
+# ---------------------------------------------------------------------------------------------
+def _slot_index(slot_mapping: torch.Tensor, block_size: int):
+    slot = slot_mapping.long()
+    return slot // block_size, slot % block_size
+
+
+def write_cache_reference(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
+                          slot_mapping: torch.Tensor) -> None:
+    """Write key/value [T, nkv, D] (model dtype) into kv_cache [blocks, nkv, block_size, 2*(D/2+4)] uint8."""
+    d = key.shape[-1]
+    keep = slot_mapping >= 0
+    blk, pos = _slot_index(slot_mapping[keep], kv_cache.shape[2])
+    for half, x in enumerate((key[keep], value[keep])):
+        y = numerics.rht(x.float()).to(x.dtype).float()
+        q, zero, read_scale = numerics.int4_kv_quantize(y)
+        q = q.to(torch.uint8)
+        packed = q[..., 0::2] | (q[..., 1::2] << 4)                                   # [t, nkv, D/2]
+        word = read_scale.view(torch.int32) | zero.to(torch.int32)                     # [t, nkv, 1]
+        rec = torch.cat([packed, word.contiguous().view(torch.uint8)], dim=-1)         # [t, nkv, D/2+4]
+        off = half * (d // 2 + 4)
+        kv_cache[blk, :, pos, off:off + d // 2 + 4] = rec
+
+
+def read_cache(kv_cache: torch.Tensor, block_row: torch.Tensor, seq_len: int, head_size: int):
+    """Dequantized (rotated-basis) K, V [seq_len, nkv, D] float32 of one sequence."""
+    d = head_size
+    bs = kv_cache.shape[2]
+    tok = torch.arange(seq_len, device=kv_cache.device)
+    rec = kv_cache[block_row[tok // bs].long(), :, tok % bs]                            # [L, nkv, 2*(D/2+4)]
+    out = []
+    for half in range(2):
+        r = rec[..., half * (d // 2 + 4):(half + 1) * (d // 2 + 4)]
+        lo, hi = (r[..., :d // 2] & 15).float(), (r[..., :d // 2] >> 4).float()
+        levels = torch.stack([lo, hi], dim=-1).reshape(*r.shape[:-1], d)
+        word = r[..., d // 2:].contiguous().view(torch.int32)
+        zero = (word & 15).float()
+        scale = (word & -16).view(torch.float32)
+        out.append((levels - zero) * scale)
+    return out[0], out[1]
+
+
+def decode_reference(query: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
+                     seq_lens: torch.Tensor, query_start_loc: torch.Tensor, softmax_scale: float) -> torch.Tensor:
+    """Attention of each request's last query token over its cached context, float32 [T, Hq, D]
+    (rows of tokens that are not a request's last are zero)."""
+    t, hq, d = query.shape
+    nkv = kv_cache.shape[1]
+    out = torch.zeros(t, hq, d, dtype=torch.float32, device=query.device)
+    qsl = query_start_loc.tolist()
+    for s, n in enumerate(seq_lens.tolist()):
+        if qsl[s + 1] == qsl[s] or n == 0:
+            continue
+        i = qsl[s + 1] - 1
+        k, v = read_cache(kv_cache, block_table[s], n, d)                              # [L, nkv, D]
+        q = numerics.rht(query[i].float()).to(query.dtype).float().view(nkv, hq // nkv, d)
+        sc = torch.einsum("hgd,lhd->hgl", q, k) * (softmax_scale / d)
+        o = torch.einsum("hgl,lhd->hgd", torch.softmax(sc, dim=-1), v).reshape(hq, d)
+        out[i] = numerics.rht(o, inverse=True) / d
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# CUDA kernels (csrc/kv4_attention.cu in the plugin's kernel library)
+# ---------------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=None)
+def _lib():
+    from .kernels import _lib as L
+
+    lib = L.load()
+    if lib is None:
+        return None
+    vp, i, f, ll = ctypes.c_void_p, ctypes.c_int, ctypes.c_float, ctypes.c_longlong
+    lib.ostq_kv4_write.argtypes = [vp, vp, vp, vp, i, i, i, ll, ll, ll, ll, ll, ll, ll, i, vp, vp]
+    lib.ostq_kv4_write.restype = i
+    lib.ostq_kv4_decode.argtypes = [vp, ll, ll, vp, ll, ll, vp, ll, ll, ll, vp, ll, vp, vp, i, i, i, i, i, f, vp,
+                                    vp, vp, i, vp]
+    lib.ostq_kv4_decode.restype = i
+    return lib
+
+
+def _check(rc: int, what: str) -> None:
+    from .kernels import _lib as L
+
+    L.check(rc, what)
+
+
+@functools.lru_cache(maxsize=None)
+def _signs(d: int, device: str) -> torch.Tensor:
+    return numerics.rht_signs(d).to(torch.float32).to(device)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def kernels_available() -> str | None:
+    """None when the kernels can run here, else why not."""
+    from . import kernels
+
+    return kernels.unavailable_reason() or (None if _lib() is not None else "kernel library not loadable")
+
+
+def _p(t):
+    return ctypes.c_void_p(t.data_ptr()) if t is not None else None
+
+
+def _stream(t: torch.Tensor):
+    return ctypes.c_void_p(torch.cuda.current_stream(t.device).cuda_stream)
+
+
+def _cache_strides(kv_cache: torch.Tensor, head_size: int) -> tuple[int, int, int]:
+    if kv_cache.dtype != torch.uint8 or kv_cache.dim() != 4 or kv_cache.shape[-1] != record_bytes(head_size):
+        raise ValueError(f"not an int4_per_token_head cache for head size {head_size}: "
+                         f"{kv_cache.dtype} {tuple(kv_cache.shape)}")
+    sb, sh, ss, sc = kv_cache.stride()
+    if sc != 1 or (sb | sh | ss) % 8 or kv_cache.data_ptr() % 8:
+        raise ValueError(f"int4 KV cache strides {kv_cache.stride()} are not 8-byte records")
+    return sb, ss, sh
+
+
+def write_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """write_cache_reference on the GPU (one kernel for K and V of all tokens)."""
+    t, nkv, d = key.shape
+    t = min(t, slot_mapping.shape[0])
+    if key.stride(-1) != 1 or value.stride(-1) != 1 or key.dtype != torch.bfloat16 or value.dtype != torch.bfloat16:
+        raise ValueError("write_cache: bf16 key/value with a contiguous head dim")
+    cb, cs, ch = _cache_strides(kv_cache, d)
+    sm = slot_mapping if slot_mapping.dtype == torch.int64 else slot_mapping.long()
+    rc = _lib().ostq_kv4_write(_p(key), _p(value), _p(kv_cache), _p(sm), t, nkv, d, key.stride(0), key.stride(1),
+                               value.stride(0), value.stride(1), cb, cs, ch, kv_cache.shape[2],
+                               _p(_signs(d, str(key.device))), _stream(key))
+    _check(rc, "kv4 cache write")
+
+
+def num_splits(num_seqs: int, num_kv_heads: int, device: torch.device) -> int:
+    """Context splits per (sequence, kv head): enough CTAs to fill the GPU once. Depends on the batch
+    only (a CUDA graph is captured per batch size); the kernel shortens splits for short contexts."""
+    slots = _sm_count(device.index or 0) * CTAS_PER_SM
+    ctas = num_seqs * num_kv_heads
+    if 2 * ctas >= slots:
+        return 1
+    return min(MAX_SPLITS, math.ceil(slots / ctas))
+
+
+def decode(query: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor,
+           query_start_loc: torch.Tensor, softmax_scale: float, out: torch.Tensor, splits: int | None = None) -> None:
+    """Decode attention into out [T, Hq, D] (bf16): the last query token of each request attends to
+    its seq_lens cached tokens (its own K/V already written). Rows of other tokens are untouched."""
+    _, hq, d = query.shape
+    nkv = kv_cache.shape[1]
+    num_seqs = query_start_loc.shape[0] - 1
+    if query.stride(-1) != 1 or out.stride(-1) != 1 or query.dtype != torch.bfloat16 or out.dtype != torch.bfloat16:
+        raise ValueError("decode: bf16 query/out with a contiguous head dim")
+    for name, x in (("block_table", block_table), ("seq_lens", seq_lens), ("query_start_loc", query_start_loc)):
+        if x.dtype != torch.int32:
+            raise ValueError(f"decode: {name} must be int32, got {x.dtype}")
+    cb, cs, ch = _cache_strides(kv_cache, d)
+    splits = splits or num_splits(num_seqs, nkv, query.device)
+    part_o = part_ml = None
+    if splits > 1:
+        part_o = torch.empty(num_seqs * hq * splits * d, dtype=torch.float32, device=query.device)
+        part_ml = torch.empty(num_seqs * hq * splits * 2, dtype=torch.float32, device=query.device)
+    rc = _lib().ostq_kv4_decode(_p(query), query.stride(0), query.stride(1), _p(out), out.stride(0), out.stride(1),
+                                _p(kv_cache), cb, cs, ch, _p(block_table), block_table.stride(0), _p(seq_lens),
+                                _p(query_start_loc), num_seqs, nkv, hq // nkv, d, kv_cache.shape[2],
+                                float(softmax_scale), _p(_signs(d, str(query.device))), _p(part_o), _p(part_ml),
+                                splits, _stream(query))
+    _check(rc, "kv4 decode attention")
+
+
+# ---------------------------------------------------------------------------------------------
+# the attention hook
+# ---------------------------------------------------------------------------------------------
+_CLASSES: dict[type, type] = {}
+
+
+def _kernel_class(base: type) -> type:
+    if base in _CLASSES:
+        return _CLASSES[base]
+
+    class KV4Kernels(base):  # type: ignore[misc, valid-type]
+        ostquant_kv4 = True
+
+        def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping, *args, **kwargs):
+            if key.dtype != torch.bfloat16 or kv_cache.numel() == 0:
+                return super().do_kv_cache_update(layer, key, value, kv_cache, slot_mapping, *args, **kwargs)
+            self._pth_key_value_caches(kv_cache)  # vLLM's one-time scale views (it fills them once)
+            count("kv4_write")
+            write_cache(key, value, kv_cache, slot_mapping)
+
+        def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None,
+                    output_block_scale=None):
+            if (attn_metadata is None or output_scale is not None or output_block_scale is not None
+                    or attn_metadata.max_query_len != 1 or query.dtype != torch.bfloat16
+                    or getattr(attn_metadata, "mm_prefix_range_tensor", None) is not None
+                    or getattr(attn_metadata, "use_cascade", False)):
+                return super().forward(layer, query, key, value, kv_cache, attn_metadata, output,
+                                       output_scale=output_scale, output_block_scale=output_block_scale)
+            self._pth_key_value_caches(kv_cache)
+            count("kv4_decode")
+            n = attn_metadata.num_actual_tokens
+            out = output[:n].view(n, self.num_heads, self.head_size)
+            decode(query[:n], kv_cache, attn_metadata.block_table, attn_metadata.seq_lens,
+                   attn_metadata.query_start_loc, self.scale, out)
+            return output
+
+    KV4Kernels.__name__ = KV4Kernels.__qualname__ = f"OstQuantKV4Kernels{base.__name__}"
+    _CLASSES[base] = KV4Kernels
+    return KV4Kernels
+
+
+def unsupported(impl, layer) -> str | None:
+    """Why our kernels cannot serve this attention layer (None: they can)."""
+    if os.environ.get("OSTQUANT_KV4_ATTENTION", "ostquant") == "vllm":
+        return "OSTQUANT_KV4_ATTENTION=vllm"
+    if not hasattr(impl, "_pth_key_value_caches"):
+        return f"backend {type(impl).__name__} is not vLLM's Triton backend"
+    d = getattr(impl, "head_size", None)
+    if d not in HEAD_SIZES:
+        return f"head size {d} (kernels: {HEAD_SIZES})"
+    if not 1 <= impl.num_heads // impl.num_kv_heads <= MAX_GROUP:
+        return f"{impl.num_heads // impl.num_kv_heads} query heads per KV head (max {MAX_GROUP})"
+    if (impl.alibi_slopes is not None or tuple(impl.sliding_window) != (-1, -1) or impl.logits_soft_cap
+            or impl.sinks is not None or getattr(impl, "attn_type", "decoder") != "decoder"):
+        return "ALiBi, sliding window, soft cap, sinks or a non-decoder attention"
+    return kernels_available()
+
+
+@functools.lru_cache(maxsize=None)
+def _log_once(msg: str) -> None:
+    logger.info(msg)
+
+
+def install(layer, prefix: str = "") -> bool:
+    """Serve `layer`'s int4_per_token_head cache with our kernels where they apply. Idempotent."""
+    impl = getattr(layer, "impl", None)
+    if impl is None or getattr(impl, "ostquant_kv4", False):
+        return impl is not None
+    why = unsupported(impl, layer)
+    if why is not None:
+        _log_once(f"ostquant: vLLM's own int4 KV attention serves the cache ({why})")
+        return False
+    impl.__class__ = _kernel_class(type(impl))
+    _signs(impl.head_size, str(torch.device("cuda", torch.cuda.current_device())))  # no copies in graph capture
+    _log_once("ostquant: the int4 KV cache is written and decoded by the ostquant Hopper kernels")
+    return True

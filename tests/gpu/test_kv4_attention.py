@@ -1,0 +1,111 @@
+"""GPU checks of the 4-bit KV cache kernels (csrc/kv4_attention.cu) against their PyTorch
+reference (ostquant_vllm/kv4_attention.py), on fresh random inputs in vLLM's paged layout.
+
+Write: the bytes must equal the reference's exactly (same fp32 butterflies, correctly rounded
+ops); at most a 1e-4 fraction of records may differ by one level (none expected).
+Decode: ||out - ref|| / ||ref|| < 4e-3 per configuration and max error < 3% of the output's
+range, against the float32 reference over the same cache (the kernel rounds P * v_scale to fp16:
+~5e-4); a wrong nibble, dim permutation, scale or split merge is off by O(1). Outputs are
+NaN-poisoned first, and rows of other tokens must stay poisoned.
+"""
+import pytest
+import torch
+
+from ostquant_vllm import kv4_attention as kv4
+
+pytestmark = pytest.mark.skipif(kv4.kernels_available() is not None,
+                                reason=f"kernels unavailable: {kv4.kernels_available()}")
+DEV = "cuda"
+
+
+def paged(seq_lens, nkv, d, block_size, layout, gen, extra_blocks=5):
+    per_seq = [max(1, -(-n // block_size)) for n in seq_lens]
+    total = sum(per_seq) + extra_blocks
+    rec = kv4.record_bytes(d)
+    if layout == "NHD":
+        cache = torch.randint(0, 256, (total, block_size, nkv, rec), dtype=torch.uint8, device=DEV,
+                              generator=gen).permute(0, 2, 1, 3)
+    else:
+        cache = torch.randint(0, 256, (total, nkv, block_size, rec), dtype=torch.uint8, device=DEV, generator=gen)
+    perm = torch.randperm(total, generator=gen, device=DEV)
+    table = torch.full((len(seq_lens), max(per_seq) + 2), 10 ** 6, dtype=torch.int32, device=DEV)  # junk beyond
+    used = 0
+    for s in range(len(seq_lens)):
+        table[s, :per_seq[s]] = perm[used:used + per_seq[s]].int()
+        used += per_seq[s]
+    return cache, table
+
+
+def slots_of(table, seq_lens, block_size):
+    out = []
+    for s, n in enumerate(seq_lens):
+        pos = torch.arange(n, device=DEV)
+        out.append(table[s, pos // block_size].long() * block_size + pos % block_size)
+    return torch.cat(out)
+
+
+def kv_values(n, nkv, d, gen):
+    # per-channel spread and a few outliers, like post-RoPE keys
+    k = torch.randn(n, nkv, d, device=DEV, generator=gen) * (torch.rand(1, nkv, d, device=DEV, generator=gen) * 4)
+    k[torch.rand(n, nkv, d, device=DEV, generator=gen) < 1e-3] *= 30
+    v = torch.randn(n, nkv, d, device=DEV, generator=gen)
+    return k.bfloat16(), v.bfloat16()
+
+
+@pytest.mark.parametrize("layout", ["NHD", "HND"])
+@pytest.mark.parametrize("d,nkv", [(128, 8), (64, 3)])
+def test_write_matches_reference_bytes(layout, d, nkv):
+    gen = torch.Generator(device=DEV).manual_seed(d + nkv)
+    lens = [1, 300, 17, 1024]
+    cache, table = paged(lens, nkv, d, 16, layout, gen)
+    ref = cache.clone()
+    slots = slots_of(table, lens, 16)
+    k, v = kv_values(slots.numel(), nkv, d, gen)
+    # a strided view, as vLLM passes K/V sliced from the qkv projection
+    qkv = torch.cat([torch.randn_like(k, dtype=torch.float32).bfloat16(), k, v], dim=1)
+    k, v = qkv[:, nkv:2 * nkv], qkv[:, 2 * nkv:]
+    slots[::7] = -1  # padding slots are skipped
+    kv4.write_cache(k, v, cache, slots)
+    kv4.write_cache_reference(k, v, ref, slots)
+    torch.cuda.synchronize()
+    diff = (cache != ref).any(-1)
+    assert diff.float().mean().item() <= 1e-4, f"{int(diff.sum())} records differ"
+
+
+CASES = [  # (group, d, seq_lens)
+    (4, 128, [1, 2, 15, 16, 17, 255, 256, 257, 1000, 4096, 8192]),   # Llama-3-8B (32 / 8)
+    (8, 128, [1, 33, 700, 5000]),                                    # Llama-3-70B (64 / 8)
+    (3, 64, [1, 9, 128, 513, 2048]),                                 # SmolLM2-135M (9 / 3)
+    (12, 128, [64, 1500]),                                           # > 8 query heads per KV head
+]
+
+
+@pytest.mark.parametrize("layout", ["NHD", "HND"])
+@pytest.mark.parametrize("splits", [None, 1, 7])
+@pytest.mark.parametrize("group,d,lens", CASES)
+def test_decode_matches_reference(group, d, lens, splits, layout):
+    gen = torch.Generator(device=DEV).manual_seed(group * 1000 + d + (splits or 0))
+    nkv = 2 if group > 8 else (3 if d == 64 else 8 if len(lens) < 6 else 4)
+    cache, table = paged(lens, nkv, d, 16, layout, gen)
+    slots = slots_of(table, lens, 16)
+    k, v = kv_values(slots.numel(), nkv, d, gen)
+    kv4.write_cache(k, v, cache, slots)
+    # a decode batch: one query token per request, plus a padding request (CUDA graphs)
+    b = len(lens)
+    q = (torch.randn(b + 1, nkv * group, d, device=DEV, generator=gen) * 2).bfloat16()
+    qsl = torch.arange(b + 2, dtype=torch.int32, device=DEV)
+    qsl[-1] = b  # the last request is empty
+    seq_lens = torch.tensor(lens + [0], dtype=torch.int32, device=DEV)
+    table = torch.cat([table, table[:1]])
+    out = torch.full_like(q, float("nan"))
+    scale = d ** -0.5
+    kv4.decode(q, cache, table, seq_lens, qsl, scale, out, splits=splits)
+    ref = kv4.decode_reference(q[:b], cache, table[:b], seq_lens[:b], qsl[:b + 1], scale)
+    torch.cuda.synchronize()
+    o = out[:b].float()
+    assert not o.isnan().any(), "unwritten or NaN outputs"
+    assert out[b].isnan().all(), "the padding request's row was written"
+    for s in range(b):
+        rel = ((o[s] - ref[s]).norm() / ref[s].norm()).item()
+        mx = ((o[s] - ref[s]).abs().max() / ref[s].abs().max()).item()
+        assert rel < 4e-3 and mx < 3e-2, f"seq {s} (len {lens[s]}): rel {rel:.2e}, max {mx:.2e}"

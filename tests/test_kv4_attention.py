@@ -1,0 +1,105 @@
+"""The 4-bit KV cache's PyTorch reference (ostquant_vllm/kv4_attention.py): its bytes and its
+attention are calibration's fake quantizer (numerics.fake_quant_kv_int4) on vLLM's paged layout.
+The CUDA kernels are compared against this reference in tests/gpu/test_kv4_attention.py."""
+import pytest
+import torch
+
+from ostquant_vllm import kv4_attention as kv4
+from ostquant_vllm import numerics
+
+
+def paged_cache(num_blocks, nkv, block_size, d, layout="NHD"):
+    """A cache with vLLM's logical shape (blocks, nkv, block_size, record) in either physical layout."""
+    rec = kv4.record_bytes(d)
+    if layout == "NHD":
+        phys = torch.zeros(num_blocks, block_size, nkv, rec, dtype=torch.uint8)
+        return phys.permute(0, 2, 1, 3)
+    return torch.zeros(num_blocks, nkv, block_size, rec, dtype=torch.uint8)
+
+
+def random_batch(gen, seq_lens, nkv, d, block_size, layout):
+    """Write random K/V of every sequence into a paged cache with shuffled blocks; returns the cache,
+    the block table and the written (key, value) per sequence."""
+    per_seq = [-(-n // block_size) for n in seq_lens]
+    total = sum(per_seq) + 3
+    cache = paged_cache(total, nkv, block_size, d, layout)
+    perm = torch.randperm(total, generator=gen)
+    table = torch.zeros(len(seq_lens), max(per_seq), dtype=torch.int32)
+    kvs, used = [], 0
+    for s, n in enumerate(seq_lens):
+        table[s, :per_seq[s]] = perm[used:used + per_seq[s]].int()
+        used += per_seq[s]
+        k = (torch.randn(n, nkv, d, generator=gen) * torch.rand(1, nkv, d, generator=gen) * 4).bfloat16()
+        v = torch.randn(n, nkv, d, generator=gen).bfloat16()
+        pos = torch.arange(n)
+        slots = table[s, pos // block_size].long() * block_size + pos % block_size
+        kv4.write_cache_reference(k, v, cache, slots)
+        kvs.append((k, v))
+    return cache, table, kvs
+
+
+@pytest.mark.parametrize("layout", ["NHD", "HND"])
+@pytest.mark.parametrize("d", [64, 128])
+def test_written_cache_reads_back_as_the_fake_quantizer(layout, d):
+    gen = torch.Generator().manual_seed(d)
+    cache, table, kvs = random_batch(gen, [37, 16, 5], nkv=2, d=d, block_size=16, layout=layout)
+    for s, (k, v) in enumerate(kvs):
+        kr, vr = kv4.read_cache(cache, table[s], k.shape[0], d)
+        for x, xr in ((k, kr), (v, vr)):
+            y = numerics.rht(x.float()).bfloat16().float()
+            q, zero, scale = numerics.int4_kv_quantize(y)
+            assert torch.equal(xr, (q - zero) * scale)  # the bytes hold exactly the quantizer's levels
+            back = numerics.rht(xr, inverse=True) / d
+            fq = numerics.fake_quant_kv_int4(x, cache_dtype=torch.bfloat16).float()
+            assert torch.allclose(back.bfloat16().float(), fq, rtol=1e-2, atol=1e-2 * fq.abs().max())
+            assert (back - x.float()).norm() / x.float().norm() < 0.2  # 4 bits: close, not equal
+
+
+def test_negative_slots_are_skipped():
+    cache = paged_cache(2, 1, 16, 64)
+    k = torch.randn(3, 1, 64).bfloat16()
+    kv4.write_cache_reference(k, k, cache, torch.tensor([-1, 5, -1]))
+    assert cache[0, 0, 5].any() and not cache[0, 0, :5].any() and not cache[1].any()
+
+
+@pytest.mark.parametrize("group,d", [(4, 128), (3, 64), (8, 128)])
+def test_decode_reference_is_attention_over_fake_quantized_kv(group, d):
+    gen = torch.Generator().manual_seed(group)
+    nkv, lens = 2, [1, 40, 17]
+    cache, table, kvs = random_batch(gen, lens, nkv, d, 16, "NHD")
+    q = torch.randn(len(lens), nkv * group, d, generator=gen).bfloat16()
+    qsl = torch.arange(len(lens) + 1, dtype=torch.int32)
+    out = kv4.decode_reference(q, cache, table, torch.tensor(lens, dtype=torch.int32), qsl, d ** -0.5)
+    for s, (k, v) in enumerate(kvs):
+        kf = numerics.fake_quant_kv_int4(k, cache_dtype=torch.bfloat16).float()
+        vf = numerics.fake_quant_kv_int4(v, cache_dtype=torch.bfloat16).float()
+        kf, vf = kf.repeat_interleave(group, dim=1), vf.repeat_interleave(group, dim=1)  # [L, Hq, D]
+        sc = torch.einsum("hd,lhd->hl", q[s].float(), kf) * d ** -0.5
+        ref = torch.einsum("hl,lhd->hd", torch.softmax(sc, -1), vf)
+        # differs only by Q rounded to bf16 after its rotation (vLLM's and the kernel's choice)
+        assert (out[s] - ref).norm() / ref.norm() < 1e-2
+
+
+def test_unsupported_says_why():
+    class Impl:
+        head_size, num_heads, num_kv_heads = 96, 32, 8
+        alibi_slopes, sliding_window, logits_soft_cap, sinks, attn_type = None, (-1, -1), 0, None, "decoder"
+
+        def _pth_key_value_caches(self, kv_cache):
+            pass
+
+    assert "head size 96" in kv4.unsupported(Impl(), None)
+    impl = Impl()
+    impl.head_size = 128
+    impl.sliding_window = (4095, 0)
+    assert "sliding window" in kv4.unsupported(impl, None)
+    impl.sliding_window = (-1, -1)
+    why = kv4.unsupported(impl, None)
+    assert why is None or "CUDA" in why or "Hopper" in why or "library" in why  # CPU CI: no kernels
+    assert "Triton" in kv4.unsupported(object(), None)
+
+
+def test_num_splits_fill_the_gpu(monkeypatch):
+    monkeypatch.setattr(kv4, "_sm_count", lambda index: 132)
+    dev = torch.device("cuda", 0)
+    assert kv4.num_splits(1, 8, dev) == 50 and kv4.num_splits(64, 8, dev) == 1 and kv4.num_splits(16, 8, dev) == 4
