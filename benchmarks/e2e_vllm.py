@@ -268,12 +268,15 @@ def flat_rows(cfg_rows: list[dict]) -> list[dict]:
 
 
 def ratios(cfg_rows: list[dict]) -> dict:
-    """Decode throughput and KV room of every config against bf16 and FP8 of the same run."""
+    """Decode throughput and KV room of every config against bf16 and FP8 of the same run, and the
+    int4 KV configs against the same weights with an FP8 cache (issue 7's baselines)."""
     by = {r["config"]: r for r in cfg_rows}
     out = {}
     for r in cfg_rows:
         rr = {}
-        for base in ("bf16", "fp8"):
+        bases = ("bf16", "fp8") + (("ostquant_w4a4_fp8kv", "ostquant_w4a4kv4_vllm_attn")
+                                   if r["config"].startswith("ostquant_w4a4kv4") else ())
+        for base in bases:
             if base not in by or base == r["config"]:
                 continue
             bd = {d["batch"]: d["decode_tok_s"] for d in by[base].get("decode", [])}

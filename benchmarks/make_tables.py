@@ -71,10 +71,14 @@ def vllm_gpu_table(path: str) -> str:
 
 
 E2E_LABELS = {"bf16": "bf16", "fp8": "FP8 W8A8 + FP8 KV", "w4a16": "W4A16 (GPTQ config)",
-              "ostquant_w4a8kv4": "ostquant W4A8KV4", "ostquant_w4a4kv4": "ostquant W4A4KV4"}
+              "ostquant_w4a8kv4": "ostquant W4A8KV4", "ostquant_w4a4kv4": "ostquant W4A4KV4",
+              "ostquant_w4a4_fp8kv": "ostquant W4A4 + vLLM FP8 KV",
+              "ostquant_w4a4kv4_vllm_attn": "ostquant W4A4KV4, vLLM's own int4 KV attention"}
 
 
 def e2e_table(path: str) -> str:
+    """Brackets against bf16 of the same run, or (a run without bf16, issue 7's) against the same
+    W4A4 weights with vLLM's FP8 KV cache."""
     d = json.load(open(path))
     st = d["settings"]
     batches = sorted({x["batch"] for r in d["configs"] for x in r["decode"]})
@@ -85,22 +89,25 @@ def e2e_table(path: str) -> str:
            + f" | prefill {st['prefill_len']} ms | KV-cache tokens |",
            "| --- | --- | --- |" + " --- |" * (len(batches) + 2)]
     rat = d.get("ratios", {})
+    names = {r["config"] for r in d["configs"]}
+    base, kv_base = ("bf16", "fp8") if "bf16" in names else ("ostquant_w4a4_fp8kv", "ostquant_w4a4_fp8kv")
     for r in d["configs"]:
         dec = {x["batch"]: x["decode_tok_s"] for x in r["decode"]}
         rr = rat.get(r["config"], {})
         cells = []
         for b in batches:
             v = f"{dec[b]:,.0f}" if b in dec else "—"
-            if f"decode_vs_bf16_b{b}" in rr:
-                v += f" ({rr[f'decode_vs_bf16_b{b}']:.2f}x)"
+            if f"decode_vs_{base}_b{b}" in rr:
+                v += f" ({rr[f'decode_vs_{base}_b{b}']:.2f}x)"
             cells.append(v)
         kv = f"{r.get('kv_cache_tokens', 0):,}"
-        if "kv_tokens_vs_fp8" in rr:
-            kv += f" ({rr['kv_tokens_vs_fp8']:.2f}x FP8)"
+        if f"kv_tokens_vs_{kv_base}" in rr:
+            kv += f" ({rr[f'kv_tokens_vs_{kv_base}']:.2f}x FP8)"
         kern = r.get("linear_kernel") or ("ours (csrc)" if r["config"].startswith("ostquant") else "vLLM default")
         out.append(f"| {E2E_LABELS.get(r['config'], r['config'])} | {_fmt(r.get('weights_gib'))} | {kern} | "
                    + " | ".join(cells) + f" | {_fmt(r.get('prefill_ms'), 1)} | {kv} |")
-    out += ["", "In brackets: against bf16 of the same run (decode) and FP8 (KV-cache tokens)."]
+    out += ["", f"In brackets: against {E2E_LABELS[base]} of the same run (decode) and "
+            f"{E2E_LABELS[kv_base]} (KV-cache tokens)."]
     for c, p in d.get("profiles", {}).items():
         prof = p.get("profile", {})
         shares = ", ".join(f"{k} {v:.0%}" for k, v in prof.get("fraction_by_category", {}).items() if v >= 0.01)
@@ -110,6 +117,51 @@ def e2e_table(path: str) -> str:
 
 
 MIDM_KINDS = {9: "dec_r2t32", 10: "dec_r2t64", 11: "dec_r4t32", 12: "dec_r4t64", 5: "wg5", 3: "wg3"}
+
+
+def kv4_attention_table(path: str) -> str:
+    d = json.load(open(path))
+    sh = d["shape"]
+    out = [f"**Decode attention over the KV cache, {d['gpu']}** ({os.path.basename(path)}; vLLM {d['vllm']}, "
+           f"torch {d['torch']}; {sh['q_heads']} query / {sh['kv_heads']} KV heads of {sh['head_size']}, block "
+           f"{sh['block']}; every sequence at the full context; µs per call in CUDA graphs over >= 256 MB of "
+           f"caches; HBM read ceiling {d['hbm_tb_s']:.2f} TB/s measured in the same run)", "",
+           "| batch | context | ours int4 µs | vLLM int4 (Triton) µs | FA3 bf16 µs | FA3 FP8 µs | ours TB/s on KV "
+           "bytes | % of HBM | x vLLM int4 | x FA3 FP8 |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for p in d["points"]:
+        us = p["us"]
+        out.append(f"| {p['batch']} | {p['context']} | {us['ostquant_int4']:.1f} | {us['vllm_int4']:.1f} | "
+                   f"{_fmt(us.get('fa3_bf16'), 1)} | {_fmt(us.get('fa3_fp8'), 1)} | {p['ostquant_tb_s']:.2f} | "
+                   f"{100 * p['ostquant_frac_of_hbm']:.0f}% | {p['speedup_vs_vllm_int4']:.2f} | "
+                   f"{_fmt(p.get('speedup_vs_fa3_fp8'))} |")
+    errs = [p["rel_err_vs_reference"] for p in d["points"] if "rel_err_vs_reference" in p]
+    if errs:
+        out += ["", f"Ours against the float32 reference of the same cache (points up to 64K tokens): "
+                f"||out - ref|| / ||ref|| <= {max(errs):.1e}."]
+    out.append(f"- command: `{d['command']}`")
+    return "\n".join(out)
+
+
+def kv4_real_model_table(path: str) -> str:
+    d = json.load(open(path))
+    out = [f"**The int4 KV cache on the real default model, {d['gpu']}** ({os.path.basename(path)}; vLLM "
+           f"{d['vllm']}; greedy, 32 prompts x 64 tokens; teacher-forced agreement with calibration's fake-quant "
+           "model, its own 1e-6 noise floor in brackets)", "",
+           "| checkpoint | attention | CUDA graphs | token agreement | identical sequences | first-token max "
+           "logprob diff |", "| --- | --- | --- | --- | --- | --- |"]
+    for r in d["rows"]:
+        cmp_ = r.get("kv4_kernels_vs_vllm_int4")
+        runs = [("ostquant kernels", r)] + ([("vLLM int4_per_token_head", cmp_["vllm_int4_vs_calibration"])]
+                                            if cmp_ else [])
+        for name, x in runs:
+            out.append(f"| {r['checkpoint']} | {name} | {'on' if r['cuda_graphs'] else 'off'} | "
+                       f"{x['token_agreement']:.3f} ({x['noise_token_agreement']:.3f}) | "
+                       f"{x['identical']:.2f} ({x['noise_identical']:.2f}) | {x['first_logprob_max_diff']:.2f} |")
+        if cmp_:
+            out += ["", f"Free-running greedy, ours against vLLM's path: {cmp_['identical_sequences']} of "
+                    f"{cmp_['prompts']} sequences identical; first divergence at tokens {cmp_['first_divergence']}."]
+    return "\n".join(out)
 
 
 def kernels_midm_table(path: str) -> str:
@@ -194,6 +246,10 @@ def all_tables() -> str:
         parts.append(vllm_gpu_table(p))
     for p in sorted(glob.glob(os.path.join(res, "e2e_vllm_*.json"))):
         parts.append(e2e_table(p))
+    if os.path.exists(os.path.join(res, "kv4_attention_h100.json")):
+        parts.append(kv4_attention_table(os.path.join(res, "kv4_attention_h100.json")))
+    if os.path.exists(os.path.join(res, "kv4_real_model_h100.json")):
+        parts.append(kv4_real_model_table(os.path.join(res, "kv4_real_model_h100.json")))
     for p in sorted(glob.glob(os.path.join(res, "kernels_*.json"))):
         if "midm" in p:
             parts.append(kernels_midm_table(p))

@@ -36,6 +36,7 @@ PRESETS = {
     "w4a4kv16": dict(act_bits=4, kv_bits=16),
     "w4a4kv4": dict(act_bits=4, kv_bits=4),
     "w4a8kv4": dict(act_bits=8, kv_bits=4),
+    "w4a16kv4": dict(act_bits=16, kv_bits=4),
 }
 METHODS = ("rtn", "quarot", "ostquant")
 

@@ -175,6 +175,61 @@ __global__ void __launch_bounds__(128) write_kernel(const __nv_bfloat16* __restr
 }
 
 // ------------------------------------------------------------------------------------------------
+// dequantize to bf16 in the original basis (prefill): out = bf16(FWHT(level - zero) * scale) * signs / D)
+// = numerics.fake_quant_kv_int4's value. One warp per (block, slot, kv head); blocks from src_blocks.
+// ------------------------------------------------------------------------------------------------
+template <int D>
+__global__ void __launch_bounds__(128) dequant_kernel(const uint8_t* __restrict__ cache, int64_t c_blk, int64_t c_slot,
+                                                      int64_t c_head, const int32_t* __restrict__ src_blocks,
+                                                      const int32_t* __restrict__ valid, int nb,
+                                                      int nkv, int block_size, __nv_bfloat16* __restrict__ k_out,
+                                                      __nv_bfloat16* __restrict__ v_out, const float* __restrict__ signs) {
+  constexpr int E = D / 32;
+  const int w = blockIdx.x * 4 + (threadIdx.x >> 5), lane = threadIdx.x & 31;
+  if (w >= nb * block_size * nkv) return;
+  const int head = w % nkv, slot = (w / nkv) % block_size, b = w / (nkv * block_size);
+  const uint8_t* rec = cache + int64_t(src_blocks[b]) * c_blk + slot * c_slot + head * c_head;
+  const bool live = slot < valid[b];  // slots past the context hold stale bytes: zeros for FlashAttention
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    __nv_bfloat16* dst = (half ? v_out : k_out) + ((int64_t(b) * block_size + slot) * nkv + head) * D + lane * E;
+    if (!live) {
+#pragma unroll
+      for (int e = 0; e < E; ++e) dst[e] = __float2bfloat16_rn(0.f);
+      continue;
+    }
+    const uint8_t* src = rec + half * (D / 2 + 4);
+    const uint32_t word = *reinterpret_cast<const uint32_t*>(src + D / 2);
+    const float zero = float(word & 15u), scale = __uint_as_float(word & ~15u);
+    uint32_t packed = E == 4 ? uint32_t(*reinterpret_cast<const uint16_t*>(src + lane * 2)) : uint32_t(src[lane]);
+    float x[E];
+#pragma unroll
+    for (int e = 0; e < E; ++e) x[e] = (float((packed >> (4 * e)) & 15u) - zero) * scale;
+#pragma unroll
+    for (int h = 1; h < D; h <<= 1) {
+      if (h < E) {
+#pragma unroll
+        for (int i = 0; i < E; ++i)
+          if (!(i & h)) {
+            const float a = x[i], c = x[i + h];
+            x[i] = a + c;
+            x[i + h] = a - c;
+          }
+      } else {
+        const int lm = h / E;
+#pragma unroll
+        for (int e = 0; e < E; ++e) {
+          const float o = __shfl_xor_sync(0xffffffffu, x[e], lm);
+          x[e] = (lane & lm) ? o - x[e] : x[e] + o;
+        }
+      }
+    }
+#pragma unroll
+    for (int e = 0; e < E; ++e) dst[e] = __float2bfloat16_rn(x[e] * signs[lane * E + e] / D);
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
 // decode attention
 // ------------------------------------------------------------------------------------------------
 struct DecodeArgs {
@@ -204,7 +259,7 @@ template <int D>
 struct Tile {  // one warp's raw loads for one 16-token tile
   uint32_t k[2][D / 32];  // tokens g and 8+g: this thread's D/8 K bytes
   uint32_t v[4][D / 64];  // tokens 2t, 2t+1, 8+2t, 9+2t: this thread's D/16 V bytes
-  uint32_t ks[4], vs[4];  // their K and V scale words
+  uint32_t ks[2], vs[2];  // K and V scale words of tokens g and 8+g
 };
 
 template <int D>
@@ -215,32 +270,41 @@ __device__ __forceinline__ void load_tile(Tile<D>& r, const DecodeArgs& a, const
   const uint8_t* base = a.cache + blk * a.c_blk + kvh * a.c_head + int64_t(tok0 % a.block_size) * a.c_slot;
 #pragma unroll
   for (int n = 0; n < 2; ++n) {
-    const uint8_t* p = base + (n * 8 + g) * a.c_slot + t * (D / 8);
+    const uint8_t* p = base + (n * 8 + g) * a.c_slot;
 #pragma unroll
     for (int i = 0; i < D / 64; ++i) {
-      const uint2 x = ld64(p + 8 * i);
+      const uint2 x = ld64(p + t * (D / 8) + 8 * i);
       r.k[n][2 * i] = x.x;
       r.k[n][2 * i + 1] = x.y;
     }
+    r.ks[n] = ld32(p + D / 2);
+    r.vs[n] = ld32(p + D + 4);
   }
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
     const uint8_t* p = base + ((i >> 1) * 8 + 2 * t + (i & 1)) * a.c_slot;
-    r.ks[i] = ld32(p + D / 2);
-    r.vs[i] = ld32(p + D + 4);
 #pragma unroll
     for (int u = 0; u < D / 64; ++u) r.v[i][u] = ld32(p + D / 2 + 4 + g * (D / 16) + 4 * u);
   }
 }
 
-template <int D, bool G16>
-__global__ void __launch_bounds__(128, 3) decode_kernel(const DecodeArgs a) {
-  constexpr int ROWS = G16 ? 16 : 8, KSTEPS = D / 16, NT = D / 8;
+__device__ __forceinline__ uint32_t transpose8x8(uint32_t x) {
+  uint32_t r;
+  asm volatile("movmatrix.sync.aligned.m8n8.trans.b16 %0, %1;" : "=r"(r) : "r"(x));
+  return r;
+}
+
+// Tokens are the M rows of m16n8k16 and the group's queries the N columns (NQ tiles of 8):
+//   S^T = K Q^T  (A = K nibbles -> bf16, B = rotated Q),  O^T += V^T P^T  (A = V nibbles -> fp16,
+//   B = (P * v_scale)^T: the C fragment of S^T in fp16, transposed in registers by movmatrix).
+template <int D, int NQ>
+__global__ void __launch_bounds__(128, NQ == 1 ? 4 : 3) decode_kernel(const DecodeArgs a) {
+  constexpr int ROWS = 8 * NQ, KSTEPS = D / 16, MT = D / 16;
   const int kvh = blockIdx.x, split = blockIdx.y, seq = blockIdx.z;
   const int G = a.group, Hq = gridDim.x * G;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
-  const int tok_q = a.query_start[seq];
-  if (a.query_start[seq + 1] == tok_q) return;  // padding request of a CUDA graph batch
+  const int tok_q = a.query_start[seq + 1] - 1;  // the request's last query token
+  if (a.query_start[seq] > tok_q) return;          // padding request of a CUDA graph batch
   const int seq_len = a.seq_lens[seq];
   const int tiles = (seq_len + 15) / 16;
   const int chunk = split_tiles(tiles, a.num_splits);
@@ -269,26 +333,37 @@ __global__ void __launch_bounds__(128, 3) decode_kernel(const DecodeArgs a) {
   }
   __syncthreads();
 
-  // A fragments of Q: K word w of this thread covers dims t*D/4 + 8w + (0..7); its nibble pairs
-  // (0,4) (1,5) feed k-step 2w and (2,6) (3,7) k-step 2w+1 (see nib_pair); Q takes the same dims.
-  uint32_t qa[KSTEPS][2], qb[KSTEPS][2];
+  // B fragments of Q^T (query column g of tile c): K word w of this thread covers dims
+  // t*D/4 + 8w + (0..7); its nibble pairs (0,4) (1,5) feed k-step 2w, (2,6) (3,7) k-step 2w+1.
+  uint32_t qb[NQ][KSTEPS][2];
 #pragma unroll
-  for (int w = 0; w < D / 32; ++w) {
-    const int b = t * (D / 4) + 8 * w;
+  for (int c = 0; c < NQ; ++c)
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      qa[2 * w + h][0] = pack_bf16(sq[g][b + 2 * h], sq[g][b + 2 * h + 4]);
-      qa[2 * w + h][1] = pack_bf16(sq[g][b + 2 * h + 1], sq[g][b + 2 * h + 5]);
-      qb[2 * w + h][0] = G16 ? pack_bf16(sq[g + 8][b + 2 * h], sq[g + 8][b + 2 * h + 4]) : 0u;
-      qb[2 * w + h][1] = G16 ? pack_bf16(sq[g + 8][b + 2 * h + 1], sq[g + 8][b + 2 * h + 5]) : 0u;
+    for (int w = 0; w < D / 32; ++w) {
+      const int b = t * (D / 4) + 8 * w, r = c * 8 + g;
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        qb[c][2 * w + h][0] = pack_bf16(sq[r][b + 2 * h], sq[r][b + 2 * h + 4]);
+        qb[c][2 * w + h][1] = pack_bf16(sq[r][b + 2 * h + 1], sq[r][b + 2 * h + 5]);
+      }
     }
-  }
-  const float qsum[2] = {sqsum[g], G16 ? sqsum[g + 8] : 0.f};
-
-  float acc[NT][4];
+  float qsum[NQ][2];
 #pragma unroll
-  for (int j = 0; j < NT; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
-  float m_r[2] = {-INFINITY, -INFINITY}, l_r[2] = {0.f, 0.f}, z_r[2] = {0.f, 0.f};
+  for (int c = 0; c < NQ; ++c) {
+    qsum[c][0] = sqsum[c * 8 + 2 * t];
+    qsum[c][1] = sqsum[c * 8 + 2 * t + 1];
+  }
+
+  float acc[NQ][MT][4];  // O^T: m-tile i rows (g | g+8) <-> dims g*D/8 + (i | i + MT); cols queries 2t, 2t+1
+#pragma unroll
+  for (int c = 0; c < NQ; ++c)
+#pragma unroll
+    for (int i = 0; i < MT; ++i) acc[c][i][0] = acc[c][i][1] = acc[c][i][2] = acc[c][i][3] = 0.f;
+  float m_r[NQ][2], l_r[NQ][2], z_r[NQ][2];
+#pragma unroll
+  for (int c = 0; c < NQ; ++c)
+#pragma unroll
+    for (int j = 0; j < 2; ++j) m_r[c][j] = -INFINITY, l_r[c][j] = z_r[c][j] = 0.f;
 
   const int32_t* bt = a.block_table + seq * a.bt_stride;
   Tile<D> cur, nxt;
@@ -296,95 +371,105 @@ __global__ void __launch_bounds__(128, 3) decode_kernel(const DecodeArgs a) {
   if (tile < t1) load_tile<D>(cur, a, bt, kvh, tile, g, t);
   for (; tile < t1; tile += NW) {
     if (tile + NW < t1) load_tile<D>(nxt, a, bt, kvh, tile + NW, g, t);
-    // S = Q K^T for tokens 0-7 (n = 0) and 8-15 (n = 1) of the tile
-    float s[2][4];
+    // S^T for tokens (g, g+8) x queries (2t, 2t+1) of each column tile
+    float s[NQ][4];
+#pragma unroll
+    for (int c = 0; c < NQ; ++c) s[c][0] = s[c][1] = s[c][2] = s[c][3] = 0.f;
+#pragma unroll
+    for (int w = 0; w < D / 32; ++w) {
+      const uint32_t x = cur.k[0][w], y = cur.k[1][w];
+      const uint32_t a0 = nib_bf16(x), a1 = nib_bf16(y), a2 = nib_bf16(x >> 4), a3 = nib_bf16(y >> 4);
+      const uint32_t b0 = nib_bf16(x >> 8), b1 = nib_bf16(y >> 8), b2 = nib_bf16(x >> 12), b3 = nib_bf16(y >> 12);
+#pragma unroll
+      for (int c = 0; c < NQ; ++c) {
+        mma_bf16(s[c], a0, a1, a2, a3, qb[c][2 * w][0], qb[c][2 * w][1]);
+        mma_bf16(s[c], b0, b1, b2, b3, qb[c][2 * w + 1][0], qb[c][2 * w + 1][1]);
+      }
+    }
+    const bool valid[2] = {tile * 16 + g < seq_len, tile * 16 + 8 + g < seq_len};
+    float zk[2], sk[2], vsc[2], zv[2];
 #pragma unroll
     for (int n = 0; n < 2; ++n) {
-      s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
-#pragma unroll
-      for (int w = 0; w < D / 32; ++w) {
-        const uint32_t x = cur.k[n][w];
-        mma_bf16(s[n], qa[2 * w][0], qb[2 * w][0], qa[2 * w][1], qb[2 * w][1], nib_bf16(x), nib_bf16(x >> 4));
-        mma_bf16(s[n], qa[2 * w + 1][0], qb[2 * w + 1][0], qa[2 * w + 1][1], qb[2 * w + 1][1], nib_bf16(x >> 8),
-                 nib_bf16(x >> 12));
-      }
+      zk[n] = float(cur.ks[n] & 15u);
+      sk[n] = __uint_as_float(cur.ks[n] & ~15u) * a.scale_log2;
+      vsc[n] = __uint_as_float(cur.vs[n] & ~15u);
+      zv[n] = float(cur.vs[n] & 15u);
     }
-    // scores: thread holds rows (g, g+8) x tokens n*8 + 2t + j
-    float vsc[4], zv[4];
-    bool valid[4];
+    uint32_t pb[NQ][2];  // B fragments of (P * v_scale)^T: tokens x queries
 #pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const int n = i >> 1, j = i & 1;
-      valid[i] = tile * 16 + n * 8 + 2 * t + j < seq_len;
-      const float zk = float(cur.ks[i] & 15u), sk = __uint_as_float(cur.ks[i] & ~15u) * a.scale_log2;
-      vsc[i] = __uint_as_float(cur.vs[i] & ~15u);
-      zv[i] = float(cur.vs[i] & 15u);
+    for (int c = 0; c < NQ; ++c) {
+      float p[4];
 #pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        const float v = (s[n][2 * r + j] - qsum[r] * zk) * sk;
-        s[n][2 * r + j] = valid[i] ? v : -INFINITY;
+      for (int j = 0; j < 2; ++j) {  // query column 2t + j
+        float v0 = valid[0] ? (s[c][j] - qsum[c][j] * zk[0]) * sk[0] : -INFINITY;
+        float v1 = valid[1] ? (s[c][2 + j] - qsum[c][j] * zk[1]) * sk[1] : -INFINITY;
+        float mx = fmaxf(v0, v1);
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 4));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 8));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 16));
+        const float m_new = fmaxf(m_r[c][j], mx);
+        const float alpha = m_new == -INFINITY ? 1.f : exp2f(m_r[c][j] - m_new);
+        m_r[c][j] = m_new;
+        p[j] = valid[0] && m_new != -INFINITY ? exp2f(v0 - m_new) : 0.f;
+        p[2 + j] = valid[1] && m_new != -INFINITY ? exp2f(v1 - m_new) : 0.f;
+        l_r[c][j] = l_r[c][j] * alpha + p[j] + p[2 + j];
+        z_r[c][j] *= alpha;
+#pragma unroll
+        for (int i = 0; i < MT; ++i) {
+          acc[c][i][j] *= alpha;
+          acc[c][i][2 + j] *= alpha;
+        }
       }
+      const uint32_t lo = pack_f16(valid[0] ? p[0] * vsc[0] : 0.f, valid[0] ? p[1] * vsc[0] : 0.f);
+      const uint32_t hi = pack_f16(valid[1] ? p[2] * vsc[1] : 0.f, valid[1] ? p[3] * vsc[1] : 0.f);
+      const float2 plo = unpack_f16(lo), phi = unpack_f16(hi);  // the rounded values the mma uses
+      z_r[c][0] += plo.x * zv[0] + phi.x * zv[1];
+      z_r[c][1] += plo.y * zv[0] + phi.y * zv[1];
+      pb[c][0] = transpose8x8(lo);
+      pb[c][1] = transpose8x8(hi);
     }
-    uint32_t pa[4];  // A fragment of P * v_scale: (row g | g+8) x (tokens 2t,2t+1 | 8+2t,9+2t)
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      float mx = fmaxf(fmaxf(s[0][2 * r], s[0][2 * r + 1]), fmaxf(s[1][2 * r], s[1][2 * r + 1]));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-      const float m_new = fmaxf(m_r[r], mx);
-      const float alpha = m_new == -INFINITY ? 1.f : exp2f(m_r[r] - m_new);
-      m_r[r] = m_new;
-      float p[4], lsum = 0.f, zsum = 0.f;
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        p[i] = valid[i] && m_new != -INFINITY ? exp2f(s[i >> 1][2 * r + (i & 1)] - m_new) : 0.f;
-        lsum += p[i];
-      }
-      pa[r] = pack_f16(valid[0] ? p[0] * vsc[0] : 0.f, valid[1] ? p[1] * vsc[1] : 0.f);
-      pa[2 + r] = pack_f16(valid[2] ? p[2] * vsc[2] : 0.f, valid[3] ? p[3] * vsc[3] : 0.f);
-      const float2 p01 = unpack_f16(pa[r]), p23 = unpack_f16(pa[2 + r]);
-      zsum = p01.x * zv[0] + p01.y * zv[1] + p23.x * zv[2] + p23.y * zv[3];
-      l_r[r] = l_r[r] * alpha + lsum;
-      z_r[r] = z_r[r] * alpha + zsum;
-#pragma unroll
-      for (int j = 0; j < NT; ++j) {
-        acc[j][2 * r] *= alpha;
-        acc[j][2 * r + 1] *= alpha;
-      }
-    }
-    // O += P V: n-tile j, column g <-> dim g*D/8 + j; word u of a token covers dims g*D/8 + 8u + (0..7)
+    // O^T += V^T P^T: dim e of this thread's chunk (g*D/8 + e) is row (g | g+8) of m-tile e % MT
+    uint32_t vlo[D / 8], vhi[D / 8];  // fp16 pairs (tokens 2t, 2t+1) and (8+2t, 9+2t) per dim e
 #pragma unroll
     for (int u = 0; u < D / 64; ++u) {
       const uint32_t x01 = __byte_perm(cur.v[0][u], cur.v[1][u], 0x5410), y01 = __byte_perm(cur.v[0][u], cur.v[1][u], 0x7632);
       const uint32_t x23 = __byte_perm(cur.v[2][u], cur.v[3][u], 0x5410), y23 = __byte_perm(cur.v[2][u], cur.v[3][u], 0x7632);
 #pragma unroll
       for (int m = 0; m < 4; ++m) {
-        mma_f16(acc[8 * u + m], pa[0], pa[1], pa[2], pa[3], nib_f16(x01 >> (4 * m)), nib_f16(x23 >> (4 * m)));
-        mma_f16(acc[8 * u + 4 + m], pa[0], pa[1], pa[2], pa[3], nib_f16(y01 >> (4 * m)), nib_f16(y23 >> (4 * m)));
+        vlo[8 * u + m] = nib_f16(x01 >> (4 * m));
+        vhi[8 * u + m] = nib_f16(x23 >> (4 * m));
+        vlo[8 * u + 4 + m] = nib_f16(y01 >> (4 * m));
+        vhi[8 * u + 4 + m] = nib_f16(y23 >> (4 * m));
       }
     }
+#pragma unroll
+    for (int i = 0; i < MT; ++i)
+#pragma unroll
+      for (int c = 0; c < NQ; ++c) mma_f16(acc[c][i], vlo[i], vlo[i + MT], vhi[i], vhi[i + MT], pb[c][0], pb[c][1]);
     cur = nxt;
   }
 
-  // per-warp rows -> shared memory (output dims put back in order), then the warps combined
+  // per-warp results -> shared memory (dims put back in order), then the warps combined
 #pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    l_r[r] += __shfl_xor_sync(0xffffffffu, l_r[r], 1);
-    l_r[r] += __shfl_xor_sync(0xffffffffu, l_r[r], 2);
-    z_r[r] += __shfl_xor_sync(0xffffffffu, z_r[r], 1);
-    z_r[r] += __shfl_xor_sync(0xffffffffu, z_r[r], 2);
-    const int row = g + 8 * r;
-    if (r == 1 && !G16) break;
+  for (int c = 0; c < NQ; ++c)
 #pragma unroll
-    for (int j = 0; j < NT; ++j) {
-      so[warp][row][(2 * t) * (D / 8) + j] = acc[j][2 * r] - z_r[r];
-      so[warp][row][(2 * t + 1) * (D / 8) + j] = acc[j][2 * r + 1] - z_r[r];
+    for (int j = 0; j < 2; ++j) {
+#pragma unroll
+      for (int o = 4; o < 32; o <<= 1) {
+        l_r[c][j] += __shfl_xor_sync(0xffffffffu, l_r[c][j], o);
+        z_r[c][j] += __shfl_xor_sync(0xffffffffu, z_r[c][j], o);
+      }
+      const int q = c * 8 + 2 * t + j;
+#pragma unroll
+      for (int i = 0; i < MT; ++i) {
+        so[warp][q][g * (D / 8) + i] = acc[c][i][j] - z_r[c][j];
+        so[warp][q][g * (D / 8) + i + MT] = acc[c][i][2 + j] - z_r[c][j];
+      }
+      if (g == 0) {
+        sm[warp][q] = m_r[c][j];
+        sl[warp][q] = l_r[c][j];
+      }
     }
-    if (t == 0) {
-      sm[warp][row] = m_r[r];
-      sl[warp][row] = l_r[r];
-    }
-  }
   __syncthreads();
   const bool single = a.num_splits == 1;
   for (int i = tid; i < G * D; i += blockDim.x) {
@@ -425,8 +510,8 @@ __global__ void __launch_bounds__(128, 3) decode_kernel(const DecodeArgs a) {
 template <int D>
 __global__ void __launch_bounds__(D) reduce_kernel(const DecodeArgs a) {
   const int head = blockIdx.x, seq = blockIdx.y, Hq = gridDim.x, d = threadIdx.x;
-  const int tok_q = a.query_start[seq];
-  if (a.query_start[seq + 1] == tok_q) return;
+  const int tok_q = a.query_start[seq + 1] - 1;
+  if (a.query_start[seq] > tok_q) return;
   const int tiles = (a.seq_lens[seq] + 15) / 16;
   const int chunk = split_tiles(tiles, a.num_splits);
   const int active = tiles > 0 ? (tiles + chunk - 1) / chunk : 1;
@@ -489,15 +574,34 @@ KV4_API int ostq_kv4_decode(const void* q, long long q_tok, long long q_head, vo
   const dim3 grid(nkv, num_splits, num_seqs);
   const bool g16 = group > 8;
   if (head_size == 128) {
-    if (g16) kv4::decode_kernel<128, true><<<grid, 128, 0, s>>>(a);
-    else kv4::decode_kernel<128, false><<<grid, 128, 0, s>>>(a);
+    if (g16) kv4::decode_kernel<128, 2><<<grid, 128, 0, s>>>(a);
+    else kv4::decode_kernel<128, 1><<<grid, 128, 0, s>>>(a);
     if (num_splits > 1) kv4::reduce_kernel<128><<<dim3(nkv * group, num_seqs), 128, 0, s>>>(a);
   } else if (head_size == 64) {
-    if (g16) kv4::decode_kernel<64, true><<<grid, 128, 0, s>>>(a);
-    else kv4::decode_kernel<64, false><<<grid, 128, 0, s>>>(a);
+    if (g16) kv4::decode_kernel<64, 2><<<grid, 128, 0, s>>>(a);
+    else kv4::decode_kernel<64, 1><<<grid, 128, 0, s>>>(a);
     if (num_splits > 1) kv4::reduce_kernel<64><<<dim3(nkv * group, num_seqs), 64, 0, s>>>(a);
   } else {
     return (int)cudaErrorInvalidValue;
   }
+  return (int)cudaGetLastError();
+}
+
+KV4_API int ostq_kv4_dequant(const void* cache, long long c_blk, long long c_slot, long long c_head,
+                             const int32_t* src_blocks, const int32_t* valid, int nb, int nkv, int head_size,
+                             int block_size, void* k_out,
+                             void* v_out, const float* signs, void* stream) {
+  if (nb <= 0) return 0;
+  const dim3 grid((nb * block_size * nkv + 3) / 4);
+  auto s = static_cast<cudaStream_t>(stream);
+  auto c = static_cast<const uint8_t*>(cache);
+  auto k = static_cast<__nv_bfloat16*>(k_out);
+  auto v = static_cast<__nv_bfloat16*>(v_out);
+  if (head_size == 128)
+    kv4::dequant_kernel<128><<<grid, 128, 0, s>>>(c, c_blk, c_slot, c_head, src_blocks, valid, nb, nkv, block_size, k, v, signs);
+  else if (head_size == 64)
+    kv4::dequant_kernel<64><<<grid, 128, 0, s>>>(c, c_blk, c_slot, c_head, src_blocks, valid, nb, nkv, block_size, k, v, signs);
+  else
+    return (int)cudaErrorInvalidValue;
   return (int)cudaGetLastError();
 }

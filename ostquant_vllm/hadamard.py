@@ -138,8 +138,28 @@ def apply_hadamard(x: torch.Tensor, blocks: int = 1) -> torch.Tensor:
         y = torch.stack([y[:, :, 0] + y[:, :, 1], y[:, :, 0] - y[:, :, 1]], dim=2).reshape(-1, p2, b)
         h *= 2
     if b > 1:
-        y = y @ _small_hadamard(b).to(y)
+        y = y @ _small_hadamard_on(b, y.device, y.dtype)
     return (y / n**0.5).reshape(shape).to(dtype)
+
+
+_SMALL_ON: dict = {}
+
+
+def _small_hadamard_on(b: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """H_b already on the device: a copy from the CPU inside a CUDA graph capture is an error
+    (vLLM replays the compiled model in graphs); the first call comes from an eager warm-up."""
+    key = (b, str(device), dtype)
+    if key not in _SMALL_ON:
+        _SMALL_ON[key] = _small_hadamard(b).to(device=device, dtype=dtype)
+    return _SMALL_ON[key]
+
+
+def warm(n: int, blocks: int, device: torch.device) -> None:
+    """Put the H_b that apply_hadamard(x [.., n], blocks) multiplies by on `device` now (at load
+    time), so that torch.compile traces a lookup, not a copy from the CPU."""
+    _, b = factor(block_size(n, blocks))
+    if b > 1:
+        _small_hadamard_on(b, torch.device(device), torch.float32)
 
 
 def block_size(n: int, blocks: int) -> int:

@@ -5,17 +5,19 @@ and Q with a chain of small PyTorch/hadacore ops per layer and step, then runs a
 that does the int4 dot products on CUDA cores; it decodes slower than bf16 (issue 7). Here the
 same cache bytes are written and read by csrc/kv4_attention.cu:
 - write: one kernel per layer and step (RHT in registers, quantize, pack, scale word);
-- decode: split-K tensor-core attention with the RHT of Q and the inverse RHT of the output fused.
+- decode: split-K tensor-core attention with the RHT of Q and the inverse RHT of the output fused;
+- prefill and chunked prefill (requests with several query tokens): the context dequantized to bf16
+  in the original basis (one kernel), then vLLM's FlashAttention-3.
 
 `install(layer, prefix)` is called from the quantization config's attention hook (as kv_cpu is)
 and swaps the Triton impl's class for a subclass; nothing in vLLM is patched or registered
-globally. Batches in which some request has more than one query token (prefill, chunked-prefill
-mixes, speculative decoding), fp8 output fusion and features Llama does not use (ALiBi, sliding
+globally. fp8 output fusion, cascade attention and features Llama does not use (ALiBi, sliding
 window, sinks, soft cap) go to vLLM's Triton path, which reads the same bytes.
 
 Numerics are numerics.fake_quant_kv_int4's (what calibration trains against): the write kernel
-produces exactly write_cache_reference's bytes; decode computes decode_reference's math with
-bf16 Q, fp16 P * v_scale and fp32 accumulation. OSTQUANT_KV4_ATTENTION=vllm keeps vLLM's path.
+produces exactly write_cache_reference's bytes; decode computes attention_reference's math with
+bf16 Q, fp16 P * v_scale and fp32 accumulation; prefill attends to exactly the fake-quantized
+K/V (bf16), like the calibrated model. OSTQUANT_KV4_ATTENTION=vllm keeps vLLM's path.
 """
 from __future__ import annotations
 
@@ -35,7 +37,7 @@ logger = logging.getLogger("ostquant_vllm")
 NATIVE = "int4_per_token_head"
 HEAD_SIZES = (64, 128)
 MAX_GROUP = 16          # query heads per KV head the decode kernel takes (m16n8k16 rows)
-CTAS_PER_SM = 3         # decode kernel occupancy (__launch_bounds__(128, 3))
+CTAS_PER_SM = 4         # decode kernel occupancy (__launch_bounds__(128, 4) for groups <= 8)
 MAX_SPLITS = 64
 
 
@@ -87,24 +89,36 @@ def read_cache(kv_cache: torch.Tensor, block_row: torch.Tensor, seq_len: int, he
     return out[0], out[1]
 
 
-def decode_reference(query: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
-                     seq_lens: torch.Tensor, query_start_loc: torch.Tensor, softmax_scale: float) -> torch.Tensor:
-    """Attention of each request's last query token over its cached context, float32 [T, Hq, D]
-    (rows of tokens that are not a request's last are zero)."""
+def attention_reference(query: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
+                        seq_lens: torch.Tensor, query_start_loc: torch.Tensor, softmax_scale: float,
+                        last_only: bool = False) -> torch.Tensor:
+    """Causal attention of every query token (a request's L tokens are the last L of its seq_lens)
+    over the cached K/V, float32 [T, Hq, D], in the rotated basis as vLLM computes it: Q rotated and
+    rounded to bf16, scale / D, the output rotated back. `last_only`: only each request's last token
+    (decode), other rows zero."""
     t, hq, d = query.shape
     nkv = kv_cache.shape[1]
     out = torch.zeros(t, hq, d, dtype=torch.float32, device=query.device)
     qsl = query_start_loc.tolist()
     for s, n in enumerate(seq_lens.tolist()):
-        if qsl[s + 1] == qsl[s] or n == 0:
+        lq = qsl[s + 1] - qsl[s]
+        if lq == 0 or n == 0:
             continue
-        i = qsl[s + 1] - 1
         k, v = read_cache(kv_cache, block_table[s], n, d)                              # [L, nkv, D]
-        q = numerics.rht(query[i].float()).to(query.dtype).float().view(nkv, hq // nkv, d)
-        sc = torch.einsum("hgd,lhd->hgl", q, k) * (softmax_scale / d)
-        o = torch.einsum("hgl,lhd->hgd", torch.softmax(sc, dim=-1), v).reshape(hq, d)
-        out[i] = numerics.rht(o, inverse=True) / d
+        rows = range(qsl[s + 1] - 1, qsl[s + 1]) if last_only else range(qsl[s], qsl[s + 1])
+        for i in rows:
+            visible = n - (qsl[s + 1] - 1 - i)
+            q = numerics.rht(query[i].float()).to(query.dtype).float().view(nkv, hq // nkv, d)
+            sc = torch.einsum("hgd,lhd->hgl", q, k[:visible]) * (softmax_scale / d)
+            o = torch.einsum("hgl,lhd->hgd", torch.softmax(sc, dim=-1), v[:visible]).reshape(hq, d)
+            out[i] = numerics.rht(o, inverse=True) / d
     return out
+
+
+def decode_reference(query, kv_cache, block_table, seq_lens, query_start_loc, softmax_scale) -> torch.Tensor:
+    """attention_reference of each request's last query token (what `decode` computes)."""
+    return attention_reference(query, kv_cache, block_table, seq_lens, query_start_loc, softmax_scale,
+                               last_only=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -123,6 +137,8 @@ def _lib():
     lib.ostq_kv4_decode.argtypes = [vp, ll, ll, vp, ll, ll, vp, ll, ll, ll, vp, ll, vp, vp, i, i, i, i, i, f, vp,
                                     vp, vp, i, vp]
     lib.ostq_kv4_decode.restype = i
+    lib.ostq_kv4_dequant.argtypes = [vp, ll, ll, ll, vp, vp, i, i, i, i, vp, vp, vp, vp]
+    lib.ostq_kv4_dequant.restype = i
     return lib
 
 
@@ -217,6 +233,88 @@ def decode(query: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tenso
     _check(rc, "kv4 decode attention")
 
 
+def dequantize_blocks(kv_cache: torch.Tensor, src_blocks: torch.Tensor, head_size: int,
+                      valid: torch.Tensor | None = None):
+    """(K, V) bf16 [len(src_blocks), block_size, nkv, D] in the original basis: each value is
+    numerics.fake_quant_kv_int4's (calibration's) for the token, FlashAttention's paged layout.
+    `valid` [len(src_blocks)] int32: slots at or past it are written as zeros (default: none)."""
+    nb, bs, nkv = src_blocks.numel(), kv_cache.shape[2], kv_cache.shape[1]
+    k = torch.empty(nb, bs, nkv, head_size, dtype=torch.bfloat16, device=kv_cache.device)
+    v = torch.empty_like(k)
+    cb, cs, ch = _cache_strides(kv_cache, head_size)
+    src = src_blocks.to(torch.int32).contiguous()
+    if valid is None:
+        valid = torch.full((nb,), bs, dtype=torch.int32, device=kv_cache.device)
+    rc = _lib().ostq_kv4_dequant(_p(kv_cache), cb, cs, ch, _p(src), _p(valid.to(torch.int32).contiguous()), nb, nkv,
+                                 head_size, bs, _p(k), _p(v),
+                                 _p(_signs(head_size, str(kv_cache.device))), _stream(kv_cache))
+    _check(rc, "kv4 dequantize")
+    return k, v
+
+
+class PrefillPlan:
+    """Which requests of a batch have more than one query token, and a compact paged layout of their
+    contexts; built once per step (one host sync) and shared by all layers."""
+
+    def __init__(self, query_start_loc: torch.Tensor, seq_lens: torch.Tensor, block_table: torch.Tensor,
+                 block_size: int):
+        qsl, sl = query_start_loc.tolist(), seq_lens.tolist()
+        reqs = [s for s in range(len(sl)) if qsl[s + 1] - qsl[s] > 1]
+        nblk = [-(-sl[s] // block_size) for s in reqs]
+        self.max_q = max(qsl[s + 1] - qsl[s] for s in reqs) if reqs else 0
+        self.max_k = max(sl[s] for s in reqs) if reqs else 0
+        width = max(nblk, default=1)
+        dev = block_table.device
+        rows = [list(range(qsl[s], qsl[s + 1])) for s in reqs]
+        self.q_rows = torch.tensor([r for rr in rows for r in rr], dtype=torch.long).to(dev)
+        self.cu_q = torch.tensor([0] + [len(r) for r in rows], dtype=torch.int32).cumsum(0, dtype=torch.int32).to(dev)
+        self.seqused = torch.tensor([sl[s] for s in reqs], dtype=torch.int32).to(dev)
+        table, src_r, src_c, valid, used = torch.zeros(len(reqs), width, dtype=torch.int32), [], [], [], 0
+        for i, (s, n) in enumerate(zip(reqs, nblk)):
+            table[i, :n] = torch.arange(used, used + n, dtype=torch.int32)
+            src_r += [s] * n
+            src_c += list(range(n))
+            valid += [min(block_size, sl[s] - j * block_size) for j in range(n)]
+            used += n
+        self.table = table.to(dev)
+        self.valid = torch.tensor(valid, dtype=torch.int32).to(dev)
+        self.src_blocks = block_table[torch.tensor(src_r, dtype=torch.long).to(dev),
+                                      torch.tensor(src_c, dtype=torch.long).to(dev)]
+        self.num_requests = len(reqs)
+
+
+_PLAN: list = [None, None]  # (attention metadata object, its plan): one step's
+
+
+def prefill_plan(attn_metadata, block_size: int) -> PrefillPlan:
+    if _PLAN[0] is not attn_metadata:
+        _PLAN[:] = [attn_metadata, PrefillPlan(attn_metadata.query_start_loc, attn_metadata.seq_lens,
+                                               attn_metadata.block_table, block_size)]
+    return _PLAN[1]
+
+
+@functools.lru_cache(maxsize=None)
+def _flash_attn():
+    try:
+        from vllm.vllm_flash_attn import flash_attn_varlen_func
+    except ImportError:
+        return None
+    return flash_attn_varlen_func
+
+
+def prefill(query: torch.Tensor, kv_cache: torch.Tensor, plan: PrefillPlan, softmax_scale: float,
+            out: torch.Tensor) -> None:
+    """Attention of the plan's requests (every query token, causal): FlashAttention-3 over their
+    contexts dequantized to bf16 in the original basis, i.e. over calibration's fake-quantized K/V."""
+    if plan.num_requests == 0:
+        return
+    k, v = dequantize_blocks(kv_cache, plan.src_blocks, query.shape[-1], plan.valid)
+    o = _flash_attn()(query.index_select(0, plan.q_rows), k, v, max_seqlen_q=plan.max_q, cu_seqlens_q=plan.cu_q,
+                      max_seqlen_k=plan.max_k, seqused_k=plan.seqused, softmax_scale=softmax_scale, causal=True,
+                      block_table=plan.table, fa_version=3)
+    out.index_copy_(0, plan.q_rows, o.to(out.dtype))
+
+
 # ---------------------------------------------------------------------------------------------
 # the attention hook
 # ---------------------------------------------------------------------------------------------
@@ -239,18 +337,25 @@ def _kernel_class(base: type) -> type:
 
         def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None,
                     output_block_scale=None):
+            mixed = attn_metadata is not None and attn_metadata.max_query_len > 1
             if (attn_metadata is None or output_scale is not None or output_block_scale is not None
-                    or attn_metadata.max_query_len != 1 or query.dtype != torch.bfloat16
+                    or query.dtype != torch.bfloat16 or (mixed and _flash_attn() is None)
                     or getattr(attn_metadata, "mm_prefix_range_tensor", None) is not None
                     or getattr(attn_metadata, "use_cascade", False)):
                 return super().forward(layer, query, key, value, kv_cache, attn_metadata, output,
                                        output_scale=output_scale, output_block_scale=output_block_scale)
             self._pth_key_value_caches(kv_cache)
-            count("kv4_decode")
             n = attn_metadata.num_actual_tokens
             out = output[:n].view(n, self.num_heads, self.head_size)
-            decode(query[:n], kv_cache, attn_metadata.block_table, attn_metadata.seq_lens,
-                   attn_metadata.query_start_loc, self.scale, out)
+            q = query[:n]
+            # every request's last token (all of a decode batch); then the other tokens of requests
+            # with several (prefill, chunked prefill), whose last rows are recomputed with them
+            count("kv4_decode")
+            decode(q, kv_cache, attn_metadata.block_table, attn_metadata.seq_lens, attn_metadata.query_start_loc,
+                   self.scale, out)
+            if mixed:
+                count("kv4_prefill")
+                prefill(q, kv_cache, prefill_plan(attn_metadata, kv_cache.shape[2]), self.scale, out)
             return output
 
     KV4Kernels.__name__ = KV4Kernels.__qualname__ = f"OstQuantKV4Kernels{base.__name__}"

@@ -13,7 +13,7 @@ import zlib
 
 import torch
 
-from . import compat, ops, tensor_parallel
+from . import compat, hadamard, ops, tensor_parallel
 from .format import CheckpointError, QuantFormat
 
 _L = compat.linear_classes()
@@ -134,6 +134,8 @@ class OstQuantLinearMethod(_L.LinearMethodBase):
             bad = (~torch.isfinite(p.w_scale)).nonzero()[0].tolist()
             raise CheckpointError(f"{self.prefix}.weight_scale has a non-finite value at {bad}")
         layer.ostq_prepared = p
+        if layer.ostq_hadamard_blocks and p.path != "kernel":  # the kernel path has H_b compiled in
+            hadamard.warm(p.in_features, layer.ostq_hadamard_blocks, p.w_scale.device)
         # The forward reads only the prepared copy: drop the checkpoint layout, or the int4 weights
         # sit in GPU memory twice (8B: 3.1 GiB that vLLM would otherwise not give to the KV cache).
         layer.qweight.data = layer.qweight.data.new_empty(0)

@@ -159,7 +159,7 @@ def rht_signs(d: int) -> torch.Tensor:
     if d not in _RHT_SIGNS:
         gen = torch.Generator(device="cpu")
         gen.manual_seed(0x9E3779B9)  # round 0 of vLLM's _get_rht_signs
-        _RHT_SIGNS[d] = 2.0 * torch.bernoulli(torch.full((d,), 0.5), generator=gen) - 1.0
+        _RHT_SIGNS[d] = 2.0 * torch.bernoulli(torch.full((d,), 0.5, device="cpu"), generator=gen) - 1.0
     return _RHT_SIGNS[d]
 
 

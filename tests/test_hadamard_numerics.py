@@ -140,3 +140,18 @@ def test_straight_through_gradients_and_range_gradients():
     x2 = torch.randn(4, 64, requires_grad=True)
     fake_quant_kv_int4(x2).sum().backward()
     assert torch.isfinite(x2.grad).all() and (x2.grad - 1).abs().max() > 1e-3
+
+
+def test_warm_hadamard_is_traced_as_a_lookup(monkeypatch):
+    """vLLM compiles the model and replays it in CUDA graphs, where a CPU->GPU copy of H_b is an
+    error: after hadamard.warm (load time), the compiled transform must not build H_b again."""
+    from ostquant_vllm import hadamard
+
+    hadamard._SMALL_ON.clear()
+    hadamard.warm(1536, 1, "cpu")
+    x = torch.randn(3, 1536)
+    ref = x.double() @ hadamard.hadamard_matrix(1536).double()
+    monkeypatch.setattr(hadamard, "_small_hadamard", lambda b: (_ for _ in ()).throw(AssertionError("rebuilt")))
+    torch._dynamo.reset()
+    f = torch.compile(lambda t: hadamard.apply_hadamard(t), fullgraph=True)
+    assert (f(x).double() - ref).abs().max() < 1e-5

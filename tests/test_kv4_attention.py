@@ -1,6 +1,6 @@
 """The 4-bit KV cache's PyTorch reference (ostquant_vllm/kv4_attention.py): its bytes and its
 attention are calibration's fake quantizer (numerics.fake_quant_kv_int4) on vLLM's paged layout.
-The CUDA kernels are compared against this reference in tests/gpu/test_kv4_attention.py."""
+The CUDA kernels are compared against this reference in tests/gpu/test_kv4_kernels.py."""
 import pytest
 import torch
 
@@ -102,4 +102,29 @@ def test_unsupported_says_why():
 def test_num_splits_fill_the_gpu(monkeypatch):
     monkeypatch.setattr(kv4, "_sm_count", lambda index: 132)
     dev = torch.device("cuda", 0)
-    assert kv4.num_splits(1, 8, dev) == 50 and kv4.num_splits(64, 8, dev) == 1 and kv4.num_splits(16, 8, dev) == 4
+    assert kv4.num_splits(1, 8, dev) == 64 and kv4.num_splits(64, 8, dev) == 1 and kv4.num_splits(16, 8, dev) == 5
+
+
+def test_prefill_plan_compacts_the_multi_token_requests():
+    qsl = torch.tensor([0, 1, 6, 7, 40], dtype=torch.int32)           # query lens 1, 5, 1, 33
+    seq_lens = torch.tensor([20, 40, 3, 33], dtype=torch.int32)
+    table = torch.arange(4 * 5, dtype=torch.int32).view(4, 5) + 100
+    plan = kv4.PrefillPlan(qsl, seq_lens, table, 16)
+    assert plan.num_requests == 2 and plan.max_q == 33 and plan.max_k == 40
+    assert plan.q_rows.tolist() == list(range(1, 6)) + list(range(7, 40))
+    assert plan.cu_q.tolist() == [0, 5, 38] and plan.seqused.tolist() == [40, 33]
+    assert plan.src_blocks.tolist() == [105, 106, 107, 115, 116, 117]   # 3 blocks of request 1, 3 of request 3
+    assert plan.table.tolist() == [[0, 1, 2], [3, 4, 5]]
+    assert plan.valid.tolist() == [16, 16, 8, 16, 16, 1]
+
+
+def test_attention_reference_last_rows_are_decode():
+    gen = torch.Generator().manual_seed(3)
+    cache, table, _ = random_batch(gen, [9, 30], nkv=2, d=64, block_size=16, layout="NHD")
+    q = torch.randn(6, 4, 64, generator=gen).bfloat16()
+    qsl = torch.tensor([0, 2, 6], dtype=torch.int32)
+    sl = torch.tensor([9, 30], dtype=torch.int32)
+    full = kv4.attention_reference(q, cache, table, sl, qsl, 0.125)
+    last = kv4.decode_reference(q, cache, table, sl, qsl, 0.125)
+    assert torch.equal(full[[1, 5]], last[[1, 5]]) and not last[[0, 2, 3, 4]].any()
+    assert not torch.allclose(full[4], full[5])  # causal: the earlier token sees fewer keys

@@ -49,6 +49,9 @@ def main():
         calls = {k: ops.CALLS[k] - before.get(k, 0) for k in ops.CALLS}
         from vllm import SamplingParams
 
+        greedy = SamplingParams(max_tokens=64, temperature=0.0, ignore_eos=True)
+        ours = [list(o.outputs[0].token_ids) for o in llm.generate(REAL_TEXT_PROMPTS, greedy, use_tqdm=False)]
+
         offline = llm.generate([SERVE_PROMPT], SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True),
                                use_tqdm=False)[0].outputs[0].text
         row = {"preset": preset, "checkpoint": "quarot (calibrate.pipeline defaults) " + preset, **kv,
@@ -61,8 +64,25 @@ def main():
         gc.collect()
         from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
         cleanup_dist_env_and_memory()
+        if kv:  # issue 7: the same checkpoint with vLLM's own int4 KV attention instead of our kernels
+            os.environ["OSTQUANT_KV4_ATTENTION"] = "vllm"
+            llm = LLM(model=ckpt, quantization="ostquant", dtype="bfloat16", max_model_len=512, enforce_eager=eager,
+                      gpu_memory_utilization=0.3, seed=0, **kv)
+            theirs = [list(o.outputs[0].token_ids) for o in llm.generate(REAL_TEXT_PROMPTS, greedy, use_tqdm=False)]
+            vllm_res = agreement(llm, ref, REAL_TEXT_PROMPTS, 64)  # vLLM's int4 path against calibration's model
+            del os.environ["OSTQUANT_KV4_ATTENTION"]
+            del llm
+            gc.collect()
+            cleanup_dist_env_and_memory()
+            same = sum(a == b for x, y in zip(ours, theirs) for a, b in zip(x, y))
+            first = [next((i for i, (a, b) in enumerate(zip(x, y)) if a != b), len(x)) for x, y in zip(ours, theirs)]
+            row["kv4_kernels_vs_vllm_int4"] = {
+                "prompts": len(ours), "tokens_each": 64, "identical_sequences": sum(x == y for x, y in zip(ours, theirs)),
+                "token_agreement": same / sum(len(x) for x in ours), "first_divergence": first,
+                "vllm_int4_vs_calibration": vllm_res}
+            print(json.dumps(row["kv4_kernels_vs_vllm_int4"]), flush=True)
         save(out)
-        if preset == presets[0]:
+        if preset == presets[0] and os.environ.get("VLLM_GPU_SKIP_SERVE", "0") != "1":
             row["vllm_serve"] = serve_check(ckpt, kv, offline)
             print(json.dumps(row["vllm_serve"]), flush=True)
             save(out)
