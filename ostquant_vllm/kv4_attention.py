@@ -24,7 +24,6 @@ from __future__ import annotations
 import ctypes
 import functools
 import logging
-import math
 import os
 
 import torch
@@ -198,13 +197,14 @@ def write_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, 
 
 
 def num_splits(num_seqs: int, num_kv_heads: int, device: torch.device) -> int:
-    """Context splits per (sequence, kv head): enough CTAs to fill the GPU once. Depends on the batch
-    only (a CUDA graph is captured per batch size); the kernel shortens splits for short contexts."""
+    """Context splits per (sequence, kv head): as many CTAs as fit on the GPU at once, never more
+    (a second, partial wave would cost a whole wave's time). Depends on the batch only (a CUDA graph
+    is captured per batch size); the kernel shortens splits for short contexts."""
     slots = _sm_count(device.index or 0) * CTAS_PER_SM
     ctas = num_seqs * num_kv_heads
     if 2 * ctas >= slots:
         return 1
-    return min(MAX_SPLITS, math.ceil(slots / ctas))
+    return min(MAX_SPLITS, slots // ctas)
 
 
 def decode(query: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor,

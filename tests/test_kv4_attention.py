@@ -102,7 +102,8 @@ def test_unsupported_says_why():
 def test_num_splits_fill_the_gpu(monkeypatch):
     monkeypatch.setattr(kv4, "_sm_count", lambda index: 132)
     dev = torch.device("cuda", 0)
-    assert kv4.num_splits(1, 8, dev) == 64 and kv4.num_splits(64, 8, dev) == 1 and kv4.num_splits(16, 8, dev) == 5
+    assert kv4.num_splits(1, 8, dev) == 64 and kv4.num_splits(64, 8, dev) == 1 and kv4.num_splits(16, 8, dev) == 4
+    assert kv4.num_splits(32, 8, dev) == 2  # 512 CTAs: one wave of 528 slots, not 768 in two
 
 
 def test_prefill_plan_compacts_the_multi_token_requests():
