@@ -129,3 +129,80 @@ def test_attention_reference_last_rows_are_decode():
     last = kv4.decode_reference(q, cache, table, sl, qsl, 0.125)
     assert torch.equal(full[[1, 5]], last[[1, 5]]) and not last[[0, 2, 3, 4]].any()
     assert not torch.allclose(full[4], full[5])  # causal: the earlier token sees fewer keys
+
+
+def test_impl_dispatch_on_the_reference(monkeypatch):
+    """The attention impl subclass routes decode-only steps to the decode kernel, mixed steps to
+    decode + prefill (one plan per step for all layers) and everything else to vLLM's forward;
+    with the kernels replaced by the PyTorch reference, a mixed step equals attention_reference."""
+    from types import SimpleNamespace
+
+    class FakeTriton:  # the parts of vLLM's TritonAttentionImpl the subclass uses
+        num_heads, head_size, scale = 6, 64, 0.125
+
+        def __init__(self):
+            self.calls = []
+
+        def _pth_key_value_caches(self, kv_cache):
+            self.calls.append("views")
+
+        def forward(self, layer, query, key, value, kv_cache, meta, output, output_scale=None,
+                    output_block_scale=None):
+            self.calls.append("vllm_forward")
+            return output
+
+        def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping):
+            self.calls.append("vllm_write")
+
+    def decode_ref(q, kv, bt, sl, qsl, scale, out, splits=None):
+        last = (qsl[1:] - 1).long()
+        out[last] = kv4.decode_reference(q, kv, bt, sl, qsl, scale)[last].to(out.dtype)
+
+    def prefill_ref(q, kv, plan, scale, out):
+        full = kv4.attention_reference(q, kv, plan_src["bt"], plan_src["sl"], plan_src["qsl"], scale)
+        out[plan.q_rows] = full[plan.q_rows].to(out.dtype)
+
+    plans = []
+    monkeypatch.setattr(kv4, "write_cache", kv4.write_cache_reference)
+    monkeypatch.setattr(kv4, "decode", decode_ref)
+    monkeypatch.setattr(kv4, "prefill", prefill_ref)
+    monkeypatch.setattr(kv4, "_flash_attn", lambda: object())
+    real_plan = kv4.PrefillPlan
+    monkeypatch.setattr(kv4, "PrefillPlan", lambda *a: plans.append(1) or real_plan(*a))
+
+    gen = torch.Generator().manual_seed(11)
+    nkv, d, bs = 2, 64, 16
+    qlens, ctx = [1, 7, 1, 20], [30, 0, 5, 40]
+    lens = [c + q for c, q in zip(ctx, qlens)]
+    cache = paged_cache(16, nkv, bs, d)
+    table = torch.randperm(16, generator=gen).int().view(4, 4)
+    qsl = torch.tensor([0] + qlens, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+    sl = torch.tensor(lens, dtype=torch.int32)
+    plan_src = {"bt": table, "sl": sl, "qsl": qsl}
+    impl = kv4._kernel_class(FakeTriton)()
+    # the context before this step, then this step's K/V through the impl's cache write
+    for s in range(4):
+        pos = torch.arange(lens[s])
+        slots = table[s, pos // bs].long() * bs + pos % bs
+        k = torch.randn(lens[s], nkv, d, generator=gen).bfloat16()
+        if ctx[s]:
+            kv4.write_cache_reference(k[:ctx[s]], k[:ctx[s]], cache, slots[:ctx[s]])
+        impl.do_kv_cache_update(None, k[ctx[s]:], k[ctx[s]:], cache, slots[ctx[s]:])
+    meta = SimpleNamespace(max_query_len=max(qlens), num_actual_tokens=sum(qlens), block_table=table, seq_lens=sl,
+                           query_start_loc=qsl)
+    q = torch.randn(sum(qlens) + 3, 6, d, generator=gen).bfloat16()  # + CUDA-graph padding rows
+    out = torch.full((q.shape[0], 6 * d), float("nan"), dtype=torch.bfloat16)
+    for _ in range(2):  # two layers of one step: one plan
+        impl.forward(None, q, None, None, cache, meta, out)
+    ref = kv4.attention_reference(q[:sum(qlens)], cache, table, sl, qsl, 0.125)
+    got = out[:sum(qlens)].view(-1, 6, d).float()
+    assert (got - ref).abs().max() <= 1e-2 * ref.abs().max() and out[sum(qlens):].isnan().all()
+    assert len(plans) == 1 and "vllm_forward" not in impl.calls and "vllm_write" not in impl.calls
+    # decode-only step: no plan; fp8 output fusion and profiling runs: vLLM's own forward
+    meta1 = SimpleNamespace(max_query_len=1, num_actual_tokens=4, block_table=table, seq_lens=sl,
+                            query_start_loc=torch.arange(5, dtype=torch.int32))
+    impl.forward(None, q[:4], None, None, cache, meta1, out)
+    assert len(plans) == 1
+    impl.forward(None, q, None, None, cache, meta, out, output_scale=torch.ones(1))
+    impl.forward(None, q, None, None, cache, None, out)
+    assert impl.calls.count("vllm_forward") == 2
