@@ -1,5 +1,5 @@
-// 4-bit KV cache on Hopper: the cache write and the decode attention of vLLM 0.26's
-// `int4_per_token_head` paged cache, as two kernels each (write; decode + split reduce).
+// 4-bit KV cache on Hopper: write, decode attention and dequantize (for prefill) on vLLM 0.26's
+// `int4_per_token_head` paged cache.
 //
 // Cache record per (block, slot, kv head), bytes:  [K nibbles D/2 | K scale 4 | V nibbles D/2 | V scale 4]
 // (vLLM's TritonAttentionBackend layout; strides come from the tensor, NHD or HND). A nibble pair
@@ -12,14 +12,13 @@
 //           with every op correctly rounded (no FMA contraction), so the bytes equal the reference's.
 //   decode: q_rot = bf16(FWHT(signs * q)); s = scale/D * k_scale * (q_rot . k_level - zero_k * sum(q_rot));
 //           softmax; o = sum p * v_scale * (v_level - zero_v); out = FWHT(o) * signs / D.
+//   dequantize: bf16(FWHT((level - zero) * scale) * signs / D), fake_quant_kv_int4's value.
 //
-// Decode kernel: one CTA per (kv head, split, sequence), 4 warps, 16-token tiles per warp.
-// Tensor cores with the GQA group as the M rows of m16n8k16 (rows >= group size are padding):
-//   S = Q K^T: A = rotated Q (bf16, registers for the whole loop), B = K nibbles widened to bf16
-//              in registers (lop3 magic-number trick, exact); the dot order over dims is permuted
-//              identically in A and B, which leaves the dot product unchanged.
-//   O += P V:  A = P * v_scale (fp16, the C fragment of S re-used as A, as in FlashAttention-2),
-//              B = V nibbles widened to fp16; output dims are permuted and put back in shared memory.
+// Decode kernel: one CTA per (kv head, split, sequence), 4 warps, 16-token tiles per warp, the
+// request's last query token. Tensor cores (m16n8k16) with the 16 tokens of a tile as the M rows
+// and the GQA group's queries as the N columns (see decode_kernel); nibbles are widened to bf16 /
+// fp16 in registers by the lop3 magic-number trick (exact). Notes and measurements:
+// benchmarks/NOTES_kv4.md.
 // Splits: the context is cut into ceil(tiles / num_splits) tiles (at least MIN_TILES) per CTA,
 // computed on the device from seq_lens, so a CUDA graph captured at one length is right at any other.
 #include <cuda_runtime.h>
