@@ -147,7 +147,7 @@ _SMALL_ON: dict = {}
 
 def _small_hadamard_on(b: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """H_b already on the device: a copy from the CPU inside a CUDA graph capture is an error
-    (vLLM replays the compiled model in graphs); the first call comes from an eager warm-up."""
+    (vLLM replays the compiled model in graphs); the plugin fills this at load time (warm)."""
     key = (b, str(device), dtype)
     if key not in _SMALL_ON:
         _SMALL_ON[key] = _small_hadamard(b).to(device=device, dtype=dtype)
