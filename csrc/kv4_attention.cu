@@ -98,6 +98,33 @@ __device__ void fwht_rows(float (*x)[D], int rows, int tid, int nthreads) {
   }
 }
 
+// In-place unnormalised FWHT of one D-vector spread over a warp, lane holding elements
+// [lane*E, lane*E + E): in-register butterflies below E, shuffles above; _sylvester_fwht's order.
+template <int D>
+__device__ __forceinline__ void warp_fwht(float (&x)[D / 32], int lane) {
+  constexpr int E = D / 32;
+#pragma unroll
+  for (int h = 1; h < D; h <<= 1) {
+    if (h < E) {
+#pragma unroll
+      for (int i = 0; i < E; ++i)
+        if (!(i & h)) {
+          const float a = x[i], b = x[i + h];
+          x[i] = __fadd_rn(a, b);
+          x[i + h] = __fsub_rn(a, b);
+        }
+    } else {
+      const int lm = h / E;
+#pragma unroll
+      for (int e = 0; e < E; ++e) {
+        const float o = __shfl_xor_sync(0xffffffffu, x[e], lm);
+        const float sum = __fadd_rn(x[e], o), diff = __fsub_rn(o, x[e]);  // both, then a select: no branch
+        x[e] = (lane & lm) ? diff : sum;
+      }
+    }
+  }
+}
+
 // ------------------------------------------------------------------------------------------------
 // cache write: one warp per (token, kv head), K then V; lane holds dims [lane*E, lane*E + E)
 // ------------------------------------------------------------------------------------------------
@@ -122,25 +149,7 @@ __global__ void __launch_bounds__(128) write_kernel(const __nv_bfloat16* __restr
     float x[E];
 #pragma unroll
     for (int e = 0; e < E; ++e) x[e] = __bfloat162float(src[lane * E + e]) * signs[lane * E + e];
-#pragma unroll
-    for (int h = 1; h < D; h <<= 1) {
-      if (h < E) {
-#pragma unroll
-        for (int i = 0; i < E; ++i)
-          if (!(i & h)) {
-            const float a = x[i], b = x[i + h];
-            x[i] = __fadd_rn(a, b);
-            x[i + h] = __fsub_rn(a, b);
-          }
-      } else {
-        const int lm = h / E;
-#pragma unroll
-        for (int e = 0; e < E; ++e) {
-          const float o = __shfl_xor_sync(0xffffffffu, x[e], lm);
-          x[e] = (lane & lm) ? __fsub_rn(o, x[e]) : __fadd_rn(x[e], o);
-        }
-      }
-    }
+    warp_fwht<D>(x, lane);
     float mn = INFINITY, mx = -INFINITY;
 #pragma unroll
     for (int e = 0; e < E; ++e) {
@@ -204,25 +213,7 @@ __global__ void __launch_bounds__(128) dequant_kernel(const uint8_t* __restrict_
     float x[E];
 #pragma unroll
     for (int e = 0; e < E; ++e) x[e] = (float((packed >> (4 * e)) & 15u) - zero) * scale;
-#pragma unroll
-    for (int h = 1; h < D; h <<= 1) {
-      if (h < E) {
-#pragma unroll
-        for (int i = 0; i < E; ++i)
-          if (!(i & h)) {
-            const float a = x[i], c = x[i + h];
-            x[i] = a + c;
-            x[i + h] = a - c;
-          }
-      } else {
-        const int lm = h / E;
-#pragma unroll
-        for (int e = 0; e < E; ++e) {
-          const float o = __shfl_xor_sync(0xffffffffu, x[e], lm);
-          x[e] = (lane & lm) ? o - x[e] : x[e] + o;
-        }
-      }
-    }
+    warp_fwht<D>(x, lane);
 #pragma unroll
     for (int e = 0; e < E; ++e) dst[e] = __float2bfloat16_rn(x[e] * signs[lane * E + e] / D);
   }
