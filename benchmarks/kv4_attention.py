@@ -23,6 +23,7 @@ import time
 
 import torch
 
+from ostquant_vllm import kernels
 from ostquant_vllm import kv4_attention as kv4
 
 HQ, NKV, D, BS = 32, 8, 128, 16
@@ -180,8 +181,8 @@ def main(argv=None) -> None:
     p.add_argument("--no-check", action="store_true", help="skip the reference comparison of small points")
     p.add_argument("--out", required=True)
     a = p.parse_args(argv)
-    if kv4.kernels_available() is not None:
-        sys.exit(f"kernels unavailable: {kv4.kernels_available()}")
+    if kernels.unavailable_reason() is not None:
+        sys.exit(f"kernels unavailable: {kernels.unavailable_reason()}")
     import vllm
 
     gen = torch.Generator(device="cuda").manual_seed(0)

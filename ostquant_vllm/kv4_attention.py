@@ -21,14 +21,14 @@ K/V (bf16), like the calibrated model. OSTQUANT_KV4_ATTENTION=vllm keeps vLLM's 
 """
 from __future__ import annotations
 
-import ctypes
 import functools
 import logging
 import os
 
 import torch
 
-from . import numerics
+from . import kernels, numerics
+from .kernels import _lib
 from .ops import count
 
 logger = logging.getLogger("ostquant_vllm")
@@ -124,30 +124,6 @@ def decode_reference(query, kv_cache, block_table, seq_lens, query_start_loc, so
 # CUDA kernels (csrc/kv4_attention.cu in the plugin's kernel library)
 # ---------------------------------------------------------------------------------------------
 @functools.lru_cache(maxsize=None)
-def _lib():
-    from .kernels import _lib as L
-
-    lib = L.load()
-    if lib is None:
-        return None
-    vp, i, f, ll = ctypes.c_void_p, ctypes.c_int, ctypes.c_float, ctypes.c_longlong
-    lib.ostq_kv4_write.argtypes = [vp, vp, vp, vp, i, i, i, ll, ll, ll, ll, ll, ll, ll, i, vp, vp]
-    lib.ostq_kv4_write.restype = i
-    lib.ostq_kv4_decode.argtypes = [vp, ll, ll, vp, ll, ll, vp, ll, ll, ll, vp, ll, vp, vp, i, i, i, i, i, f, vp,
-                                    vp, vp, i, vp]
-    lib.ostq_kv4_decode.restype = i
-    lib.ostq_kv4_dequant.argtypes = [vp, ll, ll, ll, vp, vp, i, i, i, i, vp, vp, vp, vp]
-    lib.ostq_kv4_dequant.restype = i
-    return lib
-
-
-def _check(rc: int, what: str) -> None:
-    from .kernels import _lib as L
-
-    L.check(rc, what)
-
-
-@functools.lru_cache(maxsize=None)
 def _signs(d: int, device: str) -> torch.Tensor:
     return numerics.rht_signs(d).to(torch.float32).to(device)
 
@@ -157,19 +133,8 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def kernels_available() -> str | None:
-    """None when the kernels can run here, else why not."""
-    from . import kernels
-
-    return kernels.unavailable_reason() or (None if _lib() is not None else "kernel library not loadable")
-
-
-def _p(t):
-    return ctypes.c_void_p(t.data_ptr()) if t is not None else None
-
-
-def _stream(t: torch.Tensor):
-    return ctypes.c_void_p(torch.cuda.current_stream(t.device).cuda_stream)
+def _p(t: torch.Tensor | None):
+    return None if t is None else kernels._ptr(t)
 
 
 def _cache_strides(kv_cache: torch.Tensor, head_size: int) -> tuple[int, int, int]:
@@ -190,10 +155,10 @@ def write_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, 
         raise ValueError("write_cache: bf16 key/value with a contiguous head dim")
     cb, cs, ch = _cache_strides(kv_cache, d)
     sm = slot_mapping if slot_mapping.dtype == torch.int64 else slot_mapping.long()
-    rc = _lib().ostq_kv4_write(_p(key), _p(value), _p(kv_cache), _p(sm), t, nkv, d, key.stride(0), key.stride(1),
-                               value.stride(0), value.stride(1), cb, cs, ch, kv_cache.shape[2],
-                               _p(_signs(d, str(key.device))), _stream(key))
-    _check(rc, "kv4 cache write")
+    rc = _lib.load().ostq_kv4_write(_p(key), _p(value), _p(kv_cache), _p(sm), t, nkv, d, key.stride(0),
+                                    key.stride(1), value.stride(0), value.stride(1), cb, cs, ch, kv_cache.shape[2],
+                                    _p(_signs(d, str(key.device))), kernels._stream(key.device))
+    _lib.check(rc, "kv4 cache write")
 
 
 def num_splits(num_seqs: int, num_kv_heads: int, device: torch.device) -> int:
@@ -225,12 +190,12 @@ def decode(query: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tenso
     if splits > 1:
         part_o = torch.empty(num_seqs * hq * splits * d, dtype=torch.float32, device=query.device)
         part_ml = torch.empty(num_seqs * hq * splits * 2, dtype=torch.float32, device=query.device)
-    rc = _lib().ostq_kv4_decode(_p(query), query.stride(0), query.stride(1), _p(out), out.stride(0), out.stride(1),
-                                _p(kv_cache), cb, cs, ch, _p(block_table), block_table.stride(0), _p(seq_lens),
-                                _p(query_start_loc), num_seqs, nkv, hq // nkv, d, kv_cache.shape[2],
-                                float(softmax_scale), _p(_signs(d, str(query.device))), _p(part_o), _p(part_ml),
-                                splits, _stream(query))
-    _check(rc, "kv4 decode attention")
+    rc = _lib.load().ostq_kv4_decode(_p(query), query.stride(0), query.stride(1), _p(out), out.stride(0),
+                                     out.stride(1), _p(kv_cache), cb, cs, ch, _p(block_table), block_table.stride(0),
+                                     _p(seq_lens), _p(query_start_loc), num_seqs, nkv, hq // nkv, d, kv_cache.shape[2],
+                                     float(softmax_scale), _p(_signs(d, str(query.device))), _p(part_o), _p(part_ml),
+                                     splits, kernels._stream(query.device))
+    _lib.check(rc, "kv4 decode attention")
 
 
 def dequantize_blocks(kv_cache: torch.Tensor, src_blocks: torch.Tensor, head_size: int,
@@ -245,10 +210,10 @@ def dequantize_blocks(kv_cache: torch.Tensor, src_blocks: torch.Tensor, head_siz
     src = src_blocks.to(torch.int32).contiguous()
     if valid is None:
         valid = torch.full((nb,), bs, dtype=torch.int32, device=kv_cache.device)
-    rc = _lib().ostq_kv4_dequant(_p(kv_cache), cb, cs, ch, _p(src), _p(valid.to(torch.int32).contiguous()), nb, nkv,
-                                 head_size, bs, _p(k), _p(v),
-                                 _p(_signs(head_size, str(kv_cache.device))), _stream(kv_cache))
-    _check(rc, "kv4 dequantize")
+    rc = _lib.load().ostq_kv4_dequant(_p(kv_cache), cb, cs, ch, _p(src), _p(valid.to(torch.int32).contiguous()), nb,
+                                      nkv, head_size, bs, _p(k), _p(v), _p(_signs(head_size, str(kv_cache.device))),
+                                      kernels._stream(kv_cache.device))
+    _lib.check(rc, "kv4 dequantize")
     return k, v
 
 
@@ -377,7 +342,7 @@ def unsupported(impl, layer) -> str | None:
     if (impl.alibi_slopes is not None or tuple(impl.sliding_window) != (-1, -1) or impl.logits_soft_cap
             or impl.sinks is not None or getattr(impl, "attn_type", "decoder") != "decoder"):
         return "ALiBi, sliding window, soft cap, sinks or a non-decoder attention"
-    return kernels_available()
+    return kernels.unavailable_reason()
 
 
 @functools.lru_cache(maxsize=None)

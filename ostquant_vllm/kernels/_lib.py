@@ -58,6 +58,14 @@ def load():
     lib.ostq_set_wgmma_split.argtypes = [i]
     lib.ostq_set_wgmma_split.restype = None
     lib.ostq_set_wgmma_split(int(os.environ.get("OSTQUANT_WGMMA_SPLIT", DEFAULT_WGMMA_SPLIT)))
+    # 4-bit KV cache (csrc/kv4_attention.cu, used by ostquant_vllm/kv4_attention.py)
+    lib.ostq_kv4_write.argtypes = [vp, vp, vp, vp, i, i, i, ll, ll, ll, ll, ll, ll, ll, i, vp, vp]
+    lib.ostq_kv4_write.restype = i
+    lib.ostq_kv4_decode.argtypes = [vp, ll, ll, vp, ll, ll, vp, ll, ll, ll, vp, ll, vp, vp, i, i, i, i, i, f, vp,
+                                    vp, vp, i, vp]
+    lib.ostq_kv4_decode.restype = i
+    lib.ostq_kv4_dequant.argtypes = [vp, ll, ll, ll, vp, vp, i, i, i, i, vp, vp, vp, vp]
+    lib.ostq_kv4_dequant.restype = i
     lib.ostq_error_string.argtypes = [i]
     lib.ostq_error_string.restype = ctypes.c_char_p
     _lib = lib

@@ -11,10 +11,11 @@ NaN-poisoned first, and rows of other tokens must stay poisoned.
 import pytest
 import torch
 
+from ostquant_vllm import kernels
 from ostquant_vllm import kv4_attention as kv4
 
-pytestmark = pytest.mark.skipif(kv4.kernels_available() is not None,
-                                reason=f"kernels unavailable: {kv4.kernels_available()}")
+pytestmark = pytest.mark.skipif(kernels.unavailable_reason() is not None,
+                                reason=f"kernels unavailable: {kernels.unavailable_reason()}")
 DEV = "cuda"
 
 
