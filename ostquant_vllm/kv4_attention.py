@@ -296,7 +296,7 @@ def _kernel_class(base: type) -> type:
         def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping, *args, **kwargs):
             if key.dtype != torch.bfloat16 or kv_cache.numel() == 0:
                 return super().do_kv_cache_update(layer, key, value, kv_cache, slot_mapping, *args, **kwargs)
-            self._pth_key_value_caches(kv_cache)  # vLLM's one-time scale views (it fills them once)
+            self._ensure_scale_caches(kv_cache)  # vLLM's one-time scale views (it fills them once)
             count("kv4_write")
             write_cache(key, value, kv_cache, slot_mapping)
 
@@ -309,7 +309,7 @@ def _kernel_class(base: type) -> type:
                     or getattr(attn_metadata, "use_cascade", False)):
                 return super().forward(layer, query, key, value, kv_cache, attn_metadata, output,
                                        output_scale=output_scale, output_block_scale=output_block_scale)
-            self._pth_key_value_caches(kv_cache)
+            self._ensure_scale_caches(kv_cache)
             n = attn_metadata.num_actual_tokens
             out = output[:n].view(n, self.num_heads, self.head_size)
             q = query[:n]
@@ -332,7 +332,7 @@ def unsupported(impl, layer) -> str | None:
     """Why our kernels cannot serve this attention layer (None: they can)."""
     if os.environ.get("OSTQUANT_KV4_ATTENTION", "ostquant") == "vllm":
         return "OSTQUANT_KV4_ATTENTION=vllm"
-    if not hasattr(impl, "_pth_key_value_caches"):
+    if not hasattr(impl, "_ensure_scale_caches"):
         return f"backend {type(impl).__name__} is not vLLM's Triton backend"
     d = getattr(impl, "head_size", None)
     if d not in HEAD_SIZES:

@@ -85,7 +85,7 @@ def test_unsupported_says_why():
         head_size, num_heads, num_kv_heads = 96, 32, 8
         alibi_slopes, sliding_window, logits_soft_cap, sinks, attn_type = None, (-1, -1), 0, None, "decoder"
 
-        def _pth_key_value_caches(self, kv_cache):
+        def _ensure_scale_caches(self, kv_cache):
             pass
 
     assert "head size 96" in kv4.unsupported(Impl(), None)
@@ -143,7 +143,7 @@ def test_impl_dispatch_on_the_reference(monkeypatch):
         def __init__(self):
             self.calls = []
 
-        def _pth_key_value_caches(self, kv_cache):
+        def _ensure_scale_caches(self, kv_cache):
             self.calls.append("views")
 
         def forward(self, layer, query, key, value, kv_cache, meta, output, output_scale=None,
