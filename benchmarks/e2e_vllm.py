@@ -1,8 +1,10 @@
 """vLLM end to end (issue 6): decode throughput, prefill latency and KV-cache room of bf16, FP8
 (W8A8 + fp8 KV), W4A16 (vLLM's GPTQ-Marlin/Machete path) and ostquant W4A8KV4 / W4A4KV4, at
-Llama-3-8B shapes with random weights (load_format="dummy"), one config after another on one GPU.
+Llama-3-8B shapes with random weights (load_format="dummy"), one config after another on one GPU;
+or Llama-3-70B shapes over --tp GPUs with vLLM's tensor parallelism (issue 8).
 
     python -m benchmarks.e2e_vllm --out benchmarks/results/e2e_vllm_h100.json
+    python -m benchmarks.e2e_vllm --shape llama3-70b --tp 2 --configs bf16,fp8,ostquant_w4a4kv4 --out ...
     python -m benchmarks.e2e_vllm --configs bf16,ostquant_w4a4kv4 --profile --resume --out ...  # where the
         # decode step goes: adds "profiles" to --out, measures nothing else
 
@@ -34,6 +36,9 @@ SHAPES = {
     "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                       num_key_value_heads=8, head_dim=128, vocab_size=128256, max_position_embeddings=8192,
                       rope_theta=500000.0, rms_norm_eps=1e-5, tie_word_embeddings=False),
+    "llama3-70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
+                       num_key_value_heads=8, head_dim=128, vocab_size=128256, max_position_embeddings=8192,
+                       rope_theta=500000.0, rms_norm_eps=1e-5, tie_word_embeddings=False),
     "tiny": dict(hidden_size=256, intermediate_size=768, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, head_dim=64, vocab_size=4096, max_position_embeddings=4096,
                  rope_theta=10000.0, rms_norm_eps=1e-5, tie_word_embeddings=False),
@@ -54,6 +59,17 @@ CONFIGS = ("bf16", "fp8", "w4a16", "ostquant_w4a8kv4", "ostquant_w4a4kv4", "ostq
 # ostquant_w4a4_fp8kv: the same W4A4 weights with vLLM's FP8 KV cache (issue 7's "same weights" baseline);
 # ostquant_w4a4kv4_vllm_attn: the int4 cache read and written by vLLM's own Triton path instead of ours.
 CONFIG_ENV = {"ostquant_w4a4kv4_vllm_attn": {"OSTQUANT_KV4_ATTENTION": "vllm"}}
+HADAMARD_BLOCKS = 8
+
+
+# Tensor parallelism: NVLink multicast must stay off on the lent machines (KINDS.md). vLLM 0.26 fuses
+# all-reduce + RMSNorm through FlashInfer on Hopper at TP > 1, whose default backend (mnnvl) creates
+# multicast objects; that fusion is off for every config alike, as is the symmetric-memory all-reduce.
+# vLLM's own custom all-reduce (CUDA IPC) and NCCL (NCCL_NVLS_ENABLE=0) carry the sums.
+TP_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1",
+          "VLLM_ALLREDUCE_USE_SYMM_MEM": "0", "VLLM_ALLREDUCE_USE_FLASHINFER": "0",
+          "VLLM_FLASHINFER_ALLREDUCE_BACKEND": "trtllm"}
+TP_PASS_CONFIG = {"fuse_allreduce_rms": False}
 
 
 def engine_args(config: str, on_gpu: bool) -> tuple[dict | None, dict]:
@@ -69,7 +85,9 @@ def engine_args(config: str, on_gpu: bool) -> tuple[dict | None, dict]:
 
         act_bits = 8 if config == "ostquant_w4a8kv4" else 4
         kv_bits = 16 if config == "ostquant_w4a4_fp8kv" else 4
-        fmt = QuantFormat(act_bits=act_bits, kv_bits=kv_bits, online_hadamard={"down_proj": True, "qk": True})
+        # H_down in 8 blocks, calibration's default: what lets every TP <= 8 split it (tensor_parallel.py)
+        fmt = QuantFormat(act_bits=act_bits, kv_bits=kv_bits, online_hadamard={"down_proj": True, "qk": True},
+                          hadamard_blocks=HADAMARD_BLOCKS)
         fmt.validate()
         # vLLM's int4 cache on the GPU; the CPU backend has none: the plugin emulates it (kv_cpu.py)
         if kv_bits == 16:
@@ -110,6 +128,9 @@ def run_config(a) -> dict:
     else:  # capture exactly the batch sizes measured (and the powers of two below): a shorter start
         sizes = sorted({1, 2, 4, 8, 16, 32, 64, 128, 256, *batches})
         kw["compilation_config"] = {"cudagraph_capture_sizes": [s for s in sizes if s <= max(batches)]}
+    if a.tp > 1:
+        kw["tensor_parallel_size"] = a.tp
+        kw.setdefault("compilation_config", {})["pass_config"] = dict(TP_PASS_CONFIG)
     t0 = time.time()
     llm = LLM(model=model_dir, load_format="dummy", skip_tokenizer_init=True, dtype="bfloat16", seed=0,
               max_model_len=max_len, max_num_seqs=max(batches), max_num_batched_tokens=max(8192, a.prefill_len),
@@ -214,6 +235,8 @@ def kernel_category(name: str) -> str:
 def child_main(a) -> None:
     if a.profile:  # the profiler sees only this process: run the engine core in it
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    if a.tp > 1:
+        os.environ.update(TP_ENV)
     os.environ.update(CONFIG_ENV.get(a.config, {}))
     row = run_config(a)
     print("E2E_ROW " + json.dumps(row), flush=True)
@@ -250,8 +273,9 @@ def versions() -> dict:
             out[mod] = f"unavailable: {type(e).__name__}"
     # nvidia-smi, not torch.cuda: a CUDA context here would take memory from the engines measured
     try:
-        out["gpu"] = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
-                                    text=True, timeout=60, check=True).stdout.strip().splitlines()[0]
+        names = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                               text=True, timeout=60, check=True).stdout.strip().splitlines()
+        out["gpu"], out["gpu_count"] = names[0], len(names)
     except Exception:
         out["gpu"] = "cpu"
     return out
@@ -299,12 +323,17 @@ def parent_main(a, argv: list[str]) -> None:
     ver = versions()
     if result.get("gpu") and result["gpu"] != ver["gpu"]:
         raise SystemExit(f"{a.out} was measured on {result['gpu']}, this is {ver['gpu']}: ratios need one GPU")
-    result.update({"gpu": ver["gpu"], "vllm": ver["vllm"], "versions": ver, "shape": a.shape})
+    if result.get("configs") and result.get("tensor_parallel_size", 1) != a.tp:
+        raise SystemExit(f"{a.out} holds tensor parallel size {result.get('tensor_parallel_size', 1)} rows, "
+                         f"this run is --tp {a.tp}: ratios need one TP degree (use another --out)")
+    result.update({"gpu": ver["gpu"], "vllm": ver["vllm"], "versions": ver, "shape": a.shape,
+                   "tensor_parallel_size": a.tp})
     if not a.profile:  # a profile run (--batches 64) leaves the measurement settings as they are
         result["settings"] = {"input_len": a.input_len, "output_len": a.output_len, "batches": a.batches,
                               "prefill_len": a.prefill_len, "gpu_memory_utilization": a.gpu_memory_utilization,
                               "cuda_graphs": not a.eager and ver["gpu"] != "cpu", "load_format": "dummy",
-                              "prefix_caching": False}
+                              "prefix_caching": False, "ostquant_hadamard_blocks": HADAMARD_BLOCKS,
+                              **({"tp_env": TP_ENV, "tp_pass_config": TP_PASS_CONFIG} if a.tp > 1 else {})}
     result.setdefault("commands", [])
     result["commands"].append("python -m benchmarks.e2e_vllm " + " ".join(argv))
     cfg_rows = [r for r in result.get("configs", []) if not (a.redo and r["config"] in a.configs.split(","))]
@@ -362,7 +391,8 @@ def save(path: str, result: dict, cfg_rows: list[dict]) -> None:
 def child_flags(a) -> list[str]:
     out = ["--shape", a.shape, "--batches", a.batches, "--input-len", str(a.input_len), "--output-len",
            str(a.output_len), "--prefill-len", str(a.prefill_len), "--repeats", str(a.repeats),
-           "--prefill-repeats", str(a.prefill_repeats), "--gpu-memory-utilization", str(a.gpu_memory_utilization)]
+           "--prefill-repeats", str(a.prefill_repeats), "--gpu-memory-utilization", str(a.gpu_memory_utilization),
+           "--tp", str(a.tp)]
     if a.eager:
         out.append("--eager")
     if a.profile:
@@ -378,6 +408,7 @@ def main(argv=None) -> None:
     p.add_argument("--resume", action="store_true", help="keep the configs already in --out")
     p.add_argument("--redo", action="store_true", help="with --resume: measure the named configs again")
     p.add_argument("--shape", choices=list(SHAPES), default="llama3-8b")
+    p.add_argument("--tp", type=int, default=1, help="vLLM tensor_parallel_size (GPUs)")
     p.add_argument("--batches", default="1,16,64,256")
     p.add_argument("--input-len", type=int, default=128)
     p.add_argument("--output-len", type=int, default=256)

@@ -82,9 +82,12 @@ def e2e_table(path: str) -> str:
     d = json.load(open(path))
     st = d["settings"]
     batches = sorted({x["batch"] for r in d["configs"] for x in r["decode"]})
-    out = [f"**vLLM {d['vllm']} end to end, {d['gpu']}** ({os.path.basename(path)}; {d['shape']} shapes, dummy "
+    tp = d.get("tensor_parallel_size", 1)
+    gpu = f"{tp} x {d['gpu']}, tensor parallel size {tp}" if tp > 1 else d["gpu"]
+    out = [f"**vLLM {d['vllm']} end to end, {gpu}** ({os.path.basename(path)}; {d['shape']} shapes, dummy "
            f"weights, {st['input_len']}-token prompts, {st['output_len']} generated tokens, output tokens/s; "
-           f"CUDA graphs {'on' if st['cuda_graphs'] else 'off'}; prefix caching off; all configs in one run)", "",
+           f"CUDA graphs {'on' if st['cuda_graphs'] else 'off'}; prefix caching off; ostquant's H_down in "
+           f"{st.get('ostquant_hadamard_blocks', 1)} block(s); all configs in one run)", "",
            "| config | weights GiB | linear kernel | " + " | ".join(f"batch {b}" for b in batches)
            + f" | prefill {st['prefill_len']} ms | KV-cache tokens |",
            "| --- | --- | --- |" + " --- |" * (len(batches) + 2)]
@@ -108,6 +111,15 @@ def e2e_table(path: str) -> str:
                    + " | ".join(cells) + f" | {_fmt(r.get('prefill_ms'), 1)} | {kv} |")
     out += ["", f"In brackets: against {E2E_LABELS[base]} of the same run (decode) and "
             f"{E2E_LABELS[kv_base]} (KV-cache tokens)."]
+    if base == "bf16" and "fp8" in names:
+        for r in d["configs"]:
+            rr = rat.get(r["config"], {})
+            vs = [f"batch {b} {rr[f'decode_vs_fp8_b{b}']:.2f}x" for b in batches if f"decode_vs_fp8_b{b}" in rr]
+            if r["config"].startswith("ostquant") and vs:
+                out.append(f"- {E2E_LABELS.get(r['config'], r['config'])} against FP8 (decode): {', '.join(vs)}")
+    if tp > 1:
+        out.append(f"- all-reduce: vLLM's custom all-reduce and NCCL; FlashInfer's all-reduce + RMSNorm fusion off for "
+                   f"every config (its default backend uses NVLink multicast, which the lent machines forbid)")
     for c, p in d.get("profiles", {}).items():
         prof = p.get("profile", {})
         shares = ", ".join(f"{k} {v:.0%}" for k, v in prof.get("fraction_by_category", {}).items() if v >= 0.01)
@@ -225,6 +237,40 @@ def vllm_cpu_table(path: str) -> str:
     return "\n".join(out)
 
 
+def vllm_tp_table(path: str) -> str:
+    d = json.load(open(path))
+    out = [f"**Tensor parallelism, the default model in vLLM {d['vllm']} on {d['gpu_count']} x {d['gpu']}** "
+           f"({os.path.basename(path)}; 32 prompts x 64 greedy tokens; int4 KV cache; eager; heads widened "
+           f"2x by an exact transform because vLLM cannot split 9 query / 3 KV heads over 2 ranks: "
+           f"tests/gpu/vllm_tp.py)", "",
+           "| checkpoint | widened TP 1 = original TP 1 | TP 2 vs TP 1: same tokens | identical sequences | "
+           "agreement with calibration's model, TP 1 / TP 2 | its own 1e-6 noise floor |",
+           "| --- | --- | --- | --- | --- | --- |"]
+    for r in d["rows"]:
+        q, w, t = r["quantization_config"], r["widened_tp1_vs_original_tp1"], r["tp2_vs_tp1"]
+        runs = r["runs"]
+        name = (f"QuaRot W4A{q['act_bits']}KV{q['kv_bits']}, H_down in {q['hadamard_blocks']} blocks")
+        out.append(f"| {name} | {w['identical_sequences']}/{w['prompts']} sequences | {t['same_token_fraction']:.3f} | "
+                   f"{t['identical_sequences']}/{t['prompts']} | {runs['widened_tp1']['token_agreement']:.3f} / "
+                   f"{runs['widened_tp2']['token_agreement']:.3f} | {runs['widened_tp2']['noise_token_agreement']:.3f} |")
+    out += ["- greedy tokens are compared free-running: after the first token that differs the two runs continue from "
+            "different text. How far a 4-bit checkpoint's own round-off moves its greedy choices is the noise floor "
+            "(calibration's model against itself with its inputs perturbed by 1e-6, teacher-forced); TP changes "
+            "o_proj's and down_proj's activation quantizer by design (each rank quantizes its slice), so a TP 2 "
+            "run is judged by its agreement with calibration's model against TP 1's and that floor.",
+            f"- command: `{d['command']}`"]
+    return "\n".join(out)
+
+
+def experiment_table(path: str) -> str:
+    d = json.load(open(path))
+    out = [f"**Experiment** ({os.path.basename(path)}): {d['what']}", ""]
+    for name, r in d["runs"].items():
+        ppl = ", ".join(f"{x['method']} {_fmt(x['ppl'])}" for x in r["rows"])
+        out.append(f"- {name}: perplexity {ppl} (`{r['commands'][-1]}`)")
+    return "\n".join(out)
+
+
 def cpu_default_table(path: str) -> str:
     d = json.load(open(path))
     return "\n".join([f"**The default CPU run** ({os.path.basename(path)}; {d['machine']})", "",
@@ -244,6 +290,10 @@ def all_tables() -> str:
         parts.append(vllm_cpu_table(p))
     for p in sorted(glob.glob(os.path.join(res, "vllm_gpu_*.json"))):
         parts.append(vllm_gpu_table(p))
+    for p in sorted(glob.glob(os.path.join(res, "experiment_*.json"))):
+        parts.append(experiment_table(p))
+    for p in sorted(glob.glob(os.path.join(res, "vllm_tp_*.json"))):
+        parts.append(vllm_tp_table(p))
     for p in sorted(glob.glob(os.path.join(res, "e2e_vllm_*.json"))):
         parts.append(e2e_table(p))
     if os.path.exists(os.path.join(res, "kv4_attention_h100.json")):

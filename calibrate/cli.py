@@ -30,7 +30,8 @@ def _calibrate_parser(sub):
     p.add_argument("--act-clip", type=float, default=d.act_clip)
     p.add_argument("--hadamard-blocks", type=int, default=d.hadamard_blocks,
                    help="down_proj's online Hadamard as b diagonal blocks I_b (x) H_{m/b}: vLLM can then serve the "
-                        "checkpoint at any tensor parallel size dividing b (8: TP 1, 2, 4, 8)")
+                        "checkpoint at any tensor parallel size dividing b. 0: the largest of 8, 4, 2, 1 that the "
+                        "intermediate size allows (8: TP 1, 2, 4, 8); 1: the full H_m (TP 1 only)")
     p.add_argument("--steps", type=int, default=d.train.steps, help="training steps (ostquant)")
     p.add_argument("--batch", type=int, default=d.train.batch, help="windows per training step")
     p.add_argument("--micro-batch", type=int, default=d.train.micro_batch)

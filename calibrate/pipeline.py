@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ostquant_vllm.format import QuantFormat
+from ostquant_vllm.hadamard import default_blocks
 
 from . import __version__
 from .data import calib_windows, eval_windows
@@ -51,7 +52,8 @@ class CalibConfig:
     weight_quant: str = "gptq"          # or "rtn"
     act_sym: bool = False
     act_clip: float = 1.0
-    hadamard_blocks: int = 1            # H_down = I_b (x) H_{m/b}: vLLM can serve it at any TP degree dividing b
+    hadamard_blocks: int = 0            # H_down = I_b (x) H_{m/b}: vLLM serves it at any TP degree dividing b;
+    #                                     0: hadamard.default_blocks(m), 8 where it exists (TP 1, 2, 4, 8)
     calib_text: str = "c4"
     calib_windows: int = 16             # GPTQ Hessians
     calib_seqlen: int = 512
@@ -72,7 +74,9 @@ class CalibConfig:
     device: str = ""                    # "" : cuda when available, else cpu
     threads: int = 1                    # torch threads: on 2 shared cores, 1 beats 2 (OpenMP spin under load)
 
-    def quant_format(self) -> QuantFormat:
+    def quant_format(self, intermediate_size: int | None = None) -> QuantFormat:
+        """The checkpoint's format; `intermediate_size` resolves hadamard_blocks=0 (before the model is
+        loaded, only the other fields are checked)."""
         if self.preset not in PRESETS:
             raise ValueError(f"unknown preset {self.preset!r}: choose from {', '.join(PRESETS)}")
         if self.method not in METHODS:
@@ -83,7 +87,7 @@ class CalibConfig:
                           act_bits=p["act_bits"], act_sym=self.act_sym, act_clip=self.act_clip,
                           kv_bits=p["kv_bits"],
                           online_hadamard={"down_proj": transforms, "qk": p["kv_bits"] < 16},
-                          hadamard_blocks=self.hadamard_blocks)
+                          hadamard_blocks=self.hadamard_blocks or default_blocks(intermediate_size or 1))
         fmt.validate()
         return fmt
 
@@ -112,10 +116,9 @@ def calibrate(cfg: CalibConfig, out_dir: str | None = None, work_dir: str | None
     t0 = time.time()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    fmt = cfg.quant_format()
+    cfg.quant_format()  # a bad preset or method stops here, before the model is loaded
     torch.manual_seed(cfg.seed)
-    report = {"package_version": __version__, "config": _jsonable(dataclasses.asdict(cfg)),
-              "quantization_config": fmt.to_dict()}
+    report = {"package_version": __version__, "config": _jsonable(dataclasses.asdict(cfg))}
 
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda":
@@ -123,6 +126,11 @@ def calibrate(cfg: CalibConfig, out_dir: str | None = None, work_dir: str | None
     model, tokenizer, path = load_model(cfg.model)
     model.to(device)
     report["model_path"], report["device"] = path, str(device)
+    fmt = cfg.quant_format(model.config.intermediate_size)
+    report["quantization_config"] = fmt.to_dict()
+    if fmt.online_hadamard["down_proj"]:
+        log.info("down_proj's online Hadamard: I_%d (x) H_%d (vLLM tensor parallel sizes dividing %d)",
+                 fmt.hadamard_blocks, model.config.intermediate_size // fmt.hadamard_blocks, fmt.hadamard_blocks)
     evals = eval_windows(tokenizer, cfg.eval_text, cfg.eval_seqlen, cfg.eval_windows).to(device)
     # calibrating on the evaluation text: only on what follows the evaluation windows (never overlapping)
     held_out = evals.numel() if cfg.calib_text == cfg.eval_text else 0

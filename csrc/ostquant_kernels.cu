@@ -850,7 +850,7 @@ __global__ void __launch_bounds__(THREADS) quant_had_kernel(const __nv_bfloat16*
                                                   int log2p, float norm, QParams p) {
   extern __shared__ float ys[];  // [K]
   const int row = blockIdx.x;
-  const int P2 = 1 << log2p;
+  const int P2 = K / B;  // a-rows of the whole row (blocks * 2^log2p)
   const __nv_bfloat16* xr = x + (size_t)row * K;
   if (log2p == 0) {
     for (int i = threadIdx.x; i < K; i += THREADS) ys[i] = __bfloat162float(xr[i]);
@@ -918,7 +918,7 @@ __global__ void __launch_bounds__(THREADS) quant_had3_kernel(const __nv_bfloat16
                                                    int log2p, float norm, QParams p) {
   extern __shared__ float ys[];  // [K]
   const int row = blockIdx.x;
-  const int P2 = 1 << log2p;
+  const int P2 = K / B;  // a-rows of the whole row (blocks * 2^log2p)
   {
     const uint4* xr = reinterpret_cast<const uint4*>(x + (size_t)row * K);
     for (int idx = threadIdx.x; idx < K / 8; idx += THREADS) {
@@ -1192,7 +1192,8 @@ OSTQ_API int ostq_int4_gemm(const void* a_q, const void* a_scale, const void* a_
 }
 
 // x bf16 [M,K] -> q int8 [M,K], scale fp32 [M], zero fp32 [M] (signed domain).
-// hadamard: 0 none; else hb = ±1 float table [B*B] of H_B (row-major, H_B[i][j]), log2p = log2(K/B).
+// hadamard: 0 none; else the number of diagonal blocks b (a power of two) of I_b (x) H_{K/b}, with
+// hb = ±1 float table [B*B] of H_B (row-major, H_B[i][j]) and log2p = log2(K/(b*B)).
 // variant (Hadamard only): 0 = version 3 (signs compiled in), 1 = version 2 (constant-memory table).
 OSTQ_API int ostq_quantize_act(const void* x, void* q, void* scale, void* zero, int M, int K, int bits, int sym,
                                float clip, int hadamard, int B, int log2p, const void* hb, int variant,
@@ -1214,8 +1215,13 @@ OSTQ_API int ostq_quantize_act(const void* x, void* q, void* scale, void* zero, 
     else return (int)cudaErrorInvalidValue;
     return (int)cudaGetLastError();
   }
-  if ((K >> log2p) != B || (B << log2p) != K || K * 4 > 200 * 1024) return (int)cudaErrorInvalidValue;
-  const float norm = (float)sqrt((double)K);  // = float(K ** 0.5) as in apply_hadamard
+  // hadamard = number of diagonal blocks (a power of two): I_hadamard (x) H_{K/hadamard}, each block
+  // B * 2^log2p long. The butterflies run over the low log2p bits of the a-index only, so the high
+  // bits (the block) are left alone; the row's scale and zero point still cover all of K.
+  const int blocks = hadamard;
+  if (blocks < 1 || blocks & (blocks - 1) || (long long)blocks * (B << log2p) != K || K * 4 > 200 * 1024)
+    return (int)cudaErrorInvalidValue;
+  const float norm = (float)sqrt((double)(K / blocks));  // = float(n ** 0.5) as in apply_hadamard
   const float* h = (const float*)hb;
   switch (B) {
     case 1: return launch_had<256, 1>(xb, qb, sc, zp, M, K, log2p, h, norm, p, variant, st);

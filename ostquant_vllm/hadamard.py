@@ -172,3 +172,16 @@ def block_size(n: int, blocks: int) -> int:
         raise ValueError(f"hadamard_blocks={blocks}: blocks of size {n // blocks} = {n} / {blocks}: {e}") from None
     return n // blocks
 
+
+def default_blocks(n: int, most: int = 8) -> int:
+    """Calibration's default H_down blocks for an intermediate size n: the largest power of two
+    b <= `most` with I_b (x) H_{n/b} constructible, so vLLM can split H_down at every tensor
+    parallel size dividing b (8: TP 1, 2, 4, 8). 1 (the full H_n) when no larger b works."""
+    b = most
+    while b > 1:
+        try:
+            block_size(n, b)
+            return b
+        except ValueError:
+            b //= 2
+    return 1

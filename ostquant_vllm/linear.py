@@ -134,7 +134,7 @@ class OstQuantLinearMethod(_L.LinearMethodBase):
             bad = (~torch.isfinite(p.w_scale)).nonzero()[0].tolist()
             raise CheckpointError(f"{self.prefix}.weight_scale has a non-finite value at {bad}")
         layer.ostq_prepared = p
-        if layer.ostq_hadamard_blocks and p.path != "kernel":  # the kernel path has H_b compiled in
+        if layer.ostq_hadamard_blocks:  # H_b on the device now (the reference path and the kernels' fallback)
             hadamard.warm(p.in_features, layer.ostq_hadamard_blocks, p.w_scale.device)
         # The forward reads only the prepared copy: drop the checkpoint layout, or the int4 weights
         # sit in GPU memory twice (8B: 3.1 GiB that vLLM would otherwise not give to the KV cache).

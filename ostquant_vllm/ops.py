@@ -116,11 +116,9 @@ def linear(x: torch.Tensor, p: Prepared, act_bits: int, act_sym: bool, act_clip:
     x2 = x.reshape(-1, shape[-1])
     if p.path == "kernel":
         count("kernel")
-        fused_h = hadamard_blocks == 1          # the kernel fuses one full-width H_down
-        if hadamard_blocks > 1:                 # block-diagonal H (TP-split checkpoints): in torch
-            x2 = hadamard_input(x2, hadamard_blocks).to(x2.dtype)
-        # torch.ops.ostquant.* are registered by ostquant_vllm.kernels (imported by prepare_weights)
-        q, a_scale, a_zero = torch.ops.ostquant.quantize_act(x2, act_bits, act_sym, act_clip, fused_h)
+        # torch.ops.ostquant.* are registered by ostquant_vllm.kernels (imported by prepare_weights);
+        # quantize_act fuses H_down (I_b (x) H_{K/b}, b = hadamard_blocks; 0: none)
+        q, a_scale, a_zero = torch.ops.ostquant.quantize_act(x2, act_bits, act_sym, act_clip, hadamard_blocks)
         gemm_dtype = out_dtype if out_dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
         y = torch.ops.ostquant.int4_gemm(q, a_scale, a_zero, p.weight, p.w_scale, p.w_sum, gemm_dtype)
         y = y.to(out_dtype)

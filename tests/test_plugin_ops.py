@@ -106,8 +106,8 @@ def test_bf16_input_runs():
     assert y.dtype == torch.bfloat16 and y.shape == (2, 3, 32) and torch.isfinite(y).all()
 
 
-@pytest.mark.parametrize("act_bits,hadamard", [(4, True), (8, False)])
-def test_kernel_path_traces_under_torch_compile(act_bits, hadamard):
+@pytest.mark.parametrize("act_bits,blocks", [(4, 1), (4, 8), (8, 0)])
+def test_kernel_path_traces_under_torch_compile(act_bits, blocks):
     """vLLM compiles the model (fullgraph) and replays it in CUDA graphs: the kernel path must trace
     with no graph break and compute what the reference path does. Off the GPU the custom ops run
     their PyTorch fallbacks, so the traced graph is checked here; the CUDA side in tests/gpu."""
@@ -119,7 +119,6 @@ def test_kernel_path_traces_under_torch_compile(act_bits, hadamard):
     assert ref.path == "reference_int"
     kern = ops.Prepared("kernel", ref.w_scale, levels.sum(1, dtype=torch.int32), kernels.prepare_weight(qw), -1, k)
     x = torch.randn(5, k, dtype=torch.bfloat16) * 4
-    blocks = 1 if hadamard else 0
     torch._dynamo.reset()
     f = torch.compile(lambda t: ops.linear(t, kern, act_bits, False, 1.0, hadamard_blocks=blocks), fullgraph=True,
                       dynamic=True)

@@ -322,7 +322,13 @@ def test_hadamard_blocks_reach_the_checkpoint(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(pipeline, "calibrate", fake_calibrate)
     assert main(["calibrate", "--hadamard-blocks", "8"]) == 0
     assert seen["cfg"].hadamard_blocks == 8 and seen["cfg"].quant_format().hadamard_blocks == 8
-    assert pipeline.CalibConfig().hadamard_blocks == 1   # the default stays the full H_m
+    # the default (0) resolves from the intermediate size: 8 blocks where they exist, so TP 1, 2, 4, 8
+    assert pipeline.CalibConfig().quant_format(1536).hadamard_blocks == 8      # SmolLM2: 8 x (12 * 16)
+    assert pipeline.CalibConfig().quant_format(14336).hadamard_blocks == 8     # Llama-3-8B: 8 x (28 * 64)
+    assert pipeline.CalibConfig().quant_format(28672).hadamard_blocks == 8     # Llama-3-70B: 8 x (28 * 128)
+    assert pipeline.CalibConfig().quant_format(8 * 43).hadamard_blocks == 1    # no H_43, H_86, H_172: 1 (an
+    #                                                                               error later, naming the size)
+    assert pipeline.CalibConfig(hadamard_blocks=1).quant_format(1536).hadamard_blocks == 1
     capsys.readouterr()
 
     ckpt = export_tiny(str(tmp_path / "b8"), "w4a4kv4", hadamard_blocks=8)   # m = 192: 8 blocks of 24
@@ -435,3 +441,30 @@ def test_vllm_loaders_cut_like_the_emulation(vllm_tp, tmp_path, preset, tps):
                                               r"cannot split the online Hadamard of model\.layers\.0\.mlp\.down_proj"):
         L.RowParallelLinear(m, d, bias=False, quant_config=full_h, prefix="model.layers.0.mlp.down_proj")
     state.update(tp=1, rank=0)
+
+
+def test_widened_heads_compute_the_same_model(tmp_path):
+    """tests/gpu/vllm_tp.py widens the default model (9 query / 3 KV heads, which vLLM cannot split over
+    2 ranks) by storing every head twice and zeroing o_proj's columns of the copies. That transform must be
+    exact: calibration's fake-quant model of the widened checkpoint gives the original's logits (KV int4
+    quantizer, o_proj's per-token activation quantizer and all)."""
+    import importlib.util
+    import os
+
+    from calibrate.qmodel import load_fake_quant_model
+    from conftest import export_tiny
+
+    spec = importlib.util.spec_from_file_location("vllm_tp", os.path.join(os.path.dirname(__file__), "gpu", "vllm_tp.py"))
+    vllm_tp = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(vllm_tp)
+    src = export_tiny(str(tmp_path / "src"), "w4a4kv4", hadamard_blocks=8)
+    wide = vllm_tp.widen_heads(src, str(tmp_path / "wide"))
+    a, b = load_fake_quant_model(src), load_fake_quant_model(wide)
+    assert (b.config.num_attention_heads, b.config.num_key_value_heads) == (8, 4)
+    ids = torch.randint(10, 1000, (2, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        la, lb = a(ids).logits, b(ids).logits
+    torch.testing.assert_close(lb, la, rtol=1e-5, atol=1e-5 * la.abs().max().item())
+    assert torch.equal(la.argmax(-1), lb.argmax(-1))
+    for tp in (2, 4):  # and its linears split as the GPU run needs
+        check_tensor_parallel(b.config, QuantFormat(hadamard_blocks=8), tp)

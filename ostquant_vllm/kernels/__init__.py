@@ -2,7 +2,7 @@
 
     available() -> bool
     prepare_weight(qweight [N, K/2] int8) -> prepared weight (do once at load time)
-    quantize_act(x [..., K], bits, sym=False, clip=1.0, hadamard=False)
+    quantize_act(x [..., K], bits, sym=False, clip=1.0, hadamard=0)   (hadamard: blocks of I_b (x) H_{K/b})
         -> (q int8 [..., K], scale fp32 [..., 1], zero fp32 [..., 1])      (numerics.quantize_act's shapes)
     int4_gemm(a_q [M, K], a_scale [M] | [M, 1], a_zero [M] | [M, 1], w_prepared, w_scale [N] fp32 | fp16,
               w_sum [N] int32 (fp32 accepted, converted per call), out_dtype=torch.bfloat16) -> [M, N]
@@ -17,7 +17,7 @@ GEMMs must not run concurrently on different streams of one device.
 Inputs that cost nothing extra per call: a_scale / a_zero as quantize_act returns them (fp32),
 w_scale fp32 or fp16, w_sum int32 (precompute at load: levels.sum(1, dtype=int32)).
 CUDA path limits (else the PyTorch reference runs): bf16 input; plain quantize K <= 32768;
-fused Hadamard K = 2^k * b with b in HAD_B and K <= 51200; GEMM N % 16 == 0, K % 64 == 0
+fused Hadamard K / blocks = 2^k * b with b in HAD_B, blocks a power of two, K <= 51200; GEMM N % 16 == 0, K % 64 == 0
 (the wgmma kernels need K % 128 == 0, else mma.sync tiles). Kernel choice: _auto_force.
 """
 from __future__ import annotations
@@ -104,14 +104,16 @@ def _had_table(k: int, device: torch.device) -> tuple[int, int, torch.Tensor]:
     return _H_TABLES[key]
 
 
-def _quant_kernel_ok(x: torch.Tensor, bits: int, hadamard: bool) -> bool:
+def _quant_kernel_ok(x: torch.Tensor, bits: int, hadamard: int) -> bool:
     k = x.shape[-1]
     if x.dtype != torch.bfloat16 or k % 8 or not 2 <= bits <= 8 or not _use_cuda(x):
         return False
     if not hadamard:
         return k <= _PLAIN_MAX_K
+    if hadamard & (hadamard - 1) or k % hadamard:  # the kernel splits off power-of-two blocks only
+        return False
     try:
-        p2, b = _had.factor(k)
+        p2, b = _had.factor(k // hadamard)
     except ValueError:
         return False
     return b in HAD_B and k * 4 <= _HAD_SMEM_MAX
@@ -119,7 +121,7 @@ def _quant_kernel_ok(x: torch.Tensor, bits: int, hadamard: bool) -> bool:
 
 @torch.library.custom_op("ostquant::quantize_act", mutates_args=())
 def _quantize_act_op(x: torch.Tensor, bits: int, sym: bool, clip: float,
-                     hadamard: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                     hadamard: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     if not _quant_kernel_ok(x, bits, hadamard):
         q, s, z = quantize_act_ref(x, bits, sym, clip, hadamard)
         return q.contiguous(), s.contiguous(), z.contiguous()
@@ -131,7 +133,7 @@ def _quantize_act_op(x: torch.Tensor, bits: int, sym: bool, clip: float,
 
 def _quant_cuda(x, bits, sym, clip, hadamard, out=None, variant=None):
     """Launch the CUDA quantizer on x [..., K] -> (q [M, K], scale [M, 1], zero [M, 1]);
-    `out` (tests): preallocated (q, scale, zero)."""
+    hadamard: 0, or the blocks b of I_b (x) H_{K/b} applied first. `out` (tests): preallocated (q, scale, zero)."""
     k = x.shape[-1]
     x2 = x.reshape(-1, k).contiguous()
     if x2.data_ptr() % 16:  # 16-B vector loads
@@ -145,7 +147,7 @@ def _quant_cuda(x, bits, sym, clip, hadamard, out=None, variant=None):
         q, s, z = out
     if m:
         if hadamard:
-            b, log2p, table = _had_table(k, x.device)
+            b, log2p, table = _had_table(k // hadamard, x.device)
         else:
             b, log2p, table = 1, 0, None
         rc = _lib.load().ostq_quantize_act(_ptr(x2), _ptr(q), _ptr(s), _ptr(z), m, k, bits, int(sym),
@@ -163,10 +165,11 @@ def _(x, bits, sym, clip, hadamard):
             x.new_empty((*shp, 1), dtype=torch.float32))
 
 
-def quantize_act(x: torch.Tensor, bits: int, sym: bool = False, clip: float = 1.0, hadamard: bool = False):
-    """Per-token quantization of x [..., K] (optionally after the K-point Hadamard, in one kernel).
-    Same result as numerics.quantize_act(hadamard.apply_hadamard(x.float()) if hadamard else x, ...)."""
-    return torch.ops.ostquant.quantize_act(x, int(bits), bool(sym), float(clip), bool(hadamard))
+def quantize_act(x: torch.Tensor, bits: int, sym: bool = False, clip: float = 1.0, hadamard: int = 0):
+    """Per-token quantization of x [..., K], optionally after the Hadamard I_b (x) H_{K/b} with b = `hadamard`
+    blocks (True: 1, the full H_K), in one kernel. Same result as
+    numerics.quantize_act(hadamard.apply_hadamard(x.float(), b) if b else x, ...)."""
+    return torch.ops.ostquant.quantize_act(x, int(bits), bool(sym), float(clip), int(hadamard))
 
 
 # ---------------------------------------------------------------------------------------------

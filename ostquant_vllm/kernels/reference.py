@@ -9,11 +9,12 @@ from ..hadamard import apply_hadamard
 from .layout import weight_levels
 
 
-def quantize_act_ref(x: torch.Tensor, bits: int, sym: bool = False, clip: float = 1.0, hadamard: bool = False):
-    """(q int8 [..., K], scale fp32 [..., 1], zero fp32 [..., 1]): quantize_act(apply_hadamard(x.float()))."""
+def quantize_act_ref(x: torch.Tensor, bits: int, sym: bool = False, clip: float = 1.0, hadamard: int = 0):
+    """(q int8 [..., K], scale fp32 [..., 1], zero fp32 [..., 1]): quantize_act(apply_hadamard(x.float(), b)),
+    b = `hadamard` blocks (0: no Hadamard; True: 1)."""
     xf = x.float()
     if hadamard:
-        xf = apply_hadamard(xf)
+        xf = apply_hadamard(xf, int(hadamard))
     return numerics.quantize_act(xf, bits, sym=sym, clip=clip)
 
 

@@ -221,6 +221,34 @@ def test_quantize_hadamard(k, variant):
             _check_quant(x.to(torch.bfloat16), bits, sym, 1.0, True, variant)
 
 
+# (K, blocks): the block-diagonal I_b (x) H_{K/b} of a TP-splittable checkpoint, full rows and one
+# rank's slice: SmolLM2 (1536 = 8 x 12*16) at TP 1/2, Llama-3-8B (14336 = 8 x 28*64) at TP 1/2/4,
+# Llama-3-70B (28672 = 8 x 28*128) at TP 1/2
+HAD_BLOCKS = [(1536, 8), (768, 4), (14336, 8), (7168, 4), (3584, 2), (28672, 8), (14336, 4), (4096, 2)]
+
+
+@pytest.mark.parametrize("variant", [0, 1])
+@pytest.mark.parametrize("k,blocks", HAD_BLOCKS)
+def test_quantize_hadamard_blocks(k, blocks, variant):
+    assert kernels._quant_kernel_ok(torch.empty(1, k, dtype=torch.bfloat16, device=DEV), 4, blocks)
+    gen = torch.Generator(device=DEV).manual_seed(k + blocks)
+    for m in MS[:4]:
+        for bits, sym in [(4, False), (8, False), (4, True)]:
+            x = torch.randn(m, k, device=DEV, generator=gen)
+            x[:, :: max(1, k // 7)] *= 20
+            x[: m // 2, : k // blocks] *= 8  # one block much larger: the row's scale must span all blocks
+            _check_quant(x.to(torch.bfloat16), bits, sym, 1.0, blocks, variant)
+
+
+def test_quantize_hadamard_blocks_not_power_of_two_falls_back():
+    """3 blocks cannot be split off by the kernel's butterflies: the op takes the reference."""
+    x = torch.randn(5, 3 * 512, device=DEV).to(torch.bfloat16)
+    assert not kernels._quant_kernel_ok(x, 4, 3)
+    q, s, z = kernels.quantize_act(x, 4, hadamard=3)
+    qr, sr, zr = quantize_act_ref(x, 4, False, 1.0, 3)
+    assert torch.equal(q, qr) and torch.allclose(s, sr, rtol=1e-6)
+
+
 def test_quantize_public_api_shapes():
     x = torch.randn(2, 3, 1536, device=DEV).to(torch.bfloat16)
     q, s, z = kernels.quantize_act(x, 4, hadamard=True)

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Issue 8 on nvidia-h200-x2 (or larger): calibrate the default model on the GPU (QuaRot, calibration's
+# defaults: H_down in 8 blocks), then tests/gpu/vllm_tp.py: vLLM greedy tokens at TP 1 and TP 2.
+#   bash tests/gpu/vllm_tp.sh w4a16kv4 w4a8kv4 w4a4kv4
+# Needs the vLLM bundle (../shared/gpu, 4 calls) and the default model (benchmarks/gpu_accuracy.sh
+# receive + setup); carry ["ostquant_vllm/kernels/_build"]. Writes $OUT/vllm_tp.json.
+set -uo pipefail
+. /tmp/vllm-bundle/env.sh || exit 1
+# NVLink multicast stays off (the lent machines' rule); vLLM's FlashInfer all-reduce fusion is off too
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 VLLM_ALLREDUCE_USE_SYMM_MEM=0 \
+    VLLM_ALLREDUCE_USE_FLASHINFER=0 VLLM_FLASHINFER_ALLREDUCE_BACKEND=trtllm
+export OSTQUANT_CACHE=/tmp/ostq-cache PYTHONUNBUFFERED=1 OSTQUANT_KERNELS_LIB=$PWD/ostquant_vllm/kernels/_build/libostquant_kernels.so
+if [ ! -d /tmp/ostq-site/ostquant_vllm ]; then
+    python3 -m pip install -q --no-index --no-deps --no-build-isolation --target /tmp/ostq-site . 2>&1 | tail -2
+fi
+export PYTHONPATH=$PWD:/tmp/site:/tmp/ostq-site:$PYTHONPATH
+# one checkpoint a preset (default w4a4kv4): W4A16 has no activation quantizer, so TP cannot change
+# its numerics beyond the float all-reduce; W4A4/W4A8 quantize each rank's slice (tensor_parallel.py)
+for PRESET in "${@:-w4a4kv4}"; do
+    CKPT=/tmp/ckpt-tp-quarot-$PRESET
+    if [ ! -f $CKPT/config.json ]; then
+        python3 -c "
+from calibrate.pipeline import CalibConfig, calibrate
+calibrate(CalibConfig(method='quarot', preset='$PRESET', eval_float=False, qsur=False), out_dir='$CKPT')" \
+            > /tmp/calibrate-$PRESET.log 2>&1 || { tail -20 /tmp/calibrate-$PRESET.log; exit 1; }
+    fi
+    python3 tests/gpu/vllm_tp.py $CKPT "$OUT/vllm_tp.json" || exit 1
+done
