@@ -6,12 +6,7 @@
 # configs are skipped, so one config list can be spread over several calls) and come back in $OUT.
 #   bash benchmarks/gpu_e2e.sh --configs bf16,fp8            then   --configs w4a16,ostquant_w4a8kv4 ...
 set -uo pipefail
-. /tmp/vllm-bundle/env.sh || exit 1
-export PYTHONUNBUFFERED=1 OSTQUANT_KERNELS_LIB=$PWD/ostquant_vllm/kernels/_build/libostquant_kernels.so
-if [ ! -d /tmp/ostq-site/ostquant_vllm ]; then
-    python3 -m pip install -q --no-index --no-deps --no-build-isolation --target /tmp/ostq-site . 2>&1 | tail -2
-fi
-export PYTHONPATH=$PWD:/tmp/ostq-site:$PYTHONPATH
+. benchmarks/gpu_vllm_env.sh || exit 1
 trap 'cp /tmp/e2e_vllm.json "$OUT/" 2>/dev/null || true' EXIT
 nvidia-smi --query-gpu=name,memory.used,memory.total,clocks.sm,temperature.gpu --format=csv
 timeout "${E2E_TIMEOUT:-560}" python3 -m benchmarks.e2e_vllm --out /tmp/e2e_vllm.json --resume "$@"

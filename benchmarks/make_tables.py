@@ -244,7 +244,7 @@ def vllm_tp_table(path: str) -> str:
            f"2x by an exact transform because vLLM cannot split 9 query / 3 KV heads over 2 ranks: "
            f"tests/gpu/vllm_tp.py)", "",
            "| checkpoint | widened TP 1 = original TP 1 | TP 2 vs TP 1: same tokens | identical sequences | "
-           "agreement with calibration's model, TP 1 / TP 2 | its own 1e-6 noise floor |",
+           "agreement with calibration's model, TP 1 / TP 2 (reference built for TP) | its own 1e-6 noise floor |",
            "| --- | --- | --- | --- | --- | --- |"]
     for r in d["rows"]:
         q, w, t = r["quantization_config"], r["widened_tp1_vs_original_tp1"], r["tp2_vs_tp1"]
@@ -252,12 +252,16 @@ def vllm_tp_table(path: str) -> str:
         name = (f"QuaRot W4A{q['act_bits']}KV{q['kv_bits']}, H_down in {q['hadamard_blocks']} blocks")
         out.append(f"| {name} | {w['identical_sequences']}/{w['prompts']} sequences | {t['same_token_fraction']:.3f} | "
                    f"{t['identical_sequences']}/{t['prompts']} | {runs['widened_tp1']['token_agreement']:.3f} / "
-                   f"{runs['widened_tp2']['token_agreement']:.3f} | {runs['widened_tp2']['noise_token_agreement']:.3f} |")
+                   f"{runs['widened_tp2']['token_agreement']:.3f} "
+                   f"({runs['widened_tp2'].get('reference_tensor_parallel_size', 1)}) | "
+                   f"{runs['widened_tp2']['noise_token_agreement']:.3f} |")
     out += ["- greedy tokens are compared free-running: after the first token that differs the two runs continue from "
             "different text. How far a 4-bit checkpoint's own round-off moves its greedy choices is the noise floor "
             "(calibration's model against itself with its inputs perturbed by 1e-6, teacher-forced); TP changes "
             "o_proj's and down_proj's activation quantizer by design (each rank quantizes its slice), so a TP 2 "
-            "run is judged by its agreement with calibration's model against TP 1's and that floor.",
+            "run is judged by its agreement with calibration's model against TP 1's and that floor. In brackets: "
+            "the TP degree the reference was built for (load_fake_quant_model(tensor_parallel_size=...); 1: the "
+            "full-row quantizer of calibration).",
             f"- command: `{d['command']}`"]
     return "\n".join(out)
 

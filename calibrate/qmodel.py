@@ -23,7 +23,14 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from ostquant_vllm.format import QUANTIZED_LINEARS, QuantFormat, validate_checkpoint
 from ostquant_vllm.hadamard import apply_hadamard
-from ostquant_vllm.numerics import dequantize_weight, fake_quant_act, fake_quant_kv, fake_quant_weight, unpack_int4
+from ostquant_vllm.numerics import (
+    dequantize_weight,
+    fake_quant_act,
+    fake_quant_kv,
+    fake_quant_weight,
+    unpack_int4,
+)
+from ostquant_vllm.tensor_parallel import ROW_PARALLEL
 
 ATTN_IMPL = "ostquant_sdpa"
 
@@ -48,13 +55,16 @@ class QuantSettings:
 
 
 class QuantLinear(nn.Linear):
-    """hadamard: 0 = none, b = the online x -> x (I_b (x) H_{in/b}) (down_proj's H_down), as the plugin."""
+    """hadamard: 0 = none, b = the online x -> x (I_b (x) H_{in/b}) (down_proj's H_down), as the plugin.
+    act_slices: the activation quantizer's scale is per token and per slice of in/act_slices inputs
+    (1 in calibration; at tensor parallel size tp, vLLM's row-parallel layers quantize tp slices)."""
 
     def __init__(self, lin: nn.Linear, settings: QuantSettings, hadamard: int = 0):
         nn.Module.__init__(self)
         self.in_features, self.out_features = lin.in_features, lin.out_features
         self.weight, self.bias = lin.weight, lin.bias
         self.settings, self.hadamard = settings, int(hadamard)
+        self.act_slices = 1
 
     def rotate_input(self, x):
         return apply_hadamard(x, self.hadamard) if self.hadamard else x
@@ -64,7 +74,10 @@ class QuantLinear(nn.Linear):
         q = self.settings
         w = self.weight
         if q.enabled:
-            x = fake_quant_act(x, q.a_bits, q.a_sym, q.a_clip)
+            if self.act_slices == 1:
+                x = fake_quant_act(x, q.a_bits, q.a_sym, q.a_clip)
+            else:
+                x = torch.cat([fake_quant_act(c, q.a_bits, q.a_sym, q.a_clip) for c in x.chunk(self.act_slices, -1)], -1)
             if q.w_fake:
                 w = fake_quant_weight(w, q.w_bits, q.w_group)
         return F.linear(x, w, self.bias)
@@ -123,8 +136,11 @@ def set_quantized_weights(model, qweights: dict, group_size: int, keep_dtype: to
                 p.copy_(p.to(keep_dtype).to(p.dtype))
 
 
-def load_fake_quant_model(ckpt_dir: str, dtype=torch.float32, kv_cache_dtype=torch.bfloat16):
-    """The model calibration evaluated, rebuilt from an exported checkpoint (validated first)."""
+def load_fake_quant_model(ckpt_dir: str, dtype=torch.float32, kv_cache_dtype=torch.bfloat16,
+                          tensor_parallel_size: int = 1):
+    """The model calibration evaluated, rebuilt from an exported checkpoint (validated first).
+    tensor_parallel_size > 1: the model vLLM serves at that TP degree instead, whose row-parallel
+    o_proj and down_proj quantize each rank's slice of a token on its own (tensor_parallel.py)."""
     from safetensors.torch import load_file
 
     fmt = validate_checkpoint(ckpt_dir)
@@ -149,6 +165,9 @@ def load_fake_quant_model(ckpt_dir: str, dtype=torch.float32, kv_cache_dtype=tor
     set_quantized_weights(model, qweights, fmt.weight_group_size)
     settings = QuantSettings.from_format(fmt, kv_cache_dtype=kv_cache_dtype)
     quantize_model(model, settings, had_down=fmt.hadamard_blocks if fmt.online_hadamard["down_proj"] else 0)
+    for name, m in model.named_modules():
+        if isinstance(m, QuantLinear) and name.rsplit(".", 1)[-1] in ROW_PARALLEL:
+            m.act_slices = tensor_parallel_size
     model.eval()
     model.ostquant_format = fmt
     return model

@@ -80,15 +80,16 @@ def export_tiny(out_dir: str, preset: str = "w4a4kv4", seed: int = 0, **fmt_over
     return out_dir
 
 
-def tiny_reference(ckpt_dir: str, dtype=torch.float32):
+def tiny_reference(ckpt_dir: str, dtype=torch.float32, tensor_parallel_size: int = 1):
     """The fake-quant HF model of an exported checkpoint (stand-in for calibrate.qmodel)."""
     try:
         from calibrate.qmodel import load_fake_quant_model
 
         # the KV cache of a vLLM run holds the model dtype: round the rotated K/V to it
-        return load_fake_quant_model(ckpt_dir, dtype, kv_cache_dtype=dtype)
+        return load_fake_quant_model(ckpt_dir, dtype, kv_cache_dtype=dtype, tensor_parallel_size=tensor_parallel_size)
     except ImportError:
-        pass
+        if tensor_parallel_size != 1:
+            raise
     from safetensors.torch import load_file
     from transformers import AttentionInterface, AutoConfig, LlamaForCausalLM
     from transformers.integrations.sdpa_attention import sdpa_attention_forward

@@ -12,7 +12,8 @@ query / 6 KV heads and down_proj's I_8 (x) H_192 as it would any model's.
 
 What TP changes by design (tensor_parallel.py): the row-parallel o_proj and down_proj quantize each
 rank's slice of a token with its own scale. The script reports how much of the greedy output that
-moves, and the teacher-forced agreement of each run with calibration's fake-quant model.
+moves, and the teacher-forced agreement of each run with calibration's fake-quant model built for its
+TP degree (load_fake_quant_model(tensor_parallel_size=tp)).
 
     python3 tests/gpu/vllm_tp.py CKPT OUT.json      (tests/gpu/vllm_tp.sh PRESET... on the GPU machine)
 """
@@ -80,10 +81,12 @@ def child(ckpt: str, tp: int) -> None:
     start_s = time.time() - t0
     greedy = SamplingParams(max_tokens=N_TOKENS, temperature=0.0, ignore_eos=True)
     tokens = [list(o.outputs[0].token_ids) for o in llm.generate(REAL_TEXT_PROMPTS, greedy, use_tqdm=False)]
-    ref = load_fake_quant_model(ckpt, torch.float32, kv_cache_dtype=torch.bfloat16)
+    # the model vLLM should serve at this TP degree: at TP 2, o_proj's and down_proj's activations
+    # quantized per rank (what TP changes by design, tensor_parallel.py)
+    ref = load_fake_quant_model(ckpt, torch.float32, kv_cache_dtype=torch.bfloat16, tensor_parallel_size=tp)
     res = agreement(llm, ref, REAL_TEXT_PROMPTS, N_TOKENS)
     print("TP_ROW " + json.dumps({"checkpoint": ckpt, "tp": tp, "engine_start_s": start_s, "tokens": tokens,
-                                  **res}), flush=True)
+                                  "reference_tensor_parallel_size": tp, **res}), flush=True)
     os._exit(0)
 
 

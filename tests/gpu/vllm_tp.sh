@@ -5,15 +5,7 @@
 # Needs the vLLM bundle (../shared/gpu, 4 calls) and the default model (benchmarks/gpu_accuracy.sh
 # receive + setup); carry ["ostquant_vllm/kernels/_build"]. Writes $OUT/vllm_tp.json.
 set -uo pipefail
-. /tmp/vllm-bundle/env.sh || exit 1
-# NVLink multicast stays off (the lent machines' rule); vLLM's FlashInfer all-reduce fusion is off too
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 VLLM_ALLREDUCE_USE_SYMM_MEM=0 \
-    VLLM_ALLREDUCE_USE_FLASHINFER=0 VLLM_FLASHINFER_ALLREDUCE_BACKEND=trtllm
-export OSTQUANT_CACHE=/tmp/ostq-cache PYTHONUNBUFFERED=1 OSTQUANT_KERNELS_LIB=$PWD/ostquant_vllm/kernels/_build/libostquant_kernels.so
-if [ ! -d /tmp/ostq-site/ostquant_vllm ]; then
-    python3 -m pip install -q --no-index --no-deps --no-build-isolation --target /tmp/ostq-site . 2>&1 | tail -2
-fi
-export PYTHONPATH=$PWD:/tmp/site:/tmp/ostq-site:$PYTHONPATH
+. benchmarks/gpu_vllm_env.sh || exit 1
 # one checkpoint a preset (default w4a4kv4): W4A16 has no activation quantizer, so TP cannot change
 # its numerics beyond the float all-reduce; W4A4/W4A8 quantize each rank's slice (tensor_parallel.py)
 for PRESET in "${@:-w4a4kv4}"; do
