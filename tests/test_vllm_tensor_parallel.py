@@ -16,7 +16,7 @@ import torch
 
 pytest.importorskip("vllm")
 
-from conftest import REAL_TEXT_PROMPTS, agreement, export_tiny, tiny_reference  # noqa: E402
+from conftest import REAL_TEXT_PROMPTS, agreement, export_tiny, tiny_reference
 
 
 @contextlib.contextmanager
@@ -45,8 +45,9 @@ def greedy(llm, n=16):
     return toks, lps
 
 
-def test_w4a16_tp2_equals_tp1(tmp_path, monkeypatch):
-    ckpt = export_tiny(str(tmp_path / "w4a16"), "w4a16", hadamard_blocks=8)
+@pytest.mark.parametrize("group", [-1, 16])   # per-channel scales, and group scales that TP 2 splits by group
+def test_w4a16_tp2_equals_tp1(tmp_path, monkeypatch, group):
+    ckpt = export_tiny(str(tmp_path / "w4a16"), "w4a16", hadamard_blocks=8, weight_group_size=group)
     with engine(ckpt, 1, monkeypatch) as llm:
         t1, l1 = greedy(llm)
     with engine(ckpt, 2, monkeypatch) as llm:

@@ -37,7 +37,8 @@ def widen_heads(src: str, dst: str, factor: int = 2) -> str:
     (exact; see the module docstring). Returns dst."""
     from safetensors.torch import load_file, save_file
 
-    cfg = json.load(open(os.path.join(src, "config.json")))
+    with open(os.path.join(src, "config.json")) as f:
+        cfg = json.load(f)
     nh, nkv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
     hd = cfg.get("head_dim") or cfg["hidden_size"] // nh
     sd = load_file(os.path.join(src, "model.safetensors"))
@@ -63,7 +64,8 @@ def widen_heads(src: str, dst: str, factor: int = 2) -> str:
         shutil.rmtree(dst)
     shutil.copytree(src, dst, ignore=shutil.ignore_patterns("model.safetensors", "config.json"))
     save_file(out, os.path.join(dst, "model.safetensors"), metadata={"format": "pt"})
-    json.dump(cfg, open(os.path.join(dst, "config.json"), "w"), indent=2)
+    with open(os.path.join(dst, "config.json"), "w") as f:
+        json.dump(cfg, f, indent=2)
     return dst
 
 
@@ -92,12 +94,17 @@ def child(ckpt: str, tp: int) -> None:
 
 def run(ckpt: str, tp: int) -> dict:
     p = subprocess.run([sys.executable, __file__, "--child", ckpt, str(tp)], stdout=subprocess.PIPE,
-                       stderr=subprocess.STDOUT, text=True)
+                       stderr=subprocess.STDOUT, text=True, check=False)
     rows = [json.loads(line[7:]) for line in p.stdout.splitlines() if line.startswith("TP_ROW ")]
     if not rows:
         print(p.stdout[-6000:])
         raise SystemExit(f"vLLM at TP {tp} on {ckpt} failed (exit {p.returncode})")
     return rows[0]
+
+
+def _read(path: str) -> dict:
+    with open(path) as f:
+        return json.load(f)
 
 
 def compare(a: list, b: list) -> dict:
@@ -114,16 +121,17 @@ def main(ckpt: str, out_path: str) -> None:
     wide = widen_heads(ckpt, ckpt.rstrip("/") + "-widened")
     runs = {"original_tp1": run(ckpt, 1), "widened_tp1": run(wide, 1), "widened_tp2": run(wide, 2)}
     tok = {k: r.pop("tokens") for k, r in runs.items()}
-    result = json.load(open(out_path)) if os.path.exists(out_path) else {
+    result = _read(out_path) if os.path.exists(out_path) else {
         "gpu": torch.cuda.get_device_name(), "gpu_count": torch.cuda.device_count(), "vllm": vllm.__version__,
         "torch": torch.__version__, "command": "bash tests/gpu/vllm_tp.sh PRESET...", "rows": []}
-    qc = json.load(open(os.path.join(ckpt, "config.json")))["quantization_config"]
+    qc = _read(os.path.join(ckpt, "config.json"))["quantization_config"]
     row = {"checkpoint": ckpt, "quantization_config": qc, "runs": runs,
            "widened_tp1_vs_original_tp1": compare(tok["original_tp1"], tok["widened_tp1"]),
            "tp2_vs_tp1": compare(tok["widened_tp1"], tok["widened_tp2"])}
     print(json.dumps({k: v for k, v in row.items() if k != "runs"}, indent=1))
     result["rows"] = [r for r in result["rows"] if r["checkpoint"] != ckpt] + [row]
-    json.dump(result, open(out_path, "w"), indent=1)
+    with open(out_path, "w") as f:
+        json.dump(result, f, indent=1)
 
 
 if __name__ == "__main__":
