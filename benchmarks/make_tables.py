@@ -247,10 +247,11 @@ def vllm_tp_table(path: str) -> str:
            "agreement with calibration's model, TP 1 / TP 2 (reference built for TP) | its own 1e-6 noise floor |",
            "| --- | --- | --- | --- | --- | --- |"]
     for r in d["rows"]:
-        q, w, t = r["quantization_config"], r["widened_tp1_vs_original_tp1"], r["tp2_vs_tp1"]
+        q, w, t = r["quantization_config"], r.get("widened_tp1_vs_original_tp1"), r["tp2_vs_tp1"]
         runs = r["runs"]
         name = (f"QuaRot W4A{q['act_bits']}KV{q['kv_bits']}, H_down in {q['hadamard_blocks']} blocks")
-        out.append(f"| {name} | {w['identical_sequences']}/{w['prompts']} sequences | {t['same_token_fraction']:.3f} | "
+        same = f"{w['identical_sequences']}/{w['prompts']} sequences" if w else "not run"
+        out.append(f"| {name} | {same} | {t['same_token_fraction']:.3f} | "
                    f"{t['identical_sequences']}/{t['prompts']} | {runs['widened_tp1']['token_agreement']:.3f} / "
                    f"{runs['widened_tp2']['token_agreement']:.3f} "
                    f"({runs['widened_tp2'].get('reference_tensor_parallel_size', 1)}) | "

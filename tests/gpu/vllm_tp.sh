@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Issue 8 on nvidia-h200-x2 (or larger): calibrate the default model on the GPU (QuaRot, calibration's
 # defaults: H_down in 8 blocks), then tests/gpu/vllm_tp.py: vLLM greedy tokens at TP 1 and TP 2.
-#   bash tests/gpu/vllm_tp.sh w4a16kv4 w4a8kv4 w4a4kv4
+#   bash tests/gpu/vllm_tp.sh w4a16kv4 w4a8kv4 w4a4kv4     (VLLM_TP_SKIP_ORIGINAL=1: no TP 1 run of the unwidened checkpoint)
 # Needs the vLLM bundle (../shared/gpu, 4 calls) and the default model (benchmarks/gpu_accuracy.sh
 # receive + setup); carry ["ostquant_vllm/kernels/_build"]. Writes $OUT/vllm_tp.json.
 set -uo pipefail
