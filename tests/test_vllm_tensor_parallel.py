@@ -8,32 +8,20 @@ checkpoint at TP 1 and TP 2, through vLLM's real weight loaders, process group a
   held to TP 1's bar against calibration's model with that quantizer (tensor_parallel_size=2).
 Each engine runs in vLLM's own worker processes; H_down is in 8 blocks (calibration's default).
 """
-import contextlib
-import gc
-
 import pytest
 import torch
 
 pytest.importorskip("vllm")
 
 from conftest import REAL_TEXT_PROMPTS, agreement, export_tiny, tiny_reference
+from test_vllm_offline import vllm_llm
 
 
-@contextlib.contextmanager
 def engine(ckpt, tp, monkeypatch):
-    from vllm import LLM
-    from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
-
+    """vllm_llm (eager, 256 tokens, seed 0, torn down after) at tensor parallel size tp."""
     if tp > 1:  # vLLM binds each CPU worker to cores; it cannot infer a split on one NUMA node
         monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "|".join(str(i % 2) for i in range(tp)))
-    llm = LLM(model=ckpt, quantization="ostquant", dtype="float32", enforce_eager=True, max_model_len=256, seed=0,
-              tensor_parallel_size=tp)
-    try:
-        yield llm
-    finally:
-        del llm
-        gc.collect()
-        cleanup_dist_env_and_memory()
+    return vllm_llm(ckpt, quantization="ostquant", dtype="float32", tensor_parallel_size=tp)
 
 
 def greedy(llm, n=16):
