@@ -33,7 +33,6 @@ from .ops import count
 
 logger = logging.getLogger("ostquant_vllm")
 
-NATIVE = "int4_per_token_head"
 HEAD_SIZES = (64, 128)
 MAX_GROUP = 16          # query heads per KV head the decode kernel takes (m16n8k16 rows)
 CTAS_PER_SM = 4         # decode kernel occupancy (__launch_bounds__(128, 4) for groups <= 8)
