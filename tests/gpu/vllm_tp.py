@@ -74,12 +74,14 @@ def child(ckpt: str, tp: int) -> None:
     from conftest import REAL_TEXT_PROMPTS, agreement
     from vllm import LLM, SamplingParams
 
+    from benchmarks.e2e_vllm import TP_ENV, TP_PASS_CONFIG
     from calibrate.qmodel import load_fake_quant_model
 
+    os.environ.update(TP_ENV)  # NVLink multicast off (the lent machines' rule); read by vLLM's workers
     t0 = time.time()
     llm = LLM(model=ckpt, quantization="ostquant", dtype="bfloat16", max_model_len=512, enforce_eager=True,
               gpu_memory_utilization=0.3, seed=0, kv_cache_dtype="int4_per_token_head", tensor_parallel_size=tp,
-              compilation_config={"pass_config": {"fuse_allreduce_rms": False}})  # no FlashInfer multicast
+              compilation_config={"pass_config": dict(TP_PASS_CONFIG)})
     start_s = time.time() - t0
     greedy = SamplingParams(max_tokens=N_TOKENS, temperature=0.0, ignore_eos=True)
     tokens = [list(o.outputs[0].token_ids) for o in llm.generate(REAL_TEXT_PROMPTS, greedy, use_tqdm=False)]
