@@ -10,6 +10,7 @@ import glob
 import logging
 import os
 import re
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -124,11 +125,22 @@ def convert_gguf(gguf_path: str, out: str) -> str:
     if unexpected or [k for k in missing if "lm_head" not in k]:
         raise RuntimeError(f"GGUF conversion of {fname}: missing {missing}, unexpected {unexpected}")
     model.tie_weights()
-    tmp = out + ".tmp"
+    tmp = f"{out}.tmp{os.getpid()}"  # per process: concurrent conversions must not share a folder
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
     if src.generation_config is not None:
         src.generation_config.save_pretrained(tmp)
+    return publish_folder(tmp, out)
+
+
+def publish_folder(tmp: str, out: str) -> str:
+    """Move a finished folder into place atomically. When another process got there first with a
+    complete model, keep its folder and drop ours (concurrent runs on a fresh cache)."""
     os.makedirs(os.path.dirname(out), exist_ok=True)
-    os.replace(tmp, out)
+    try:
+        os.replace(tmp, out)
+    except OSError:
+        if not os.path.exists(os.path.join(out, "model.safetensors")):
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
     return out

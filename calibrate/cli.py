@@ -35,6 +35,8 @@ def _calibrate_parser(sub):
     p.add_argument("--steps", type=int, default=d.train.steps, help="training steps (ostquant)")
     p.add_argument("--batch", type=int, default=d.train.batch, help="windows per training step")
     p.add_argument("--micro-batch", type=int, default=d.train.micro_batch)
+    p.add_argument("--lr-rot", type=float, default=d.train.lr_rot, help="rotations' learning rate (official)")
+    p.add_argument("--lr-scale", type=float, default=d.train.lr_scale, help="scales' learning rate (official)")
     p.add_argument("--train-windows", type=int, default=d.train_windows)
     p.add_argument("--train-seqlen", type=int, default=d.train_seqlen)
     p.add_argument("--calib-text", choices=["c4", "wiki"], default=d.calib_text,
@@ -69,7 +71,8 @@ def _cmd_calibrate(a) -> int:
         weight_quant=a.weight_quant, act_sym=a.act_sym, act_clip=a.act_clip,
         hadamard_blocks=a.hadamard_blocks, init=a.init,
         calib_text=a.calib_text, calib_windows=a.calib_windows, calib_seqlen=a.calib_seqlen,
-        train=TrainConfig(steps=a.steps, batch=a.batch, micro_batch=a.micro_batch, save_every=a.save_every, seed=a.seed),
+        train=TrainConfig(steps=a.steps, batch=a.batch, micro_batch=a.micro_batch, lr_rot=a.lr_rot,
+                          lr_scale=a.lr_scale, save_every=a.save_every, seed=a.seed),
         train_windows=a.train_windows, train_seqlen=a.train_seqlen, eval_windows=a.eval_windows,
         eval_seqlen=a.eval_seqlen, eval_float=not a.no_eval_float, qsur=not a.no_qsur,
         zeroshot_tasks=tuple(t for t in a.zeroshot.split(",") if t), zeroshot_limit=a.zeroshot_limit,

@@ -248,3 +248,23 @@ def test_calibration_on_the_evaluation_text_never_overlaps_it(monkeypatch):
     assert (w[:, 1:] - w[:, :-1] == 1).all()  # contiguous windows of the text
     with pytest.raises(ValueError, match="after the 960 held out for evaluation"):
         data.calib_windows(None, "wiki", seqlen=50, n=4, skip_tokens=960)
+
+
+def test_concurrent_model_conversions_keep_the_first_complete_folder(tmp_path):
+    """Two calibrations on a fresh cache convert the same GGUF side by side: the second to finish
+    keeps the first one's folder instead of failing, and an incomplete folder is never taken."""
+    from calibrate.assets import publish_folder
+
+    out = tmp_path / "models" / "m"
+    for i in (1, 2):
+        (tmp_path / f"tmp{i}").mkdir()
+        (tmp_path / f"tmp{i}" / "model.safetensors").write_text(f"run {i}")
+    assert publish_folder(str(tmp_path / "tmp1"), str(out)) == str(out)
+    publish_folder(str(tmp_path / "tmp2"), str(out))
+    assert (out / "model.safetensors").read_text() == "run 1" and not (tmp_path / "tmp2").exists()
+    bad = tmp_path / "models" / "bad"
+    (bad / "partial").mkdir(parents=True)
+    (tmp_path / "tmp3").mkdir()
+    (tmp_path / "tmp3" / "model.safetensors").write_text("run 3")
+    with pytest.raises(OSError):
+        publish_folder(str(tmp_path / "tmp3"), str(bad))
