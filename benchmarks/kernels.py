@@ -250,7 +250,7 @@ def main():
     if not args.skip_quant:
         quant_rows(rows, copy_tbps, gen, args.quick)
         save()
-    for model in args.models.split(","):
+    for model in filter(None, args.models.split(",")):  # --models "": the quantize rows only
         for layer, K, N in LAYERS[model]:
             gemm_rows(model, layer, K, N, gen, rows, args.quick, [int(m) for m in args.ms.split(",") if m])
             save()

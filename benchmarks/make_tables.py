@@ -205,6 +205,24 @@ def kernels_midm_table(path: str) -> str:
     return "\n".join(out)
 
 
+def kernels_quant_table(path: str) -> str:
+    """The activation quantizers: µs and fraction of the run's own copy bandwidth, many tokens."""
+    d = json.load(open(path))
+    by = {}
+    for r in d["rows"]:
+        if r.get("kind") == "quantize" and r["M"] in (2048, 8192):
+            by.setdefault((r["K"], r["M"]), {})[r["kernel"]] = r
+    kernels = ["ostquant_quant_a4", "ostquant_quant_a8", "ostquant_quant_a4_had", "torch_copy"]
+    out = [f"**Activation quantize µs (fraction of copy bandwidth), {d['gpu']}** ({os.path.basename(path)}; "
+           f"copy {d['hbm_copy_tbps']:.2f} TB/s; bar: 0.80)", "",
+           "| K | M | " + " | ".join(kernels) + " |", "| --- | --- |" + " --- |" * len(kernels)]
+    for (K, M), ks in sorted(by.items()):
+        cells = [f"{ks[k]['us']:.1f} ({ks[k]['frac_of_copy']:.2f})" if k in ks else "—" for k in kernels]
+        out.append(f"| {K} | {M} | " + " | ".join(cells) + " |")
+    out += [""] + [f"- {n}" for n in d.get("notes", [])] + [f"- command: `{d.get('command')}`"]
+    return "\n".join(out)
+
+
 def kernels_table(path: str) -> str:
     d = json.load(open(path))
     gemm = [r for r in d["rows"] if r.get("kind", "gemm") == "gemm"]
@@ -286,7 +304,9 @@ def cpu_default_table(path: str) -> str:
     return "\n".join([f"**The default CPU run** ({os.path.basename(path)}; {d['machine']})", "",
                       f"- calibrate: {d['calibrate_wall_s'] / 60:.1f} min wall (bar: 15), perplexity {_fmt(d['ppl'])} "
                       f"(float {_fmt(d['ppl_float'])}; {d['eval']}); generate with vLLM: {d['generate_wall_s']:.0f} s"]
-                     + [f"- command: `{c}`" for c in d["commands"]])
+                     + [f"- command: `{c}`" for c in d["commands"]]
+                     + [f"- experiment: {e['what']}: perplexity {_fmt(e['ppl'])} (`{e['command']}`)"
+                        for e in d.get("experiments", [])])
 
 
 def all_tables() -> str:
@@ -313,6 +333,8 @@ def all_tables() -> str:
     for p in sorted(glob.glob(os.path.join(res, "kernels_*.json"))):
         if "midm" in p:
             parts.append(kernels_midm_table(p))
+        elif "quant" in p:
+            parts.append(kernels_quant_table(p))
         elif "run1" not in p:
             parts.append(kernels_table(p))
     return "\n\n".join(parts)
