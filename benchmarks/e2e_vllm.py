@@ -59,7 +59,6 @@ CONFIGS = ("bf16", "fp8", "w4a16", "ostquant_w4a8kv4", "ostquant_w4a4kv4", "ostq
 # ostquant_w4a4_fp8kv: the same W4A4 weights with vLLM's FP8 KV cache (issue 7's "same weights" baseline);
 # ostquant_w4a4kv4_vllm_attn: the int4 cache read and written by vLLM's own Triton path instead of ours.
 CONFIG_ENV = {"ostquant_w4a4kv4_vllm_attn": {"OSTQUANT_KV4_ATTENTION": "vllm"}}
-HADAMARD_BLOCKS = 8
 
 
 # Tensor parallelism: NVLink multicast must stay off on the lent machines (KINDS.md). vLLM 0.26 fuses
@@ -72,8 +71,16 @@ TP_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVS
 TP_PASS_CONFIG = {"fuse_allreduce_rms": False}
 
 
-def engine_args(config: str, on_gpu: bool) -> tuple[dict | None, dict]:
-    """(quantization_config for config.json, extra LLM(...) kwargs) of a config."""
+def hadamard_blocks(shape: str) -> int:
+    """H_down's blocks as calibration picks them (hadamard.default_blocks): what lets every TP <= 8
+    split it (tensor_parallel.py)."""
+    from ostquant_vllm.hadamard import default_blocks
+
+    return default_blocks(SHAPES[shape]["intermediate_size"])
+
+
+def engine_args(config: str, on_gpu: bool, shape: str) -> tuple[dict | None, dict]:
+    """(quantization_config for config.json, extra LLM(...) kwargs) of a config at a shape."""
     if config == "bf16":
         return None, {}
     if config == "fp8":  # vLLM quantizes the bf16 weights at load: per-tensor FP8 W8A8, dynamic acts
@@ -85,9 +92,8 @@ def engine_args(config: str, on_gpu: bool) -> tuple[dict | None, dict]:
 
         act_bits = 8 if config == "ostquant_w4a8kv4" else 4
         kv_bits = 16 if config == "ostquant_w4a4_fp8kv" else 4
-        # H_down in 8 blocks, calibration's default: what lets every TP <= 8 split it (tensor_parallel.py)
         fmt = QuantFormat(act_bits=act_bits, kv_bits=kv_bits, online_hadamard={"down_proj": True, "qk": True},
-                          hadamard_blocks=HADAMARD_BLOCKS)
+                          hadamard_blocks=hadamard_blocks(shape))
         fmt.validate()
         # vLLM's int4 cache on the GPU; the CPU backend has none: the plugin emulates it (kv_cpu.py)
         if kv_bits == 16:
@@ -119,7 +125,7 @@ def run_config(a) -> dict:
     from vllm.inputs import TokensPrompt
 
     on_gpu = torch.cuda.is_available()
-    qcfg, kw = engine_args(a.config, on_gpu)
+    qcfg, kw = engine_args(a.config, on_gpu, a.shape)
     model_dir = write_model_dir(os.path.join(a.work, a.config), a.shape, qcfg)
     batches = [int(b) for b in a.batches.split(",")]
     max_len = max(a.prefill_len, a.input_len + a.output_len) + 16
@@ -332,14 +338,14 @@ def parent_main(a, argv: list[str]) -> None:
         result["settings"] = {"input_len": a.input_len, "output_len": a.output_len, "batches": a.batches,
                               "prefill_len": a.prefill_len, "gpu_memory_utilization": a.gpu_memory_utilization,
                               "cuda_graphs": not a.eager and ver["gpu"] != "cpu", "load_format": "dummy",
-                              "prefix_caching": False, "ostquant_hadamard_blocks": HADAMARD_BLOCKS,
+                              "prefix_caching": False, "ostquant_hadamard_blocks": hadamard_blocks(a.shape),
                               **({"tp_env": TP_ENV, "tp_pass_config": TP_PASS_CONFIG} if a.tp > 1 else {})}
     result.setdefault("commands", [])
     result["commands"].append("python -m benchmarks.e2e_vllm " + " ".join(argv))
     cfg_rows = [r for r in result.get("configs", []) if not (a.redo and r["config"] in a.configs.split(","))]
     done = {r["config"] for r in cfg_rows}
     for config in a.configs.split(","):
-        engine_args(config, False)  # an unknown name stops here, before any engine starts
+        engine_args(config, False, a.shape)  # an unknown name stops here, before any engine starts
     work = a.work or tempfile.mkdtemp(prefix="ostq-e2e-")
     for config in a.configs.split(","):
         if config in done and not a.profile:

@@ -23,17 +23,17 @@ def test_parse_log_reads_vllms_own_numbers():
 
 
 def test_configs():
-    q, kw = e2e_vllm.engine_args("w4a16", True)
+    q, kw = e2e_vllm.engine_args("w4a16", True, "llama3-8b")
     # without the module list vLLM looks for safetensors files to learn which layers are quantized,
     # finds none in a dummy folder and leaves every layer bf16
     assert q["quant_method"] == "gptq" and q["bits"] == 4 and "self_attn.o_proj" in q["modules_in_block_to_quantize"][0]
-    q, kw = e2e_vllm.engine_args("ostquant_w4a4kv4", True)
+    q, kw = e2e_vllm.engine_args("ostquant_w4a4kv4", True, "llama3-8b")
     assert q["quant_method"] == "ostquant" and q["act_bits"] == 4 and q["kv_bits"] == 4
     assert kw == {"quantization": "ostquant", "kv_cache_dtype": "int4_per_token_head"}
-    assert e2e_vllm.engine_args("ostquant_w4a8kv4", False)[1] == {"quantization": "ostquant"}  # CPU: emulated KV4
-    assert e2e_vllm.engine_args("fp8", True)[1] == {"quantization": "fp8", "kv_cache_dtype": "fp8"}
+    assert e2e_vllm.engine_args("ostquant_w4a8kv4", False, "llama3-8b")[1] == {"quantization": "ostquant"}  # CPU: emulated KV4
+    assert e2e_vllm.engine_args("fp8", True, "llama3-8b")[1] == {"quantization": "fp8", "kv_cache_dtype": "fp8"}
     with pytest.raises(SystemExit, match="unknown config 'int3'"):
-        e2e_vllm.engine_args("int3", True)
+        e2e_vllm.engine_args("int3", True, "llama3-8b")
 
 
 def test_ratios_against_the_same_run():
