@@ -38,7 +38,9 @@ def accuracy_table(path: str) -> str:
             out += ["", f"{sc['what']}: " + "; ".join(
                 f"seed {r['seed']}: QuaRot {_fmt(r['quarot'])}, OSTQuant {_fmt(r['ostquant'])}, {100 * g:.0f}% closed"
                 for r, g in zip(sc["runs"], gaps[1:])) + f". Mean over the {len(gaps)} seeds: {100 * sum(gaps) / len(gaps):.0f}%."]
-    zs = [r for r in d["rows"] if r.get("zeroshot")]
+    # rows, then experiments that kept their zero-shot scores (labelled with what they changed)
+    zs = [r for r in d["rows"] if r.get("zeroshot")] + [
+        {**e, "method": f"{e['method']} ({e['what'].split(' (')[0]})"} for e in d.get("experiments", []) if e.get("zeroshot")]
     if zs:
         tasks = list(zs[0]["zeroshot"])
         out += ["", f"**Zero-shot accuracy** (acc; first {zs[0]['zeroshot'][tasks[0]]['n']} documents of each task at most)",
