@@ -116,6 +116,9 @@ def train(model, base_weights: dict, transforms: Transforms, windows: torch.Tens
         state = torch.load(state_path, weights_only=False)
         transforms.load_state_dict(state["transforms"])
         opt.load_state_dict(state["optimizer"])
+        for st in opt.state.values():  # torch's loader turns geoopt's int step counts into float32 tensors,
+            if torch.is_tensor(st.get("step")):  # whose bias corrections round differently from an unbroken run's
+                st["step"] = int(st["step"].item())
         sched.load_state_dict(state["scheduler"])
         start, losses = state["step"], state["losses"]
         log.info("resuming training at step %d of %d from %s", start, cfg.steps, state_path)
