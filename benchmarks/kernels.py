@@ -184,14 +184,27 @@ def gemm_rows(model, layer, K, N, gen, rows, quick, ms=None):
     torch.cuda.empty_cache()
 
 
-def quant_rows(rows, copy_tbps, gen, quick):
-    cases = [(4096, False), (8192, False), (14336, False), (14336, True), (28672, True), (1536, True)]
+# the fused Hadamard kernel's versions (kernels._quant_cuda's `variant`); None = the dispatch's choice (version 3)
+HAD_VARIANTS = {None: "", 3: "_v4", 4: "_v4half"}
+
+
+def quant_rows(rows, copy_tbps, gen, quick, hadamard_only=False):
+    """Quantizer rows: (K, blocks of the fused Hadamard I_b (x) H_{K/b}, 0 = none). --hadamard-only: the
+    down_proj inputs of Llama-3-8B/70B and SmolLM2 at b = 1 and calibration's default 8, every version."""
+    if hadamard_only:
+        cases = [(k, b) for k in (14336, 28672, 1536) for b in (0, 1, 8)]
+    else:
+        cases = [(4096, 0), (8192, 0), (14336, 0), (14336, 1), (28672, 1), (1536, 1)]
     for K, had in cases:
         for M in ([1, 16, 256, 2048, 8192] if not quick else [16, 8192]):
             nx = copies_for(M * K * 2)
             xs = [torch.randn(M, K, device="cuda", generator=gen).to(torch.bfloat16) for _ in range(nx)]
             nbytes = M * K * 2 + M * K + 8 * M
-            for bits, variant in ((4, None), (8, None)) + (((4, 1),) if had else ()):
+            if not had:
+                runs = [(4, None)] if hadamard_only else [(4, None), (8, None)]
+            else:
+                runs = [(4, v) for v in HAD_VARIANTS] if hadamard_only else [(4, None), (8, None), (4, 1)]
+            for bits, variant in runs:
                 if variant is None:
                     qf = [lambda x=x: kernels.quantize_act(x, bits, hadamard=had) for x in xs]
                 else:
@@ -202,17 +215,19 @@ def quant_rows(rows, copy_tbps, gen, quick):
                     print(f"quant K={K} had={had} M={M} failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
                     continue
                 tb = nbytes / (us * 1e-6) / 1e12
-                name = f"ostquant_quant_a{bits}" + ("_had" if had else "") + (f"_v{variant}" if variant else "")
+                name = (f"ostquant_quant_a{bits}" + ("_had" if had else "") + (str(had) if had > 1 else "")
+                        + (HAD_VARIANTS[variant] if had else ""))
                 rows.append({"kind": "quantize", "kernel": name, "M": M, "N": None, "K": K, "us": round(us, 3),
+                             "hadamard_blocks": had, "variant": variant,
                              "tbps": round(tb, 4), "frac_of_copy": round(tb / copy_tbps, 3)})
-                print(f"quant K={K:5d} had={had!s:5s} M={M:5d} a{bits}: {us:9.2f} us  {tb:6.3f} TB/s  "
+                print(f"quant K={K:5d} had={had} M={M:5d} {name}: {us:9.2f} us  {tb:6.3f} TB/s  "
                       f"{tb / copy_tbps:5.1%} of copy", flush=True)
             dst = torch.empty_like(xs[0])
             cf = [lambda x=x: dst.copy_(x) for x in xs]
             us = min(bench(cf), bench_graph(cf))
             tb = 2 * M * K * 2 / (us * 1e-6) / 1e12
             rows.append({"kind": "quantize", "kernel": "torch_copy", "M": M, "N": None, "K": K, "us": round(us, 3),
-                         "tbps": round(tb, 4), "frac_of_copy": round(tb / copy_tbps, 3)})
+                         "hadamard_blocks": had, "tbps": round(tb, 4), "frac_of_copy": round(tb / copy_tbps, 3)})
             del xs
 
 
@@ -222,6 +237,8 @@ def main():
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--models", default="llama3-8b,llama3-70b")
     ap.add_argument("--skip-quant", action="store_true")
+    ap.add_argument("--hadamard-only", action="store_true",
+                    help="quantize rows: the fused Hadamard at b = 1 and 8, every kernel version (use with --models '')")
     ap.add_argument("--ms", default="", help="comma-separated token counts for the GEMM rows (default: all)")
     args = ap.parse_args()
     assert kernels.available(), kernels.unavailable_reason()
@@ -248,7 +265,7 @@ def main():
             json.dump(res, f, indent=1)
 
     if not args.skip_quant:
-        quant_rows(rows, copy_tbps, gen, args.quick)
+        quant_rows(rows, copy_tbps, gen, args.quick, args.hadamard_only)
         save()
     for model in filter(None, args.models.split(",")):  # --models "": the quantize rows only
         for layer, K, N in LAYERS[model]:

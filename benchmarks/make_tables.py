@@ -226,6 +226,27 @@ def kernels_quant_table(path: str) -> str:
     return "\n".join(out)
 
 
+def kernels_hadamard_table(path: str) -> str:
+    """The fused Hadamard + 4-bit quantize of down_proj's input, every kernel version, b = 1 and 8 blocks."""
+    d = json.load(open(path))
+    by = {}
+    for r in d["rows"]:
+        if r.get("kind") == "quantize" and r["M"] in (1, 2048, 8192):
+            by.setdefault((r["K"], r["M"]), {})[r["kernel"]] = r
+    cols = [("ostquant_quant_a4_had", "H, v3 (default)"), ("ostquant_quant_a4_had_v4", "H, v4"),
+            ("ostquant_quant_a4_had_v4half", "H, v4 half"), ("ostquant_quant_a4_had8", "I_8 (x) H, v3 (default)"),
+            ("ostquant_quant_a4_had8_v4", "I_8 (x) H, v4"), ("ostquant_quant_a4_had8_v4half", "I_8 (x) H, v4 half"),
+            ("ostquant_quant_a4", "no Hadamard"), ("torch_copy", "torch copy")]
+    out = [f"**Fused Hadamard + 4-bit quantize µs (fraction of copy bandwidth), {d['gpu']}** ({os.path.basename(path)}; "
+           f"copy {d['hbm_copy_tbps']:.2f} TB/s; bar: 0.80; H = the full H_K, I_8 (x) H = calibration's default blocks)",
+           "", "| K | M | " + " | ".join(c for _, c in cols) + " |", "| --- | --- |" + " --- |" * len(cols)]
+    for (K, M), ks in sorted(by.items()):
+        cells = [f"{ks[k]['us']:.1f} ({ks[k]['frac_of_copy']:.2f})" if k in ks else "—" for k, _ in cols]
+        out.append(f"| {K} | {M} | " + " | ".join(cells) + " |")
+    out += [""] + [f"- {n}" for n in d.get("notes", [])] + [f"- command: `{d.get('command')}`"]
+    return "\n".join(out)
+
+
 def kernels_table(path: str) -> str:
     d = json.load(open(path))
     gemm = [r for r in d["rows"] if r.get("kind", "gemm") == "gemm"]
@@ -338,6 +359,8 @@ def all_tables() -> str:
             parts.append(kernels_midm_table(p))
         elif "quant" in p:
             parts.append(kernels_quant_table(p))
+        elif "hadamard" in p:
+            parts.append(kernels_hadamard_table(p))
         elif "run1" not in p:
             parts.append(kernels_table(p))
     return "\n\n".join(parts)

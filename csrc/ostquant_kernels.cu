@@ -985,6 +985,220 @@ __global__ void __launch_bounds__(THREADS) quant_had3_kernel(const __nv_bfloat16
   }
 }
 
+// Version 4 (variants 3, 4; written in session 7, not yet run on a GPU): the row stays in registers. Thread t of a row holds the R consecutive
+// a-rows a = t*R + j (j < R), i.e. R*B consecutive elements, loaded with 16-B vectors. In place:
+//   1. y_a = x_a H_B per a-row, as subset sums: column j of the ±1 H_B is 2*(sum of its +1 or -1
+//      set, whichever is smaller) -/+ (sum of all), so ~B/2 adds an output instead of B;
+//   2. the butterflies over the low log2p bits of a: bits of j in registers, the next 5 bits across
+//      the warp's lanes (shfl_xor, partner -/+ own as one exact-signed FMA), the rest across warps
+//      through shared memory (a 2^w-point Walsh sum over the warp group).
+// Then the row's min/max (raw sums; divided by sqrt(n) once, a monotonic map, so they are the
+// reference's min/max of y / sqrt(n)), and levels as one FMA: rint(y * c) + zero with
+// c = 1 / (scale * sqrt(n)) and the rounding done by the add of 1.5 * 2^23 + zero. Levels can differ
+// from the reference's at near-ties (other summation order, one rounding of 1/(scale sqrt(n))):
+// the tests bound those flips as for the other variants.
+__host__ __device__ constexpr int hb_neg_count(int b, int j) {
+  int n = 0;
+  for (int i = 0; i < b; ++i) n += (int)((hb_mask(b, i) >> j) & 1ull);
+  return n;
+}
+// Sum of x[i] over the rows i whose sign in column J is - (NEG) or + (!NEG); -0.0f + x == x exactly.
+template <int B, int J, bool NEG, int I = 0>
+__device__ __forceinline__ float hb_part(const float* x, float acc) {
+  if constexpr (I == B) {
+    return acc;
+  } else {
+    if constexpr ((((hb_mask(B, I) >> J) & 1ull) != 0) == NEG) acc = __fadd_rn(acc, x[I]);
+    return hb_part<B, J, NEG, I + 1>(x, acc);
+  }
+}
+template <int B, int J = 0>
+__device__ __forceinline__ void hb_cols(const float* x, float total, float* y) {
+  if constexpr (J < B) {
+    constexpr bool neg = hb_neg_count(B, J) <= B / 2;
+    const float part = hb_part<B, J, neg>(x, -0.0f);
+    y[J] = neg ? fmaf(-2.f, part, total) : fmaf(2.f, part, -total);  // 2*part exact: one rounding
+    hb_cols<B, J + 1>(x, total, y);
+  }
+}
+template <int B>
+__device__ __forceinline__ void hb_apply(float* x) {  // x[0..B) <- x H_B (unnormalised)
+  float total = x[0];
+#pragma unroll
+  for (int i = 1; i < B; ++i) total = __fadd_rn(total, x[i]);
+  float y[B];
+  hb_cols<B>(x, total, y);
+#pragma unroll
+  for (int i = 0; i < B; ++i) x[i] = y[i];
+}
+
+__device__ __forceinline__ uint32_t pack_bytes(int a, int b, int c, int d) {
+  return __byte_perm(__byte_perm(a, b, 0x0040), __byte_perm(c, d, 0x0040), 0x5410);
+}
+
+template <int B, int R>
+__global__ void __launch_bounds__(256) quant_had4_kernel(const __nv_bfloat16* __restrict__ x, int8_t* __restrict__ q,
+                                                         float* __restrict__ scale, float* __restrict__ zero, int M,
+                                                         int K, int log2p, int tpr, float norm, QParams p) {
+  constexpr int N = R * B;  // values a thread holds
+  constexpr int LOG2R = R == 1 ? 0 : R == 2 ? 1 : R == 4 ? 2 : R == 8 ? 3 : R == 16 ? 4 : 5;
+  static_assert(N % 8 == 0, "16-B loads and 8-B stores");
+  extern __shared__ float xch[];                     // [N][cta threads]: the cross-warp stages only
+  __shared__ float s_mn[8], s_mx[8];
+  const int t = threadIdx.x & (tpr - 1);             // thread within the row
+  const int row = blockIdx.x * (blockDim.x / tpr) + threadIdx.x / tpr;
+  const bool active = row < M;
+  const size_t off = (size_t)row * K + (size_t)t * N;
+  float v[N];
+  if (active) {
+    const uint4* src = reinterpret_cast<const uint4*>(x + off);
+#pragma unroll
+    for (int c = 0; c < N / 8; ++c) {
+      const uint4 u = __ldcs(src + c);
+      const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&u);
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const float2 f = __bfloat1622float2(h[e]);
+        v[8 * c + 2 * e] = f.x;
+        v[8 * c + 2 * e + 1] = f.y;
+      }
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < N; ++i) v[i] = 0.f;
+  }
+  if constexpr (B > 1) {
+#pragma unroll
+    for (int j = 0; j < R; ++j) hb_apply<B>(v + j * B);
+  }
+  // butterflies over the register bits of a
+#pragma unroll
+  for (int h = 0; h < LOG2R; ++h) {
+    if (h < log2p) {
+#pragma unroll
+      for (int j = 0; j < R; ++j) {
+        if (!(j & (1 << h))) {
+#pragma unroll
+          for (int i = 0; i < B; ++i) {
+            const float u = v[j * B + i], w = v[(j + (1 << h)) * B + i];
+            v[j * B + i] = __fadd_rn(u, w);
+            v[(j + (1 << h)) * B + i] = __fsub_rn(u, w);
+          }
+        }
+      }
+    }
+  }
+  // lane bits: partner + own (lower) or partner - own (upper)
+  for (int s = 0; s < 5 && LOG2R + s < log2p; ++s) {
+    const int m = 1 << s;
+    const float sg = (t & m) ? -1.f : 1.f;
+#pragma unroll
+    for (int i = 0; i < N; ++i) v[i] = fmaf(sg, v[i], __shfl_xor_sync(0xffffffffu, v[i], m));
+  }
+  // warp bits (tpr > 32 and log2p > LOG2R + 5): a Walsh sum over the 2^wb warps that differ in them
+  const int wb = log2p - LOG2R - 5;
+  if (wb > 0) {
+    const int nt = blockDim.x;
+#pragma unroll
+    for (int i = 0; i < N; ++i) xch[i * nt + threadIdx.x] = v[i];
+    __syncthreads();
+    const int g = 1 << wb;
+    const int wlow = (t >> 5) & (g - 1);
+    const int base = threadIdx.x - (wlow << 5);
+#pragma unroll
+    for (int i = 0; i < N; ++i) {
+      float acc = 0.f;
+      for (int k = 0; k < g; ++k) {
+        const float o = xch[i * nt + base + (k << 5)];
+        acc = (__popc(k & wlow) & 1) ? __fsub_rn(acc, o) : __fadd_rn(acc, o);
+      }
+      v[i] = acc;
+    }
+  }
+  // the row's min/max
+  float mn = v[0], mx = v[0];
+#pragma unroll
+  for (int i = 1; i < N; ++i) {
+    mn = fminf(mn, v[i]);
+    mx = fmaxf(mx, v[i]);
+  }
+  mn = warp_min(mn);
+  mx = warp_max(mx);
+  if (tpr > 32) {
+    const int w = threadIdx.x >> 5;
+    if ((threadIdx.x & 31) == 0) {
+      s_mn[w] = mn;
+      s_mx[w] = mx;
+    }
+    __syncthreads();
+    const int w0 = (threadIdx.x - t) >> 5;
+    mn = s_mn[w0];
+    mx = s_mx[w0];
+    for (int k = 1; k < tpr / 32; ++k) {
+      mn = fminf(mn, s_mn[w0 + k]);
+      mx = fmaxf(mx, s_mx[w0 + k]);
+    }
+  }
+  if (!active) return;
+  const RowQ rq = row_qparams(__fdiv_rn(mn, norm), __fdiv_rn(mx, norm), p);
+  if (t == 0) {
+    scale[row] = rq.scale;
+    zero[row] = rq.zero_u - (float)rq.shift;
+  }
+  const float c = (float)(1.0 / ((double)rq.scale * (double)norm));
+  const float magic = __fadd_rn(12582912.f, rq.zero_u);  // 1.5 * 2^23 + zero: the add rounds to an integer
+  const int lo = rq.lo - rq.shift, hi = rq.hi - rq.shift, bias = 0x4B400000 + rq.shift;
+  int lv[N];
+#pragma unroll
+  for (int i = 0; i < N; ++i) lv[i] = min(max(__float_as_int(fmaf(v[i], c, magic)) - bias, lo), hi);
+  uint2* dst = reinterpret_cast<uint2*>(q + off);
+#pragma unroll
+  for (int c8 = 0; c8 < N / 8; ++c8) {
+    const int* l = lv + 8 * c8;
+    dst[c8] = make_uint2(pack_bytes(l[0], l[1], l[2], l[3]), pack_bytes(l[4], l[5], l[6], l[7]));
+  }
+}
+
+// R: the a-rows a thread holds; threads a row = (K / B) / R, a power of two in [32, 256].
+template <int B, int R>
+int launch_had4(const __nv_bfloat16* x, int8_t* q, float* scale, float* zero, int M, int K, int log2p, float norm,
+                QParams p, cudaStream_t st) {
+  constexpr int LOG2R = R == 1 ? 0 : R == 2 ? 1 : R == 4 ? 2 : R == 8 ? 3 : R == 16 ? 4 : 5;
+  const int tpr = K / B / R;
+  const int cta = tpr < 128 ? 128 : tpr;
+  const int smem = log2p > LOG2R + 5 ? cta * R * B * (int)sizeof(float) : 0;
+  auto kern = quant_had4_kernel<B, R>;
+  static int smem_set = 48 * 1024;
+  if (smem > smem_set) {
+    cudaError_t e = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+    if (e != cudaSuccess) return (int)e;
+    smem_set = smem;
+  }
+  const int rows = cta / tpr;
+  kern<<<(M + rows - 1) / rows, cta, smem, st>>>(x, q, scale, zero, M, K, log2p, tpr, norm, p);
+  return (int)cudaGetLastError();
+}
+
+// Version 4 when a thread count in [32, 256] fits (R = 4 (B <= 28: more spills past it), 2 a-rows a
+// thread; 32, 16 for B = 1; `fewer`: the smaller R only, twice the threads); -1 otherwise (the caller
+// takes version 3).
+template <int B>
+int try_had4(const __nv_bfloat16* x, int8_t* q, float* scale, float* zero, int M, int K, int log2p, float norm,
+             QParams p, bool fewer, cudaStream_t st) {
+  const int P = K / B;
+  auto fits = [&](int r) { return P % r == 0 && P / r >= 32 && P / r <= 256; };
+  if constexpr (B == 1) {
+    if (fits(32) && !fewer) return launch_had4<1, 32>(x, q, scale, zero, M, K, log2p, norm, p, st);
+    if (fits(16)) return launch_had4<1, 16>(x, q, scale, zero, M, K, log2p, norm, p, st);
+  } else {
+    if constexpr (B <= 28) {
+      if (fits(4) && !fewer) return launch_had4<B, 4>(x, q, scale, zero, M, K, log2p, norm, p, st);
+    }
+    if (fits(2)) return launch_had4<B, 2>(x, q, scale, zero, M, K, log2p, norm, p, st);
+  }
+  return -1;
+}
+
 // ------------------------------------------------------------------------------------------
 // host side
 // ------------------------------------------------------------------------------------------
@@ -1122,8 +1336,12 @@ bool g_hb_loaded[64] = {};
 template <int THREADS, int B>
 int launch_had(const __nv_bfloat16* x, int8_t* q, float* scale, float* zero, int M, int K, int log2p,
                const float* hb, float norm, QParams p, int variant, cudaStream_t st) {
+  if (variant == 3 || variant == 4) {
+    const int r = try_had4<B>(x, q, scale, zero, M, K, log2p, norm, p, variant == 4, st);
+    if (r >= 0) return r;
+  }
   const int smem = K * (int)sizeof(float);
-  if (variant == 0) {
+  if (variant != 1) {
     auto kern3 = quant_had3_kernel<THREADS, B>;
     static int smem_set3 = 48 * 1024;
     if (smem > smem_set3) {
@@ -1194,7 +1412,10 @@ OSTQ_API int ostq_int4_gemm(const void* a_q, const void* a_scale, const void* a_
 // x bf16 [M,K] -> q int8 [M,K], scale fp32 [M], zero fp32 [M] (signed domain).
 // hadamard: 0 none; else the number of diagonal blocks b (a power of two) of I_b (x) H_{K/b}, with
 // hb = ±1 float table [B*B] of H_B (row-major, H_B[i][j]) and log2p = log2(K/(b*B)).
-// variant (Hadamard only): 0 = version 3 (signs compiled in), 1 = version 2 (constant-memory table).
+// variant (Hadamard only): 0 = version 3 (row in shared memory, signs compiled in), 1 = version 2 (its
+// constant-memory table), 3 = version 4 (row in registers; not yet run on a GPU: opt-in until its tests and
+// timings have), 4 = version 4 with half the values a thread (R = 2 / 16). 3 and 4 take version 3 where
+// their thread counts do not fit.
 OSTQ_API int ostq_quantize_act(const void* x, void* q, void* scale, void* zero, int M, int K, int bits, int sym,
                                float clip, int hadamard, int B, int log2p, const void* hb, int variant,
                                void* stream) {

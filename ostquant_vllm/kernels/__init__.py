@@ -84,7 +84,9 @@ def _stream(device) -> ctypes.c_void_p:
 _H_TABLES: dict = {}
 
 
-# Fused-Hadamard kernel version: 0 = signs compiled in (default), 1 = table in constant memory.
+# Fused-Hadamard kernel version (csrc ostq_quantize_act): 0 = row in shared memory, signs compiled in (default),
+# 1 = the same with the table in constant memory, 3 = the row in registers (version 4: not yet run on a GPU,
+# so opt-in), 4 = 3 with half the values a thread.
 HAD_VARIANT = int(os.environ.get("OSTQUANT_HAD_VARIANT", "0"))
 
 
