@@ -184,8 +184,9 @@ def gemm_rows(model, layer, K, N, gen, rows, quick, ms=None):
     torch.cuda.empty_cache()
 
 
-# the fused Hadamard kernel's versions (kernels._quant_cuda's `variant`); None = the dispatch's choice (version 3)
-HAD_VARIANTS = {None: "", 3: "_v4", 4: "_v4half"}
+# the fused Hadamard kernel's versions (kernels._quant_cuda's `variant`): None = the dispatch's choice (version 3),
+# 1 = version 2 (constant-memory table), 3 / 4 = version 4 (row in registers) / with half the values a thread
+HAD_VARIANTS = {None: "", 1: "_v2", 3: "_v4", 4: "_v4half"}
 
 
 def quant_rows(rows, copy_tbps, gen, quick, hadamard_only=False):
@@ -203,7 +204,7 @@ def quant_rows(rows, copy_tbps, gen, quick, hadamard_only=False):
             if not had:
                 runs = [(4, None)] if hadamard_only else [(4, None), (8, None)]
             else:
-                runs = [(4, v) for v in HAD_VARIANTS] if hadamard_only else [(4, None), (8, None), (4, 1)]
+                runs = [(4, None), (4, 3), (4, 4)] if hadamard_only else [(4, None), (8, None), (4, 1)]
             for bits, variant in runs:
                 if variant is None:
                     qf = [lambda x=x: kernels.quantize_act(x, bits, hadamard=had) for x in xs]
