@@ -985,8 +985,9 @@ __global__ void __launch_bounds__(THREADS) quant_had3_kernel(const __nv_bfloat16
   }
 }
 
-// Version 4 (variants 3, 4; written in session 7, not yet run on a GPU): the row stays in registers. Thread t of a row holds the R consecutive
-// a-rows a = t*R + j (j < R), i.e. R*B consecutive elements, loaded with 16-B vectors. In place:
+// Version 4 (variants 3, 4; written in session 7, not yet run on a GPU): the row stays in registers.
+// Thread t of a row holds the R consecutive a-rows a = t*R + j (j < R), i.e. R*B consecutive elements,
+// loaded with 16-B vectors. In place:
 //   1. y_a = x_a H_B per a-row, as subset sums: column j of the ±1 H_B is 2*(sum of its +1 or -1
 //      set, whichever is smaller) -/+ (sum of all), so ~B/2 adds an output instead of B;
 //   2. the butterflies over the low log2p bits of a: bits of j in registers, the next 5 bits across
