@@ -1160,6 +1160,16 @@ __global__ void __launch_bounds__(256) quant_had4_kernel(const __nv_bfloat16* __
   }
 }
 
+// Lift `kern`'s dynamic shared-memory limit to `smem` bytes; `limit` (a static of the caller's instantiation)
+// remembers the limit set so far, so the attribute is set only when it must grow.
+template <typename Kern>
+cudaError_t raise_smem_limit(Kern kern, int smem, int& limit) {
+  if (smem <= limit) return cudaSuccess;
+  const cudaError_t e = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  if (e == cudaSuccess) limit = smem;
+  return e;
+}
+
 // R: the a-rows a thread holds; threads a row = (K / B) / R, a power of two in [32, 256].
 template <int B, int R>
 int launch_had4(const __nv_bfloat16* x, int8_t* q, float* scale, float* zero, int M, int K, int log2p, float norm,
@@ -1170,11 +1180,7 @@ int launch_had4(const __nv_bfloat16* x, int8_t* q, float* scale, float* zero, in
   const int smem = log2p > LOG2R + 5 ? cta * R * B * (int)sizeof(float) : 0;
   auto kern = quant_had4_kernel<B, R>;
   static int smem_set = 48 * 1024;
-  if (smem > smem_set) {
-    cudaError_t e = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-    if (e != cudaSuccess) return (int)e;
-    smem_set = smem;
-  }
+  if (const cudaError_t e = raise_smem_limit(kern, smem, smem_set)) return (int)e;
   const int rows = cta / tpr;
   kern<<<(M + rows - 1) / rows, cta, smem, st>>>(x, q, scale, zero, M, K, log2p, tpr, norm, p);
   return (int)cudaGetLastError();
@@ -1345,21 +1351,13 @@ int launch_had(const __nv_bfloat16* x, int8_t* q, float* scale, float* zero, int
   if (variant != 1) {
     auto kern3 = quant_had3_kernel<THREADS, B>;
     static int smem_set3 = 48 * 1024;
-    if (smem > smem_set3) {
-      cudaError_t e = cudaFuncSetAttribute(kern3, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-      if (e != cudaSuccess) return (int)e;
-      smem_set3 = smem;
-    }
+    if (const cudaError_t e = raise_smem_limit(kern3, smem, smem_set3)) return (int)e;
     kern3<<<M, THREADS, smem, st>>>(x, q, scale, zero, K, log2p, norm, p);
     return (int)cudaGetLastError();
   }
   auto kern = quant_had_kernel<THREADS, B>;
   static int smem_set = 48 * 1024;  // per instantiation: the dynamic limit set so far
-  if (smem > smem_set) {
-    cudaError_t e = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-    if (e != cudaSuccess) return (int)e;
-    smem_set = smem;
-  }
+  if (const cudaError_t e = raise_smem_limit(kern, smem, smem_set)) return (int)e;
   if (B > 1 && !g_hb_loaded[B]) {  // once per process (single device): the table is a constant
     cudaError_t e = cudaMemcpyToSymbolAsync(HbTable<B>::symbol(), hb, sizeof(float) * B * B, 0,
                                             cudaMemcpyDeviceToDevice, st);
