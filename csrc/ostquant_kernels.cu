@@ -713,8 +713,10 @@ __device__ __forceinline__ uint32_t pack4(int a, int b, int c, int d) {
   return (uint32_t)(a & 255) | ((uint32_t)(b & 255) << 8) | ((uint32_t)(c & 255) << 16) |
          ((uint32_t)(d & 255) << 24);
 }
-__device__ __forceinline__ void write_row_params(const RowQ& r, float* scale, float* zero, int row) {
-  if (threadIdx.x == 0) {
+// leader: the one thread of the row that writes (thread 0 where a CTA quantizes one row)
+__device__ __forceinline__ void write_row_params(const RowQ& r, float* scale, float* zero, int row,
+                                                 bool leader = threadIdx.x == 0) {
+  if (leader) {
     scale[row] = r.scale;
     zero[row] = r.zero_u - (float)r.shift;  // signed-domain zero (0 when symmetric)
   }
@@ -998,6 +1000,7 @@ __global__ void __launch_bounds__(THREADS) quant_had3_kernel(const __nv_bfloat16
 // c = 1 / (scale * sqrt(n)) and the rounding done by the add of 1.5 * 2^23 + zero. Levels can differ
 // from the reference's at near-ties (other summation order, one rounding of 1/(scale sqrt(n))):
 // the tests bound those flips as for the other variants.
+__host__ __device__ constexpr int ilog2(int n) { return n > 1 ? 1 + ilog2(n / 2) : 0; }  // n a power of two
 __host__ __device__ constexpr int hb_neg_count(int b, int j) {
   int n = 0;
   for (int i = 0; i < b; ++i) n += (int)((hb_mask(b, i) >> j) & 1ull);
@@ -1042,7 +1045,7 @@ __global__ void __launch_bounds__(256) quant_had4_kernel(const __nv_bfloat16* __
                                                          float* __restrict__ scale, float* __restrict__ zero, int M,
                                                          int K, int log2p, int tpr, float norm, QParams p) {
   constexpr int N = R * B;  // values a thread holds
-  constexpr int LOG2R = R == 1 ? 0 : R == 2 ? 1 : R == 4 ? 2 : R == 8 ? 3 : R == 16 ? 4 : 5;
+  constexpr int LOG2R = ilog2(R);
   static_assert(N % 8 == 0, "16-B loads and 8-B stores");
   extern __shared__ float xch[];                     // [N][cta threads]: the cross-warp stages only
   __shared__ float s_mn[8], s_mx[8];
@@ -1142,10 +1145,7 @@ __global__ void __launch_bounds__(256) quant_had4_kernel(const __nv_bfloat16* __
   }
   if (!active) return;
   const RowQ rq = row_qparams(__fdiv_rn(mn, norm), __fdiv_rn(mx, norm), p);
-  if (t == 0) {
-    scale[row] = rq.scale;
-    zero[row] = rq.zero_u - (float)rq.shift;
-  }
+  write_row_params(rq, scale, zero, row, t == 0);
   const float c = (float)(1.0 / ((double)rq.scale * (double)norm));
   const float magic = __fadd_rn(12582912.f, rq.zero_u);  // 1.5 * 2^23 + zero: the add rounds to an integer
   const int lo = rq.lo - rq.shift, hi = rq.hi - rq.shift, bias = 0x4B400000 + rq.shift;
@@ -1174,7 +1174,7 @@ cudaError_t raise_smem_limit(Kern kern, int smem, int& limit) {
 template <int B, int R>
 int launch_had4(const __nv_bfloat16* x, int8_t* q, float* scale, float* zero, int M, int K, int log2p, float norm,
                 QParams p, cudaStream_t st) {
-  constexpr int LOG2R = R == 1 ? 0 : R == 2 ? 1 : R == 4 ? 2 : R == 8 ? 3 : R == 16 ? 4 : 5;
+  constexpr int LOG2R = ilog2(R);
   const int tpr = K / B / R;
   const int cta = tpr < 128 ? 128 : tpr;
   const int smem = log2p > LOG2R + 5 ? cta * R * B * (int)sizeof(float) : 0;
