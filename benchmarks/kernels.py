@@ -187,6 +187,8 @@ def gemm_rows(model, layer, K, N, gen, rows, quick, ms=None):
 # the fused Hadamard kernel's versions (kernels._quant_cuda's `variant`): None = the dispatch's choice (version 3),
 # 1 = version 2 (constant-memory table), 3 / 4 = version 4 (row in registers) / with half the values a thread
 HAD_VARIANTS = {None: "", 1: "_v2", 3: "_v4", 4: "_v4half"}
+# the plain kernel's: None = the dispatch's choice, 2 = the bulk-copy ring
+PLAIN_VARIANTS = {None: "", 2: "_bulk"}
 
 
 def quant_rows(rows, copy_tbps, gen, quick, hadamard_only=False):
@@ -195,14 +197,14 @@ def quant_rows(rows, copy_tbps, gen, quick, hadamard_only=False):
     if hadamard_only:
         cases = [(k, b) for k in (14336, 28672, 1536) for b in (0, 1, 8)]
     else:
-        cases = [(4096, 0), (8192, 0), (14336, 0), (14336, 1), (28672, 1), (1536, 1)]
+        cases = [(4096, 0), (8192, 0), (14336, 0), (28672, 0), (14336, 1), (28672, 1), (1536, 1)]
     for K, had in cases:
         for M in ([1, 16, 256, 2048, 8192] if not quick else [16, 8192]):
             nx = copies_for(M * K * 2)
             xs = [torch.randn(M, K, device="cuda", generator=gen).to(torch.bfloat16) for _ in range(nx)]
             nbytes = M * K * 2 + M * K + 8 * M
             if not had:
-                runs = [(4, None)] if hadamard_only else [(4, None), (8, None)]
+                runs = [(4, None), (4, 2)] if hadamard_only else [(4, None), (8, None), (4, 2)]
             else:
                 runs = [(4, None), (4, 3), (4, 4)] if hadamard_only else [(4, None), (8, None), (4, 1)]
             for bits, variant in runs:
@@ -217,7 +219,7 @@ def quant_rows(rows, copy_tbps, gen, quick, hadamard_only=False):
                     continue
                 tb = nbytes / (us * 1e-6) / 1e12
                 name = (f"ostquant_quant_a{bits}" + ("_had" if had else "") + (str(had) if had > 1 else "")
-                        + (HAD_VARIANTS[variant] if had else ""))
+                        + (HAD_VARIANTS if had else PLAIN_VARIANTS)[variant])
                 rows.append({"kind": "quantize", "kernel": name, "M": M, "N": None, "K": K, "us": round(us, 3),
                              "hadamard_blocks": had, "variant": variant,
                              "tbps": round(tb, 4), "frac_of_copy": round(tb / copy_tbps, 3)})

@@ -13,6 +13,7 @@
 //     word[2s+1]: byte j = (w[g][s*32 + 16 + t*4 + j] << 4) | (w[g+8][s*32 + 16 + t*4 + j] & 15)
 //   so that `word & 0xF0F0F0F0` and `(word << 4) & 0xF0F0F0F0` are four int8 holding 16*w:
 //   int4 -> int8 costs two logic ops per 8 values, and acc / 16 (an exact shift) is the result.
+#include <algorithm>
 #include <cuda_runtime.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -722,21 +723,15 @@ __device__ __forceinline__ void write_row_params(const RowQ& r, float* scale, fl
   }
 }
 
-// Plain: the row stays in registers (VPT 16-byte vectors of 8 bf16 per thread).
+// Plain: the row stays in registers (VPT 16-byte vectors of 8 bf16 per thread; vector idx =
+// threadIdx.x + i * THREADS, those < nv = K / 8 exist).
 template <int THREADS, int VPT>
-__global__ void __launch_bounds__(THREADS) quant_plain_kernel(const __nv_bfloat16* __restrict__ x, int8_t* __restrict__ q,
-                                                    float* __restrict__ scale, float* __restrict__ zero, int K,
-                                                    QParams p) {
-  const int row = blockIdx.x;
-  const uint4* xr = reinterpret_cast<const uint4*>(x + (size_t)row * K);
-  const int nv = K / 8;
-  uint4 v[VPT];
-  float mn = INFINITY, mx = -INFINITY;
+__device__ __forceinline__ void vec_minmax(const uint4 (&v)[VPT], int nv, float& mn, float& mx) {
+  mn = INFINITY;
+  mx = -INFINITY;
 #pragma unroll
   for (int i = 0; i < VPT; ++i) {
-    const int idx = threadIdx.x + i * THREADS;
-    if (idx < nv) {
-      v[i] = __ldcs(xr + idx);
+    if (threadIdx.x + i * THREADS < nv) {
       const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&v[i]);
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
@@ -746,10 +741,9 @@ __global__ void __launch_bounds__(THREADS) quant_plain_kernel(const __nv_bfloat1
       }
     }
   }
-  block_minmax<THREADS>(mn, mx);
-  const RowQ r = row_qparams(mn, mx, p);
-  write_row_params(r, scale, zero, row);
-  uint2* qr = reinterpret_cast<uint2*>(q + (size_t)row * K);
+}
+template <int THREADS, int VPT>
+__device__ __forceinline__ void vec_quant_store(const uint4 (&v)[VPT], int nv, const RowQ& r, uint2* qr) {
 #pragma unroll
   for (int i = 0; i < VPT; ++i) {
     const int idx = threadIdx.x + i * THREADS;
@@ -762,11 +756,90 @@ __global__ void __launch_bounds__(THREADS) quant_plain_kernel(const __nv_bfloat1
         qq[2 * e] = quant1(f.x, r);
         qq[2 * e + 1] = quant1(f.y, r);
       }
-      uint2 o;
-      o.x = pack4(qq[0], qq[1], qq[2], qq[3]);
-      o.y = pack4(qq[4], qq[5], qq[6], qq[7]);
-      qr[idx] = o;
+      qr[idx] = make_uint2(pack4(qq[0], qq[1], qq[2], qq[3]), pack4(qq[4], qq[5], qq[6], qq[7]));
     }
+  }
+}
+
+// One row a CTA.
+template <int THREADS, int VPT>
+__global__ void __launch_bounds__(THREADS) quant_plain_kernel(const __nv_bfloat16* __restrict__ x, int8_t* __restrict__ q,
+                                                    float* __restrict__ scale, float* __restrict__ zero, int K,
+                                                    QParams p) {
+  const int row = blockIdx.x;
+  const uint4* xr = reinterpret_cast<const uint4*>(x + (size_t)row * K);
+  const int nv = K / 8;
+  uint4 v[VPT];
+#pragma unroll
+  for (int i = 0; i < VPT; ++i)
+    if (threadIdx.x + i * THREADS < nv) v[i] = __ldcs(xr + threadIdx.x + i * THREADS);
+  float mn, mx;
+  vec_minmax<THREADS, VPT>(v, nv, mn, mx);
+  block_minmax<THREADS>(mn, mx);
+  const RowQ r = row_qparams(mn, mx, p);
+  write_row_params(r, scale, zero, row);
+  vec_quant_store<THREADS, VPT>(v, nv, r, reinterpret_cast<uint2*>(q + (size_t)row * K));
+}
+
+// mbarrier + bulk async copy (TMA without a tensor map), sm_90.
+__device__ __forceinline__ void mbar_init(uint64_t* bar, int count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(smem_u32(bar)), "r"(count) : "memory");
+}
+__device__ __forceinline__ void mbar_wait(uint64_t* bar, int parity) {
+  asm volatile(
+      "{\n .reg .pred p;\n WAIT_%=:\n"
+      " mbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n"
+      " @!p bra WAIT_%=;\n}\n" ::"r"(smem_u32(bar)),
+      "r"(parity)
+      : "memory");
+}
+// dst, src 16-B aligned, bytes a multiple of 16; bar completes when they have landed
+__device__ __forceinline__ void bulk_load(void* dst, const void* src, int bytes, uint64_t* bar) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(smem_u32(bar)), "r"(bytes)
+               : "memory");
+  asm volatile(
+      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(
+          smem_u32(dst)),
+      "l"(src), "r"(bytes), "r"(smem_u32(bar))
+      : "memory");
+}
+
+// Plain, many rows: persistent CTAs stream rows through a ring of `stages` shared-memory row buffers
+// filled by bulk async copies, so the next rows' reads are in flight while this row is reduced,
+// quantized and stored (the one-row-a-CTA kernel has each CTA idle between its load and store phases).
+constexpr int PLAIN_MAX_STAGES = 8;
+template <int THREADS, int VPT>
+__global__ void __launch_bounds__(THREADS) quant_plain_bulk_kernel(const __nv_bfloat16* __restrict__ x,
+                                                         int8_t* __restrict__ q, float* __restrict__ scale,
+                                                         float* __restrict__ zero, int M, int K, int stages,
+                                                         QParams p) {
+  extern __shared__ __align__(128) uint8_t ring[];
+  __shared__ __align__(8) uint64_t bars[PLAIN_MAX_STAGES];
+  const int nv = K / 8, row_bytes = K * 2, stride = (row_bytes + 127) & ~127;
+  auto issue = [&](int it) {  // thread 0: this CTA's it-th row into buffer it % stages
+    const int row = blockIdx.x + it * gridDim.x;
+    if (row < M) bulk_load(ring + (it % stages) * stride, x + (size_t)row * K, row_bytes, &bars[it % stages]);
+  };
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < stages; ++s) mbar_init(&bars[s], 1);
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    for (int it = 0; it < stages; ++it) issue(it);
+  }
+  __syncthreads();
+  for (int it = 0, row = blockIdx.x; row < M; ++it, row += gridDim.x) {
+    mbar_wait(&bars[it % stages], (it / stages) & 1);
+    const uint4* src = reinterpret_cast<const uint4*>(ring + (it % stages) * stride);
+    uint4 v[VPT];
+#pragma unroll
+    for (int i = 0; i < VPT; ++i)
+      if (threadIdx.x + i * THREADS < nv) v[i] = src[threadIdx.x + i * THREADS];
+    float mn, mx;
+    vec_minmax<THREADS, VPT>(v, nv, mn, mx);
+    block_minmax<THREADS>(mn, mx);  // its first barrier: every thread has read the buffer
+    if (threadIdx.x == 0) issue(it + stages);
+    const RowQ r = row_qparams(mn, mx, p);
+    write_row_params(r, scale, zero, row);
+    vec_quant_store<THREADS, VPT>(v, nv, r, reinterpret_cast<uint2*>(q + (size_t)row * K));
   }
 }
 
@@ -1170,6 +1243,38 @@ cudaError_t raise_smem_limit(Kern kern, int smem, int& limit) {
   return e;
 }
 
+int num_sms();
+
+// The bulk-copy plain quantizer: 256 threads, VPT vectors each; buffers of the row rounded up to 128 B,
+// as many as fit ~96 KB (2..8), so two CTAs share an SM; one wave of persistent CTAs.
+template <int VPT>
+int launch_plain_bulk(const __nv_bfloat16* x, int8_t* q, float* scale, float* zero, int M, int K, QParams p,
+                      cudaStream_t st) {
+  const int stride = (K * 2 + 127) & ~127;
+  const int stages = std::min(PLAIN_MAX_STAGES, std::max(2, 96 * 1024 / stride));
+  const int smem = stages * stride;
+  auto kern = quant_plain_bulk_kernel<256, VPT>;
+  static int smem_set = 48 * 1024;
+  if (const cudaError_t e = raise_smem_limit(kern, smem, smem_set)) return (int)e;
+  int per_sm = 0;
+  if (const cudaError_t e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kern, 256, smem)) return (int)e;
+  const int grid = std::min(M, std::max(1, per_sm) * num_sms());
+  kern<<<grid, 256, smem, st>>>(x, q, scale, zero, M, K, stages, p);
+  return (int)cudaGetLastError();
+}
+int plain_bulk(const __nv_bfloat16* x, int8_t* q, float* scale, float* zero, int M, int K, QParams p,
+               cudaStream_t st) {
+  const int nv = K / 8;  // vectors a row; each of the 256 threads takes VPT of them
+  if (nv <= 256) return launch_plain_bulk<1>(x, q, scale, zero, M, K, p, st);
+  if (nv <= 512) return launch_plain_bulk<2>(x, q, scale, zero, M, K, p, st);
+  if (nv <= 1024) return launch_plain_bulk<4>(x, q, scale, zero, M, K, p, st);
+  if (nv <= 1792) return launch_plain_bulk<7>(x, q, scale, zero, M, K, p, st);
+  if (nv <= 2048) return launch_plain_bulk<8>(x, q, scale, zero, M, K, p, st);
+  if (nv <= 3584) return launch_plain_bulk<14>(x, q, scale, zero, M, K, p, st);
+  if (nv <= 4096) return launch_plain_bulk<16>(x, q, scale, zero, M, K, p, st);
+  return (int)cudaErrorInvalidValue;
+}
+
 // R: the a-rows a thread holds; threads a row = (K / B) / R, a power of two in [32, 256].
 template <int B, int R>
 int launch_had4(const __nv_bfloat16* x, int8_t* q, float* scale, float* zero, int M, int K, int log2p, float norm,
@@ -1411,7 +1516,8 @@ OSTQ_API int ostq_int4_gemm(const void* a_q, const void* a_scale, const void* a_
 // x bf16 [M,K] -> q int8 [M,K], scale fp32 [M], zero fp32 [M] (signed domain).
 // hadamard: 0 none; else the number of diagonal blocks b (a power of two) of I_b (x) H_{K/b}, with
 // hb = ±1 float table [B*B] of H_B (row-major, H_B[i][j]) and log2p = log2(K/(b*B)).
-// variant (Hadamard only): 0 = version 3 (row in shared memory, signs compiled in), 1 = version 2 (its
+// variant, no Hadamard: 2 = the bulk-copy ring kernel (not yet run on a GPU: opt-in), else one row a CTA.
+// variant, Hadamard: 0 = version 3 (row in shared memory, signs compiled in), 1 = version 2 (its
 // constant-memory table), 3 = version 4 (row in registers; not yet run on a GPU: opt-in until its tests and
 // timings have), 4 = version 4 with half the values a thread (R = 2 / 16). 3 and 4 take version 3 where
 // their thread counts do not fit.
@@ -1426,6 +1532,7 @@ OSTQ_API int ostq_quantize_act(const void* x, void* q, void* scale, void* zero, 
   int8_t* qb = (int8_t*)q;
   float *sc = (float*)scale, *zp = (float*)zero;
   if (!hadamard) {
+    if (variant == 2) return plain_bulk(xb, qb, sc, zp, M, K, p, st);
     const int nv = K / 8;
     // Many rows: Llama-3's down_proj inputs (14336, 28672 = 1792, 3584 vectors) fill <256, 7> /
     // <512, 7> exactly, where <512, 4> / <512, 8> leave 1/8 of the lanes idle (H100, M = 8192: 58% ->

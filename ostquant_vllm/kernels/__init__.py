@@ -88,6 +88,9 @@ _H_TABLES: dict = {}
 # 1 = the same with the table in constant memory, 3 = the row in registers (version 4: not yet run on a GPU,
 # so opt-in), 4 = 3 with half the values a thread.
 HAD_VARIANT = int(os.environ.get("OSTQUANT_HAD_VARIANT", "0"))
+# Plain quantize kernel: 0 = one row a CTA (default), 2 = persistent CTAs streaming rows through a shared-memory
+# ring filled by bulk async copies (not yet run on a GPU, so opt-in).
+PLAIN_VARIANT = int(os.environ.get("OSTQUANT_PLAIN_VARIANT", "0"))
 
 
 def _had_table(k: int, device: torch.device) -> tuple[int, int, torch.Tensor]:
@@ -155,7 +158,8 @@ def _quant_cuda(x, bits, sym, clip, hadamard, out=None, variant=None):
         rc = _lib.load().ostq_quantize_act(_ptr(x2), _ptr(q), _ptr(s), _ptr(z), m, k, bits, int(sym),
                                            float(clip), int(hadamard), b, log2p,
                                            _ptr(table) if table is not None else None,
-                                           HAD_VARIANT if variant is None else variant, _stream(x.device))
+                                           (HAD_VARIANT if hadamard else PLAIN_VARIANT) if variant is None
+                                           else variant, _stream(x.device))
         _lib.check(rc, "quantize_act")
     return q, s, z
 

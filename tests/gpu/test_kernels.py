@@ -198,14 +198,15 @@ def _check_quant(x, bits, sym, clip, hadamard, variant=None):
     assert int(q.min()) >= lo and int(q.max()) <= hi, what
 
 
+@pytest.mark.parametrize("variant", [0, 2])  # one row a CTA; bulk-copy ring
 @pytest.mark.parametrize("k", QK)
-def test_quantize_plain(k):
+def test_quantize_plain(k, variant):
     gen = torch.Generator(device=DEV).manual_seed(k)
-    for m in MS:
+    for m in MS + ([5000] if variant == 2 else []):  # 5000: several rows a CTA, past its ring
         cfgs = [(4, False, 1.0), (8, False, 1.0), (4, True, 1.0), (8, True, 0.9), (4, False, 0.9)]
         for bits, sym, clip in (cfgs if m < 2048 else cfgs[:2]):
             x = (torch.randn(m, k, device=DEV, generator=gen) * 3 + 0.5).to(torch.bfloat16)
-            _check_quant(x, bits, sym, clip, False)
+            _check_quant(x, bits, sym, clip, False, variant)
 
 
 @pytest.mark.parametrize("variant", [0, 1, 3, 4])
