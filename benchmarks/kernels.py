@@ -140,8 +140,8 @@ def gemm_rows(model, layer, K, N, gen, rows, quick, ms=None):
                 elif M <= 256:  # the decode kernel with R weight blocks a warp (kinds 9-12) vs wgmma
                     alts = ((3, "wg3"), (5, "wg5"), (9, "dec_r2t32"), (10, "dec_r2t64"), (11, "dec_r4t32"),
                             (12, "dec_r4t64"))
-                else:
-                    alts = ((3, "wg3"), (5, "wg5"))
+                else:  # 6: the pipelined wgmma (two fragment register sets)
+                    alts = ((3, "wg3"), (5, "wg5"), (6, "wg6"))
                 for force, tag in alts:
                     fns = [lambda wp=wp, f=force: kernels._gemm_cuda(a, s, z, wp, ws, wsum, torch.bfloat16, force=f)
                            for wp in wps]
@@ -184,11 +184,9 @@ def gemm_rows(model, layer, K, N, gen, rows, quick, ms=None):
     torch.cuda.empty_cache()
 
 
-# the fused Hadamard kernel's versions (kernels._quant_cuda's `variant`): None = the dispatch's choice (version 3),
-# 1 = version 2 (constant-memory table), 3 / 4 = version 4 (row in registers) / with half the values a thread
-HAD_VARIANTS = {None: "", 1: "_v2", 3: "_v4", 4: "_v4half"}
-# the plain kernel's: None = the dispatch's choice, 2 = the bulk-copy ring
-PLAIN_VARIANTS = {None: "", 2: "_bulk"}
+# the fused Hadamard kernel's versions (kernels._quant_cuda's `variant`): None = the dispatch's choice,
+# 1 = version 2 (constant-memory table), 2 = version 3, 3 / 4 = version 4 (row in registers) / with half the values a thread
+HAD_VARIANTS = {None: "", 1: "_v2", 2: "_v3", 3: "_v4", 4: "_v4half"}
 
 
 def quant_rows(rows, copy_tbps, gen, quick, hadamard_only=False):
@@ -204,9 +202,9 @@ def quant_rows(rows, copy_tbps, gen, quick, hadamard_only=False):
             xs = [torch.randn(M, K, device="cuda", generator=gen).to(torch.bfloat16) for _ in range(nx)]
             nbytes = M * K * 2 + M * K + 8 * M
             if not had:
-                runs = [(4, None), (4, 2)] if hadamard_only else [(4, None), (8, None), (4, 2)]
+                runs = [(4, None)] if hadamard_only else [(4, None), (8, None)]
             else:
-                runs = [(4, None), (4, 3), (4, 4)] if hadamard_only else [(4, None), (8, None), (4, 1)]
+                runs = [(4, None), (4, 2), (4, 3), (4, 4)] if hadamard_only else [(4, None), (8, None), (4, 2)]
             for bits, variant in runs:
                 if variant is None:
                     qf = [lambda x=x: kernels.quantize_act(x, bits, hadamard=had) for x in xs]
@@ -219,7 +217,7 @@ def quant_rows(rows, copy_tbps, gen, quick, hadamard_only=False):
                     continue
                 tb = nbytes / (us * 1e-6) / 1e12
                 name = (f"ostquant_quant_a{bits}" + ("_had" if had else "") + (str(had) if had > 1 else "")
-                        + (HAD_VARIANTS if had else PLAIN_VARIANTS)[variant])
+                        + (HAD_VARIANTS[variant] if had else ""))
                 rows.append({"kind": "quantize", "kernel": name, "M": M, "N": None, "K": K, "us": round(us, 3),
                              "hadamard_blocks": had, "variant": variant,
                              "tbps": round(tb, 4), "frac_of_copy": round(tb / copy_tbps, 3)})

@@ -215,8 +215,7 @@ def kernels_quant_table(path: str) -> str:
     for r in d["rows"]:
         if r.get("kind") == "quantize" and r["M"] in (2048, 8192):
             by.setdefault((r["K"], r["M"]), {})[r["kernel"]] = r
-    kernels = ["ostquant_quant_a4", "ostquant_quant_a4_bulk", "ostquant_quant_a8", "ostquant_quant_a4_had",
-               "torch_copy"]
+    kernels = ["ostquant_quant_a4", "ostquant_quant_a8", "ostquant_quant_a4_had", "torch_copy"]
     out = [f"**Activation quantize µs (fraction of copy bandwidth), {d['gpu']}** ({os.path.basename(path)}; "
            f"copy {d['hbm_copy_tbps']:.2f} TB/s; bar: 0.80)", "",
            "| K | M | " + " | ".join(kernels) + " |", "| --- | --- |" + " --- |" * len(kernels)]
@@ -234,11 +233,11 @@ def kernels_hadamard_table(path: str) -> str:
     for r in d["rows"]:
         if r.get("kind") == "quantize" and r["M"] in (1, 2048, 8192):
             by.setdefault((r["K"], r["M"]), {})[r["kernel"]] = r
-    cols = [("ostquant_quant_a4_had", "H, v3 (default)"), ("ostquant_quant_a4_had_v4", "H, v4"),
-            ("ostquant_quant_a4_had_v4half", "H, v4 half"), ("ostquant_quant_a4_had8", "I_8 (x) H, v3 (default)"),
+    cols = [("ostquant_quant_a4_had", "H, default"), ("ostquant_quant_a4_had_v3", "H, v3"),
+            ("ostquant_quant_a4_had_v4", "H, v4"), ("ostquant_quant_a4_had_v4half", "H, v4 half"),
+            ("ostquant_quant_a4_had8", "I_8 (x) H, default"), ("ostquant_quant_a4_had8_v3", "I_8 (x) H, v3"),
             ("ostquant_quant_a4_had8_v4", "I_8 (x) H, v4"), ("ostquant_quant_a4_had8_v4half", "I_8 (x) H, v4 half"),
-            ("ostquant_quant_a4", "no Hadamard"), ("ostquant_quant_a4_bulk", "no Hadamard, bulk ring"),
-            ("torch_copy", "torch copy")]
+            ("ostquant_quant_a4", "no Hadamard"), ("torch_copy", "torch copy")]
     out = [f"**Fused Hadamard + 4-bit quantize µs (fraction of copy bandwidth), {d['gpu']}** ({os.path.basename(path)}; "
            f"copy {d['hbm_copy_tbps']:.2f} TB/s; bar: 0.80; H = the full H_K, I_8 (x) H = calibration's default blocks)",
            "", "| K | M | " + " | ".join(c for _, c in cols) + " |", "| --- | --- |" + " --- |" * len(cols)]

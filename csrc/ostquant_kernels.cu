@@ -13,7 +13,6 @@
 //     word[2s+1]: byte j = (w[g][s*32 + 16 + t*4 + j] << 4) | (w[g+8][s*32 + 16 + t*4 + j] & 15)
 //   so that `word & 0xF0F0F0F0` and `(word << 4) & 0xF0F0F0F0` are four int8 holding 16*w:
 //   int4 -> int8 costs two logic ops per 8 values, and acc / 16 (an exact shift) is the result.
-#include <algorithm>
 #include <cuda_runtime.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -64,11 +63,19 @@ __device__ __forceinline__ void mma_s8(int (&c)[4], const uint32_t (&a)[4], uint
 }
 
 // One k32 step of a prepared word pair -> the 4 A registers (values 16*w as int8).
-__device__ __forceinline__ void widen(uint32_t w01, uint32_t w23, uint32_t (&a)[4]) {
-  a[0] = w01 & 0xF0F0F0F0u;
-  a[1] = (w01 << 4) & 0xF0F0F0F0u;
-  a[2] = w23 & 0xF0F0F0F0u;
-  a[3] = (w23 << 4) & 0xF0F0F0F0u;
+template <int N>
+__device__ __forceinline__ void widen(uint32_t w01, uint32_t w23, uint32_t (&a)[N], int o = 0) {
+  a[o] = w01 & 0xF0F0F0F0u;
+  a[o + 1] = (w01 << 4) & 0xF0F0F0F0u;
+  a[o + 2] = w23 & 0xF0F0F0F0u;
+  a[o + 3] = (w23 << 4) & 0xF0F0F0F0u;
+}
+// An empty asm that reads and writes r: the registers hold their values up to here (operands of
+// an asynchronous wgmma must not be reused before it is waited for).
+template <typename T, int N>
+__device__ __forceinline__ void keep_live(T (&r)[N]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) asm volatile("" : "+r"(r[i])::"memory");
 }
 
 template <typename T>
@@ -424,7 +431,9 @@ __device__ __forceinline__ void wgmma_wait() {
   asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
 }
 
-__device__ __forceinline__ void wgmma_m64n128k32(int (&d)[64], const uint32_t (&a)[4], uint64_t desc) {
+// a: 4 registers of the A fragment at a[o..o+3]
+template <int N>
+__device__ __forceinline__ void wgmma_m64n128k32(int (&d)[64], const uint32_t (&a)[N], int o, uint64_t desc) {
   asm volatile(
       "{\n"
       "wgmma.mma_async.sync.aligned.m64n128k32.s32.s8.s8 "
@@ -443,14 +452,14 @@ __device__ __forceinline__ void wgmma_m64n128k32(int (&d)[64], const uint32_t (&
         "+r"(d[43]), "+r"(d[44]), "+r"(d[45]), "+r"(d[46]), "+r"(d[47]), "+r"(d[48]), "+r"(d[49]),
         "+r"(d[50]), "+r"(d[51]), "+r"(d[52]), "+r"(d[53]), "+r"(d[54]), "+r"(d[55]), "+r"(d[56]),
         "+r"(d[57]), "+r"(d[58]), "+r"(d[59]), "+r"(d[60]), "+r"(d[61]), "+r"(d[62]), "+r"(d[63])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc));
+      : "r"(a[o]), "r"(a[o + 1]), "r"(a[o + 2]), "r"(a[o + 3]), "l"(desc));
 }
 
 // PIPE: keep one wgmma batch in flight across the loop (wait_group 1 instead of 0); the slot a
-// stage reuses is then two behind, so the cp.async prefetch distance is kStages - 2.
-// KNOWN WRONG (kind 6 failed the H100 test, 2026-11-23): the next stage's widened A fragments
-// may land in the registers the in-flight wgmma still reads (PTX leaves that to the program);
-// a fix needs two explicit fragment sets in an unrolled-by-2 loop. Python refuses kind 6.
+// stage reuses is then two behind, so the cp.async prefetch distance is kStages - 2. The A
+// fragments alternate between two register sets, each kept live until its batch is waited for
+// (kind 6's first version reused them under the in-flight wgmma and failed the H100 test,
+// 2026-11-23; this one has not yet run on a GPU).
 template <typename OutT, bool WGLOBAL, bool PIPE>
 __global__ void __launch_bounds__(WG_THREADS, 2)
     gemm_wgmma_kernel(const int8_t* __restrict__ A, const uint8_t* __restrict__ Wp, Epi epi,
@@ -514,7 +523,10 @@ __global__ void __launch_bounds__(WG_THREADS, 2)
     wn0 = __ldg(reinterpret_cast<const uint4*>(wsrc));
     wn1 = __ldg(reinterpret_cast<const uint4*>(wsrc + 512));
   }
-  for (int kt = 0; kt < nkt; ++kt) {
+  // cur: this stage's widened weight fragments; prev: the last stage's, which its wgmma (still in
+  // flight under PIPE) reads until the wait below; keep_live ends their lifetime only there, so the
+  // compiler cannot hand those registers to `cur` of the next stage (kind 6's old bug).
+  auto step = [&](int kt, uint32_t(&cur)[16], uint32_t(&prev)[16]) {
     uint4 w0 = wn0, w1 = wn1;
     if (WGLOBAL && kt + 1 < nkt) {  // prefetch the next stage's weights into registers
       wn0 = __ldg(reinterpret_cast<const uint4*>(wsrc + (size_t)(kt + 1) * 1024));
@@ -535,22 +547,35 @@ __global__ void __launch_bounds__(WG_THREADS, 2)
       w0 = lds128(sw + rb * 1024 + lane * 16);
       w1 = lds128(sw + rb * 1024 + 512 + lane * 16);
     }
-    uint32_t a0[4], a1[4], a2[4], a3[4];
-    widen(w0.x, w0.y, a0);
-    widen(w0.z, w0.w, a1);
-    widen(w1.x, w1.y, a2);
-    widen(w1.z, w1.w, a3);
+    widen(w0.x, w0.y, cur, 0);
+    widen(w0.z, w0.w, cur, 4);
+    widen(w1.x, w1.y, cur, 8);
+    widen(w1.z, w1.w, cur, 12);
     const uint64_t d0 = make_desc_sw128(sa);
     wgmma_fence();
-    wgmma_m64n128k32(acc, a0, d0);
-    wgmma_m64n128k32(acc, a1, d0 + 2);  // +32 B along K (descriptor address is in 16-B units)
-    wgmma_m64n128k32(acc, a2, d0 + 4);
-    wgmma_m64n128k32(acc, a3, d0 + 6);
+    wgmma_m64n128k32(acc, cur, 0, d0);
+    wgmma_m64n128k32(acc, cur, 4, d0 + 2);  // +32 B along K (descriptor address is in 16-B units)
+    wgmma_m64n128k32(acc, cur, 8, d0 + 4);
+    wgmma_m64n128k32(acc, cur, 12, d0 + 6);
     wgmma_commit();
-    if (PIPE) wgmma_wait<1>();
-    else wgmma_wait<0>();
+    if (PIPE) {
+      wgmma_wait<1>();  // the previous stage's batch is done: its fragments may go
+      keep_live(prev);
+    } else {
+      wgmma_wait<0>();
+    }
+  };
+  uint32_t fx[16], fy[16];
+#pragma unroll
+  for (int i = 0; i < 16; ++i) fx[i] = fy[i] = 0;
+  for (int kt = 0; kt < nkt; kt += 2) {
+    step(kt, fx, fy);
+    if (kt + 1 < nkt) step(kt + 1, fy, fx);
   }
   wgmma_wait<0>();
+  keep_live(fx);
+  keep_live(fy);
+  keep_live(acc);  // the accumulators are final only after the wait
   cp_async_wait<0>();
 #pragma unroll
   for (int i = 0; i < 64; ++i) acc[i] >>= 4;
@@ -761,7 +786,8 @@ __device__ __forceinline__ void vec_quant_store(const uint4 (&v)[VPT], int nv, c
   }
 }
 
-// One row a CTA.
+// One row a CTA. All VPT loads are issued before the first use: 0.60-0.74 -> 0.79-0.94 of copy at
+// 2048-8192 rows (H100, session 8) over the earlier loop that interleaved each load with its min/max.
 template <int THREADS, int VPT>
 __global__ void __launch_bounds__(THREADS) quant_plain_kernel(const __nv_bfloat16* __restrict__ x, int8_t* __restrict__ q,
                                                     float* __restrict__ scale, float* __restrict__ zero, int K,
@@ -779,68 +805,6 @@ __global__ void __launch_bounds__(THREADS) quant_plain_kernel(const __nv_bfloat1
   const RowQ r = row_qparams(mn, mx, p);
   write_row_params(r, scale, zero, row);
   vec_quant_store<THREADS, VPT>(v, nv, r, reinterpret_cast<uint2*>(q + (size_t)row * K));
-}
-
-// mbarrier + bulk async copy (TMA without a tensor map), sm_90.
-__device__ __forceinline__ void mbar_init(uint64_t* bar, int count) {
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(smem_u32(bar)), "r"(count) : "memory");
-}
-__device__ __forceinline__ void mbar_wait(uint64_t* bar, int parity) {
-  asm volatile(
-      "{\n .reg .pred p;\n WAIT_%=:\n"
-      " mbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n"
-      " @!p bra WAIT_%=;\n}\n" ::"r"(smem_u32(bar)),
-      "r"(parity)
-      : "memory");
-}
-// dst, src 16-B aligned, bytes a multiple of 16; bar completes when they have landed
-__device__ __forceinline__ void bulk_load(void* dst, const void* src, int bytes, uint64_t* bar) {
-  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(smem_u32(bar)), "r"(bytes)
-               : "memory");
-  asm volatile(
-      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(
-          smem_u32(dst)),
-      "l"(src), "r"(bytes), "r"(smem_u32(bar))
-      : "memory");
-}
-
-// Plain, many rows: persistent CTAs stream rows through a ring of `stages` shared-memory row buffers
-// filled by bulk async copies, so the next rows' reads are in flight while this row is reduced,
-// quantized and stored (the one-row-a-CTA kernel has each CTA idle between its load and store phases).
-constexpr int PLAIN_MAX_STAGES = 8;
-template <int THREADS, int VPT>
-__global__ void __launch_bounds__(THREADS) quant_plain_bulk_kernel(const __nv_bfloat16* __restrict__ x,
-                                                         int8_t* __restrict__ q, float* __restrict__ scale,
-                                                         float* __restrict__ zero, int M, int K, int stages,
-                                                         QParams p) {
-  extern __shared__ __align__(128) uint8_t ring[];
-  __shared__ __align__(8) uint64_t bars[PLAIN_MAX_STAGES];
-  const int nv = K / 8, row_bytes = K * 2, stride = (row_bytes + 127) & ~127;
-  auto issue = [&](int it) {  // thread 0: this CTA's it-th row into buffer it % stages
-    const int row = blockIdx.x + it * gridDim.x;
-    if (row < M) bulk_load(ring + (it % stages) * stride, x + (size_t)row * K, row_bytes, &bars[it % stages]);
-  };
-  if (threadIdx.x == 0) {
-    for (int s = 0; s < stages; ++s) mbar_init(&bars[s], 1);
-    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
-    for (int it = 0; it < stages; ++it) issue(it);
-  }
-  __syncthreads();
-  for (int it = 0, row = blockIdx.x; row < M; ++it, row += gridDim.x) {
-    mbar_wait(&bars[it % stages], (it / stages) & 1);
-    const uint4* src = reinterpret_cast<const uint4*>(ring + (it % stages) * stride);
-    uint4 v[VPT];
-#pragma unroll
-    for (int i = 0; i < VPT; ++i)
-      if (threadIdx.x + i * THREADS < nv) v[i] = src[threadIdx.x + i * THREADS];
-    float mn, mx;
-    vec_minmax<THREADS, VPT>(v, nv, mn, mx);
-    block_minmax<THREADS>(mn, mx);  // its first barrier: every thread has read the buffer
-    if (threadIdx.x == 0) issue(it + stages);
-    const RowQ r = row_qparams(mn, mx, p);
-    write_row_params(r, scale, zero, row);
-    vec_quant_store<THREADS, VPT>(v, nv, r, reinterpret_cast<uint2*>(q + (size_t)row * K));
-  }
 }
 
 // Hadamard + quantize: the row in shared memory as fp32 (index a*B + i, a < P2 = K/B).
@@ -1243,38 +1207,6 @@ cudaError_t raise_smem_limit(Kern kern, int smem, int& limit) {
   return e;
 }
 
-int num_sms();
-
-// The bulk-copy plain quantizer: 256 threads, VPT vectors each; buffers of the row rounded up to 128 B,
-// as many as fit ~96 KB (2..8), so two CTAs share an SM; one wave of persistent CTAs.
-template <int VPT>
-int launch_plain_bulk(const __nv_bfloat16* x, int8_t* q, float* scale, float* zero, int M, int K, QParams p,
-                      cudaStream_t st) {
-  const int stride = (K * 2 + 127) & ~127;
-  const int stages = std::min(PLAIN_MAX_STAGES, std::max(2, 96 * 1024 / stride));
-  const int smem = stages * stride;
-  auto kern = quant_plain_bulk_kernel<256, VPT>;
-  static int smem_set = 48 * 1024;
-  if (const cudaError_t e = raise_smem_limit(kern, smem, smem_set)) return (int)e;
-  int per_sm = 0;
-  if (const cudaError_t e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kern, 256, smem)) return (int)e;
-  const int grid = std::min(M, std::max(1, per_sm) * num_sms());
-  kern<<<grid, 256, smem, st>>>(x, q, scale, zero, M, K, stages, p);
-  return (int)cudaGetLastError();
-}
-int plain_bulk(const __nv_bfloat16* x, int8_t* q, float* scale, float* zero, int M, int K, QParams p,
-               cudaStream_t st) {
-  const int nv = K / 8;  // vectors a row; each of the 256 threads takes VPT of them
-  if (nv <= 256) return launch_plain_bulk<1>(x, q, scale, zero, M, K, p, st);
-  if (nv <= 512) return launch_plain_bulk<2>(x, q, scale, zero, M, K, p, st);
-  if (nv <= 1024) return launch_plain_bulk<4>(x, q, scale, zero, M, K, p, st);
-  if (nv <= 1792) return launch_plain_bulk<7>(x, q, scale, zero, M, K, p, st);
-  if (nv <= 2048) return launch_plain_bulk<8>(x, q, scale, zero, M, K, p, st);
-  if (nv <= 3584) return launch_plain_bulk<14>(x, q, scale, zero, M, K, p, st);
-  if (nv <= 4096) return launch_plain_bulk<16>(x, q, scale, zero, M, K, p, st);
-  return (int)cudaErrorInvalidValue;
-}
-
 // R: the a-rows a thread holds; threads a row = (K / B) / R, a power of two in [32, 256].
 template <int B, int R>
 int launch_had4(const __nv_bfloat16* x, int8_t* q, float* scale, float* zero, int M, int K, int log2p, float norm,
@@ -1291,23 +1223,24 @@ int launch_had4(const __nv_bfloat16* x, int8_t* q, float* scale, float* zero, in
   return (int)cudaGetLastError();
 }
 
-// Version 4 when a thread count in [32, 256] fits (R = 4 (B <= 28: more spills past it), 2 a-rows a
-// thread; 32, 16 for B = 1; `fewer`: the smaller R only, twice the threads); -1 otherwise (the caller
-// takes version 3).
+// Version 4 with R a-rows a thread when its thread count (K / B / R) is in [32, 256]. mode 3: the
+// larger R (4; 32 for B = 1; past B = 28 it spills), else the smaller; 4: the smaller R (2; 16), twice
+// the threads; 0 (the default): the smaller R, else the larger, among those whose butterflies stay
+// within a warp (log2p <= log2 R + 5): the cross-warp shared-memory stage made version 4 2-3x slower
+// than version 3 at b = 1 (H100, session 8), while within a warp it was 1.2-5x faster. -1 where none
+// applies (the caller takes version 3).
 template <int B>
 int try_had4(const __nv_bfloat16* x, int8_t* q, float* scale, float* zero, int M, int K, int log2p, float norm,
-             QParams p, bool fewer, cudaStream_t st) {
+             QParams p, int mode, cudaStream_t st) {
+  constexpr int RBIG = B == 1 ? 32 : 4, RSMALL = B == 1 ? 16 : 2;
+  constexpr bool big_ok = B == 1 || B <= 28;
   const int P = K / B;
   auto fits = [&](int r) { return P % r == 0 && P / r >= 32 && P / r <= 256; };
-  if constexpr (B == 1) {
-    if (fits(32) && !fewer) return launch_had4<1, 32>(x, q, scale, zero, M, K, log2p, norm, p, st);
-    if (fits(16)) return launch_had4<1, 16>(x, q, scale, zero, M, K, log2p, norm, p, st);
-  } else {
-    if constexpr (B <= 28) {
-      if (fits(4) && !fewer) return launch_had4<B, 4>(x, q, scale, zero, M, K, log2p, norm, p, st);
-    }
-    if (fits(2)) return launch_had4<B, 2>(x, q, scale, zero, M, K, log2p, norm, p, st);
-  }
+  auto in_warp = [&](int r) { return mode != 0 || log2p <= ilog2(r) + 5; };
+  if (big_ok && mode == 3 && fits(RBIG)) return launch_had4<B, RBIG>(x, q, scale, zero, M, K, log2p, norm, p, st);
+  if (fits(RSMALL) && in_warp(RSMALL)) return launch_had4<B, RSMALL>(x, q, scale, zero, M, K, log2p, norm, p, st);
+  if (big_ok && mode == 0 && fits(RBIG) && in_warp(RBIG))
+    return launch_had4<B, RBIG>(x, q, scale, zero, M, K, log2p, norm, p, st);
   return -1;
 }
 
@@ -1448,8 +1381,8 @@ bool g_hb_loaded[64] = {};
 template <int THREADS, int B>
 int launch_had(const __nv_bfloat16* x, int8_t* q, float* scale, float* zero, int M, int K, int log2p,
                const float* hb, float norm, QParams p, int variant, cudaStream_t st) {
-  if (variant == 3 || variant == 4) {
-    const int r = try_had4<B>(x, q, scale, zero, M, K, log2p, norm, p, variant == 4, st);
+  if (variant == 0 || variant == 3 || variant == 4) {
+    const int r = try_had4<B>(x, q, scale, zero, M, K, log2p, norm, p, variant, st);
     if (r >= 0) return r;
   }
   const int smem = K * (int)sizeof(float);
@@ -1516,11 +1449,10 @@ OSTQ_API int ostq_int4_gemm(const void* a_q, const void* a_scale, const void* a_
 // x bf16 [M,K] -> q int8 [M,K], scale fp32 [M], zero fp32 [M] (signed domain).
 // hadamard: 0 none; else the number of diagonal blocks b (a power of two) of I_b (x) H_{K/b}, with
 // hb = ±1 float table [B*B] of H_B (row-major, H_B[i][j]) and log2p = log2(K/(b*B)).
-// variant, no Hadamard: 2 = the bulk-copy ring kernel (not yet run on a GPU: opt-in), else one row a CTA.
-// variant, Hadamard: 0 = version 3 (row in shared memory, signs compiled in), 1 = version 2 (its
-// constant-memory table), 3 = version 4 (row in registers; not yet run on a GPU: opt-in until its tests and
-// timings have), 4 = version 4 with half the values a thread (R = 2 / 16). 3 and 4 take version 3 where
-// their thread counts do not fit.
+// variant (Hadamard only): 0 = automatic (version 4 where its butterflies stay within a warp, else
+// version 3: try_had4), 1 = version 2 (constant-memory table), 2 = version 3 (row in shared memory, signs
+// compiled in), 3 / 4 = version 4 (row in registers) with the larger / smaller R; 3 and 4 take version 3
+// where their thread counts do not fit.
 OSTQ_API int ostq_quantize_act(const void* x, void* q, void* scale, void* zero, int M, int K, int bits, int sym,
                                float clip, int hadamard, int B, int log2p, const void* hb, int variant,
                                void* stream) {
@@ -1532,7 +1464,6 @@ OSTQ_API int ostq_quantize_act(const void* x, void* q, void* scale, void* zero, 
   int8_t* qb = (int8_t*)q;
   float *sc = (float*)scale, *zp = (float*)zero;
   if (!hadamard) {
-    if (variant == 2) return plain_bulk(xb, qb, sc, zp, M, K, p, st);
     const int nv = K / 8;
     // Many rows: Llama-3's down_proj inputs (14336, 28672 = 1792, 3584 vectors) fill <256, 7> /
     // <512, 7> exactly, where <512, 4> / <512, 8> leave 1/8 of the lanes idle (H100, M = 8192: 58% ->

@@ -84,13 +84,10 @@ def _stream(device) -> ctypes.c_void_p:
 _H_TABLES: dict = {}
 
 
-# Fused-Hadamard kernel version (csrc ostq_quantize_act): 0 = row in shared memory, signs compiled in (default),
-# 1 = the same with the table in constant memory, 3 = the row in registers (version 4: not yet run on a GPU,
-# so opt-in), 4 = 3 with half the values a thread.
+# Fused-Hadamard kernel version (csrc ostq_quantize_act): 0 = automatic (version 4, the row in registers, where
+# its butterflies stay within a warp; else version 3), 1 = version 2 (table in constant memory), 2 = version 3
+# (row in shared memory, signs compiled in), 3 / 4 = version 4 with the larger / smaller rows a thread.
 HAD_VARIANT = int(os.environ.get("OSTQUANT_HAD_VARIANT", "0"))
-# Plain quantize kernel: 0 = one row a CTA (default), 2 = persistent CTAs streaming rows through a shared-memory
-# ring filled by bulk async copies (not yet run on a GPU, so opt-in).
-PLAIN_VARIANT = int(os.environ.get("OSTQUANT_PLAIN_VARIANT", "0"))
 
 
 def _had_table(k: int, device: torch.device) -> tuple[int, int, torch.Tensor]:
@@ -158,8 +155,7 @@ def _quant_cuda(x, bits, sym, clip, hadamard, out=None, variant=None):
         rc = _lib.load().ostq_quantize_act(_ptr(x2), _ptr(q), _ptr(s), _ptr(z), m, k, bits, int(sym),
                                            float(clip), int(hadamard), b, log2p,
                                            _ptr(table) if table is not None else None,
-                                           (HAD_VARIANT if hadamard else PLAIN_VARIANT) if variant is None
-                                           else variant, _stream(x.device))
+                                           HAD_VARIANT if variant is None else variant, _stream(x.device))
         _lib.check(rc, "quantize_act")
     return q, s, z
 
@@ -240,8 +236,8 @@ def _auto_force(m: int, n: int, k: int) -> int:
 def _gemm_cuda(a_q, a_scale, a_zero, w, w_scale, w_sum, out_dtype, force=None, out=None):
     """Launch the CUDA GEMM (no checks beyond shapes). force: None = _auto_force, -1 = the
     library's heuristic, else a kernel kind (0/1/2/4 mma.sync split-K or tiles, 3/5 wgmma,
-    7/8 decode, 9-12 decode with 2/4 weight blocks a warp and 32/64 tokens a CTA; 6 is the
-    pipelined wgmma that failed on H100: refused). `out` (tests): [M, N]."""
+    7/8 decode, 9-12 decode with 2/4 weight blocks a warp and 32/64 tokens a CTA, 6 the pipelined
+    wgmma). `out` (tests): [M, N]."""
     n, k = weight_shape(w)
     a2 = a_q.reshape(-1, k).contiguous()
     if a2.data_ptr() % 16:  # 16-B cp.async
@@ -249,8 +245,6 @@ def _gemm_cuda(a_q, a_scale, a_zero, w, w_scale, w_sum, out_dtype, force=None, o
     m = a2.shape[0]
     if force is None:
         force = _auto_force(m, n, k)
-    if force == 6:
-        raise ValueError("GEMM kind 6 (pipelined wgmma) is known to be wrong on H100; use 5")
     if out is None:
         out = torch.empty((m, n), dtype=out_dtype, device=a_q.device)
     if m == 0:
