@@ -383,16 +383,22 @@ __global__ void __launch_bounds__(KW * 32)
   }
 }
 
+// Lift `kern`'s dynamic shared-memory limit to `smem` bytes; `limit` (a static of the caller's instantiation)
+// remembers the limit set so far, so the attribute is set only when it must grow.
+template <typename Kern>
+cudaError_t raise_smem_limit(Kern kern, int smem, int& limit) {
+  if (smem <= limit) return cudaSuccess;
+  const cudaError_t e = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  if (e == cudaSuccess) limit = smem;
+  return e;
+}
+
 template <int WT, int R, int KW, int STAGES, typename OutT>
 int launch_dec(const int8_t* A, const uint8_t* Wp, const Epi& epi, OutT* out, int M, int N, int K, cudaStream_t st) {
   auto kern = gemm_dec_kernel<WT, R, KW, STAGES, OutT>;
   constexpr int smem = DecCfg<WT, R, KW, STAGES>::kSmem;
-  static bool attr = false;
-  if (!attr) {
-    cudaError_t e = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-    if (e != cudaSuccess) return (int)e;
-    attr = true;
-  }
+  static int smem_set = 48 * 1024;
+  if (const cudaError_t e = raise_smem_limit(kern, smem, smem_set)) return (int)e;
   dim3 grid((N / 16 + R - 1) / R, (M + 8 * WT - 1) / (8 * WT));
   kern<<<grid, KW * 32, smem, st>>>(A, Wp, epi, out, M, N, K);
   return (int)cudaGetLastError();
@@ -1197,15 +1203,6 @@ __global__ void __launch_bounds__(256) quant_had4_kernel(const __nv_bfloat16* __
   }
 }
 
-// Lift `kern`'s dynamic shared-memory limit to `smem` bytes; `limit` (a static of the caller's instantiation)
-// remembers the limit set so far, so the attribute is set only when it must grow.
-template <typename Kern>
-cudaError_t raise_smem_limit(Kern kern, int smem, int& limit) {
-  if (smem <= limit) return cudaSuccess;
-  const cudaError_t e = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-  if (e == cudaSuccess) limit = smem;
-  return e;
-}
 
 // R: the a-rows a thread holds; threads a row = (K / B) / R, a power of two in [32, 256].
 template <int B, int R>
@@ -1263,11 +1260,8 @@ int launch_mma(const int8_t* A, const uint8_t* Wp, const Epi& epi, OutT* out, in
                int* ws, int* counters, cudaStream_t st) {
   using C = MmaCfg<WARPS_N, WR, WARPS_M, WT, STAGES>;
   auto kern = gemm_mma_kernel<WARPS_N, WR, WARPS_M, WT, STAGES, OutT>;
-  static bool attr = false;
-  if (!attr) {
-    cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, C::kSmem);
-    attr = true;
-  }
+  static int smem_set = 48 * 1024;
+  if (const cudaError_t e = raise_smem_limit(kern, C::kSmem, smem_set)) return (int)e;
   const int KB = K / 64;
   const int kbps = (KB + splits - 1) / splits;
   splits = (KB + kbps - 1) / kbps;
@@ -1330,11 +1324,8 @@ int launch_wgmma(const int8_t* A, const uint8_t* Wp, const Epi& epi, OutT* out, 
                  int* ws, int* counters, cudaStream_t st) {
   auto kern = gemm_wgmma_kernel<OutT, WGLOBAL, PIPE>;
   constexpr int smem = WgCfg<WGLOBAL>::kSmem;
-  static bool attr = false;
-  if (!attr) {
-    cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-    attr = true;
-  }
+  static int smem_set = 48 * 1024;
+  if (const cudaError_t e = raise_smem_limit(kern, smem, smem_set)) return (int)e;
   const int nkt = K / WG_BK;
   const int per = (nkt + splits - 1) / splits;
   splits = (nkt + per - 1) / per;
