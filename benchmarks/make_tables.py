@@ -248,6 +248,28 @@ def kernels_hadamard_table(path: str) -> str:
     return "\n".join(out)
 
 
+def kernels_largem_table(path: str) -> str:
+    """Large-M GEMMs (the compute-bound bar: >= 1.6x torch bf16): the dispatch and each wgmma kind."""
+    d = json.load(open(path))
+    by = {}
+    for r in d["rows"]:
+        if r.get("kind", "gemm") == "gemm" and r["M"] >= 2048:
+            by.setdefault((r["model"], r["layer"], r["N"], r["K"], r["M"]), {})[r["kernel"]] = r["us"]
+    cols = [("ostquant_w4a4", "ours W4A4 (dispatch)"), ("ostquant_w4a4_force_wg3", "kind 3"),
+            ("ostquant_w4a4_force_wg5", "kind 5"), ("ostquant_w4a4_force_wg6", "kind 6 (pipelined)"),
+            ("torch_bf16", "torch bf16"), ("torch_fp8", "torch fp8"), ("torch_int8", "torch int8")]
+    out = [f"**Large-M GEMM µs, {d['gpu']}** ({os.path.basename(path)}; last column: the dispatch's speedup over "
+           "torch bf16, bar 1.6x)", "",
+           "| layer N x K | M | " + " | ".join(c for _, c in cols) + " | speedup |",
+           "| --- | --- |" + " --- |" * (len(cols) + 1)]
+    for (model, layer, N, K, M), ks in by.items():
+        cells = [f"{ks[k]:.1f}" if k in ks else "—" for k, _ in cols]
+        sp = ks["torch_bf16"] / ks["ostquant_w4a4"] if "torch_bf16" in ks and "ostquant_w4a4" in ks else float("nan")
+        out.append(f"| {model} {layer} {N}x{K} | {M} | " + " | ".join(cells) + f" | {sp:.2f}x |")
+    out += [""] + [f"- {n}" for n in d.get("notes", [])] + [f"- command: `{d.get('command')}`"]
+    return "\n".join(out)
+
+
 def kernels_table(path: str) -> str:
     d = json.load(open(path))
     gemm = [r for r in d["rows"] if r.get("kind", "gemm") == "gemm"]
@@ -358,6 +380,8 @@ def all_tables() -> str:
     for p in sorted(glob.glob(os.path.join(res, "kernels_*.json"))):
         if "midm" in p:
             parts.append(kernels_midm_table(p))
+        elif "largem" in p:
+            parts.append(kernels_largem_table(p))
         elif "quant" in p:
             parts.append(kernels_quant_table(p))
         elif "hadamard" in p:

@@ -464,8 +464,9 @@ __device__ __forceinline__ void wgmma_m64n128k32(int (&d)[64], const uint32_t (&
 // PIPE: keep one wgmma batch in flight across the loop (wait_group 1 instead of 0); the slot a
 // stage reuses is then two behind, so the cp.async prefetch distance is kStages - 2. The A
 // fragments alternate between two register sets, each kept live until its batch is waited for
-// (kind 6's first version reused them under the in-flight wgmma and failed the H100 test,
-// 2026-11-23; this one has not yet run on a GPU).
+// (kind 6's first version reused them under the in-flight wgmma and failed the H100 test). This one
+// passes (H100, session 8) but ptxas serializes its wgmmas (C7513: the next fragments are defined
+// while a batch is in flight), so it runs 2-7 % slower than kind 5 and is not chosen.
 template <typename OutT, bool WGLOBAL, bool PIPE>
 __global__ void __launch_bounds__(WG_THREADS, 2)
     gemm_wgmma_kernel(const int8_t* __restrict__ A, const uint8_t* __restrict__ Wp, Epi epi,
@@ -1202,7 +1203,6 @@ __global__ void __launch_bounds__(256) quant_had4_kernel(const __nv_bfloat16* __
     dst[c8] = make_uint2(pack_bytes(l[0], l[1], l[2], l[3]), pack_bytes(l[4], l[5], l[6], l[7]));
   }
 }
-
 
 // R: the a-rows a thread holds; threads a row = (K / B) / R, a power of two in [32, 256].
 template <int B, int R>
