@@ -233,9 +233,9 @@ def kernels_hadamard_table(path: str) -> str:
     for r in d["rows"]:
         if r.get("kind") == "quantize" and r["M"] in (1, 2048, 8192):
             by.setdefault((r["K"], r["M"]), {})[r["kernel"]] = r
-    cols = [("ostquant_quant_a4_had", "H, default"), ("ostquant_quant_a4_had_v3", "H, v3"),
+    cols = [("ostquant_quant_a4_had", "H, dispatch"), ("ostquant_quant_a4_had_v3", "H, v3"),
             ("ostquant_quant_a4_had_v4", "H, v4"), ("ostquant_quant_a4_had_v4half", "H, v4 half"),
-            ("ostquant_quant_a4_had8", "I_8 (x) H, default"), ("ostquant_quant_a4_had8_v3", "I_8 (x) H, v3"),
+            ("ostquant_quant_a4_had8", "I_8 (x) H, dispatch"), ("ostquant_quant_a4_had8_v3", "I_8 (x) H, v3"),
             ("ostquant_quant_a4_had8_v4", "I_8 (x) H, v4"), ("ostquant_quant_a4_had8_v4half", "I_8 (x) H, v4 half"),
             ("ostquant_quant_a4", "no Hadamard"), ("torch_copy", "torch copy")]
     out = [f"**Fused Hadamard + 4-bit quantize µs (fraction of copy bandwidth), {d['gpu']}** ({os.path.basename(path)}; "
