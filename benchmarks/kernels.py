@@ -4,6 +4,10 @@ torch._int_mm, with the device copy bandwidth measured in the same run.
 
     python benchmarks/kernels.py [--out benchmarks/results/kernels_<gpu>.json] [--quick]
 
+--vllm adds vLLM's own kernels (CUTLASS W8A8-int8, Machete W4A16, CUTLASS W4A8 with fp8 activations) on
+the same shapes; run it where the vLLM bundle is installed (../shared/gpu, 4 calls), e.g.
+    . benchmarks/gpu_vllm_env.sh && python3 benchmarks/kernels.py --vllm --skip-quant --out $OUT/kernels_vllm.json
+
 Each time is the smaller of (a) the median of triton.testing.do_bench (CUDA events, L2 flushed
 before every call) and (b) a CUDA-graph replay of calls cycling through weight copies (>= 4x L2
 in total, so L2 does not hold the weights), which removes host/launch overhead as vLLM's graphs
@@ -91,7 +95,59 @@ def copy_bandwidth():
     return 2 * n / (us * 1e-6) / 1e12
 
 
-def gemm_rows(model, layer, K, N, gen, rows, quick, ms=None):
+def vllm_operands(N, K, gen):
+    """vLLM's own low-bit GEMMs for one layer, as its linear kernels prepare them (vLLM 0.26, random values):
+    name -> (make(M) -> list of timed calls, weight bytes). CUTLASS W8A8 int8 (`cutlass_scaled_mm`), Machete
+    W4A16 (uint4b8, bf16 group-128 scales) and CUTLASS W4A8 (fp8 activations, int4 weights, fp8 group-128
+    scales + fp32 channel scales). A kernel this vLLM lacks is skipped with a line saying why."""
+    from vllm import _custom_ops as ops
+    from vllm.scalar_type import scalar_types
+    dev, g = "cuda", 128
+    packed = torch.zeros(K // 8, N, dtype=torch.int32, device=dev)  # 8 nibbles along K a word
+    for i in range(8):
+        packed |= torch.randint(0, 16, (K // 8, N), dtype=torch.int32, device=dev, generator=gen) << (4 * i)
+    col_major = packed.t().contiguous().t()
+    ops_ = {}
+    try:
+        w8 = torch.randint(-128, 128, (N, K), dtype=torch.int8, device=dev, generator=gen)
+        w8s = [w8.clone().t() for _ in range(copies_for(N * K))]  # [K, N] column-major, as vLLM keeps them
+        sb = torch.rand(N, 1, device=dev, generator=gen) * 0.01
+        def w8a8(M):
+            a = torch.randint(-128, 128, (M, K), dtype=torch.int8, device=dev, generator=gen)
+            sa = torch.rand(M, 1, device=dev, generator=gen) * 0.01
+            return [lambda w=w: ops.cutlass_scaled_mm(a, w, sa, sb, torch.bfloat16) for w in w8s]
+        ops_["vllm_cutlass_w8a8_int8"] = (w8a8, N * K)
+    except Exception as e:  # noqa: BLE001
+        print(f"vllm int8 {N}x{K}: {type(e).__name__}: {str(e)[:160]}")
+    try:
+        wm = ops.machete_prepack_B(col_major, torch.bfloat16, scalar_types.uint4b8, torch.bfloat16)
+        wms = [wm] + [wm.clone() for _ in range(copies_for(N * K // 2) - 1)]
+        sm = (torch.rand(K // g, N, device=dev, generator=gen) * 0.01).to(torch.bfloat16)
+        def machete(M):
+            a = torch.randn(M, K, device=dev, generator=gen).to(torch.bfloat16)
+            return [lambda w=w: ops.machete_mm(a=a, b_q=w, b_type=scalar_types.uint4b8, b_group_scales=sm,
+                                               b_group_size=g) for w in wms]
+        ops_["vllm_machete_w4a16"] = (machete, N * K // 2)
+    except Exception as e:  # noqa: BLE001
+        print(f"vllm machete {N}x{K}: {type(e).__name__}: {str(e)[:160]}")
+    try:
+        wc = ops.cutlass_encode_and_reorder_int4b(col_major)
+        wcs = [wc] + [wc.clone() for _ in range(copies_for(N * K // 2) - 1)]
+        gs = torch.rand(N, K // g, device=dev, generator=gen) + 0.5
+        chan = gs.amax(-1, keepdim=True) * 0.01  # [N, 1], as convert_bf16_scales_to_fp8 leaves them
+        sg = ops.cutlass_pack_scale_fp8((gs / gs.amax(-1, keepdim=True)).to(torch.float8_e4m3fn).t().contiguous())
+        def w4a8(M):
+            a = torch.randn(M, K, device=dev, generator=gen).to(torch.float8_e4m3fn)
+            ta = torch.rand(M, 1, device=dev, generator=gen) * 0.01
+            return [lambda w=w: ops.cutlass_w4a8_mm(a=a, b_q=w, b_group_scales=sg, b_group_size=g,
+                                                    b_channel_scales=chan, a_token_scales=ta) for w in wcs]
+        ops_["vllm_cutlass_w4a8_fp8"] = (w4a8, N * K // 2)
+    except Exception as e:  # noqa: BLE001
+        print(f"vllm cutlass w4a8 {N}x{K}: {type(e).__name__}: {str(e)[:160]}")
+    return ops_
+
+
+def gemm_rows(model, layer, K, N, gen, rows, quick, ms=None, with_vllm=False):
     dev = "cuda"
     w = torch.randint(-8, 8, (N, K), dtype=torch.int8, device=dev, generator=gen)
     wp0 = levels_to_prepared(w)
@@ -104,6 +160,7 @@ def gemm_rows(model, layer, K, N, gen, rows, quick, ms=None):
     wf8 = [w.to(torch.float8_e4m3fn) for _ in range(copies_for(N * K))]
     del w
     one = torch.ones((), device=dev)
+    vops = vllm_operands(N, K, gen) if with_vllm else {}
     for M in (ms or (MS if not quick else [1, 16, 2048])):
         def add(kernel, fns, wbytes, note=None):
             try:
@@ -180,7 +237,15 @@ def gemm_rows(model, layer, K, N, gen, rows, quick, ms=None):
             add("torch_int8", fns, N * K, None if Mp == M else f"M padded to {Mp}")
         except Exception as e:  # noqa: BLE001
             print(f"torch_int8 M={M}: {type(e).__name__}: {str(e)[:120]}")
-    del wps, wbf, w8, wf8
+        for vname, (make, wbytes) in vops.items():  # timing only: their numerics are vLLM's
+            try:
+                fns = make(M)
+                fns[0]()
+            except Exception as e:  # noqa: BLE001
+                print(f"{vname} M={M}: {type(e).__name__}: {str(e)[:160]}")
+                continue
+            add(vname, fns, wbytes)
+    del wps, wbf, w8, wf8, vops
     torch.cuda.empty_cache()
 
 
@@ -241,6 +306,8 @@ def main():
     ap.add_argument("--hadamard-only", action="store_true",
                     help="quantize rows: the fused Hadamard at b = 1 and 8, every kernel version (use with --models '')")
     ap.add_argument("--ms", default="", help="comma-separated token counts for the GEMM rows (default: all)")
+    ap.add_argument("--vllm", action="store_true",
+                    help="also time vLLM's CUTLASS W8A8-int8, Machete W4A16 and CUTLASS W4A8 GEMMs (needs vLLM on the GPU)")
     args = ap.parse_args()
     assert kernels.available(), kernels.unavailable_reason()
     name = torch.cuda.get_device_name()
@@ -258,6 +325,9 @@ def main():
                      "weight_tbps": "weight bytes / time, 1e12 B/s",
                      "tops": "2*M*N*K / time, 1e12 ops/s", "tbps": "bytes read+written / time (quantize rows)"},
            "complete": False, "rows": rows}
+    if args.vllm:
+        import vllm
+        res["vllm"] = vllm.__version__
     os.makedirs(os.path.dirname(out), exist_ok=True)
 
     def save():
@@ -270,7 +340,8 @@ def main():
         save()
     for model in filter(None, args.models.split(",")):  # --models "": the quantize rows only
         for layer, K, N in LAYERS[model]:
-            gemm_rows(model, layer, K, N, gen, rows, args.quick, [int(m) for m in args.ms.split(",") if m])
+            gemm_rows(model, layer, K, N, gen, rows, args.quick, [int(m) for m in args.ms.split(",") if m],
+                      args.vllm)
             save()
     res["hbm_copy_tbps_end"] = round(copy_bandwidth(), 4)
     res["complete"] = True

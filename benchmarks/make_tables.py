@@ -277,6 +277,8 @@ def kernels_table(path: str) -> str:
     for r in gemm:
         by.setdefault((r["M"], r["N"], r["K"]), {})[r["kernel"]] = r
     kernels = ["ostquant_w4a4", "ostquant_w4a8", "torch_bf16", "torch_fp8", "torch_int8"]
+    kernels += [k for k in ("vllm_cutlass_w8a8_int8", "vllm_machete_w4a16", "vllm_cutlass_w4a8_fp8")
+                if any(r["kernel"] == k for r in gemm)]  # benchmarks/kernels.py --vllm
     out = [f"**GEMM µs, {d['gpu']}** ({os.path.basename(path)}; copy bandwidth {d['hbm_copy_tbps']:.2f} TB/s; "
            f"in brackets: TB/s on int4 weight bytes)", "",
            "| M | N | K | " + " | ".join(kernels) + " |", "| --- | --- | --- |" + " --- |" * len(kernels)]
