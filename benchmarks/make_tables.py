@@ -208,44 +208,39 @@ def kernels_midm_table(path: str) -> str:
     return "\n".join(out)
 
 
-def kernels_quant_table(path: str) -> str:
-    """The activation quantizers: µs and fraction of the run's own copy bandwidth, many tokens."""
+def _quantize_table(path: str, ms: tuple, cols: list, title: str, extra: str = "") -> str:
+    """Quantize rows of a kernels JSON at token counts `ms`: µs (fraction of copy bandwidth), one column per
+    (kernel, label) of `cols`."""
     d = json.load(open(path))
     by = {}
     for r in d["rows"]:
-        if r.get("kind") == "quantize" and r["M"] in (2048, 8192):
+        if r.get("kind") == "quantize" and r["M"] in ms:
             by.setdefault((r["K"], r["M"]), {})[r["kernel"]] = r
-    kernels = ["ostquant_quant_a4", "ostquant_quant_a8", "ostquant_quant_a4_had", "torch_copy"]
-    out = [f"**Activation quantize µs (fraction of copy bandwidth), {d['gpu']}** ({os.path.basename(path)}; "
-           f"copy {d['hbm_copy_tbps']:.2f} TB/s; bar: 0.80)", "",
-           "| K | M | " + " | ".join(kernels) + " |", "| --- | --- |" + " --- |" * len(kernels)]
-    for (K, M), ks in sorted(by.items()):
-        cells = [f"{ks[k]['us']:.1f} ({ks[k]['frac_of_copy']:.2f})" if k in ks else "—" for k in kernels]
-        out.append(f"| {K} | {M} | " + " | ".join(cells) + " |")
-    out += [""] + [f"- {n}" for n in d.get("notes", [])] + [f"- command: `{d.get('command')}`"]
-    return "\n".join(out)
-
-
-def kernels_hadamard_table(path: str) -> str:
-    """The fused Hadamard + 4-bit quantize of down_proj's input, every kernel version, b = 1 and 8 blocks."""
-    d = json.load(open(path))
-    by = {}
-    for r in d["rows"]:
-        if r.get("kind") == "quantize" and r["M"] in (1, 2048, 8192):
-            by.setdefault((r["K"], r["M"]), {})[r["kernel"]] = r
-    cols = [("ostquant_quant_a4_had", "H, dispatch"), ("ostquant_quant_a4_had_v3", "H, v3"),
-            ("ostquant_quant_a4_had_v4", "H, v4"), ("ostquant_quant_a4_had_v4half", "H, v4 half"),
-            ("ostquant_quant_a4_had8", "I_8 (x) H, dispatch"), ("ostquant_quant_a4_had8_v3", "I_8 (x) H, v3"),
-            ("ostquant_quant_a4_had8_v4", "I_8 (x) H, v4"), ("ostquant_quant_a4_had8_v4half", "I_8 (x) H, v4 half"),
-            ("ostquant_quant_a4", "no Hadamard"), ("torch_copy", "torch copy")]
-    out = [f"**Fused Hadamard + 4-bit quantize µs (fraction of copy bandwidth), {d['gpu']}** ({os.path.basename(path)}; "
-           f"copy {d['hbm_copy_tbps']:.2f} TB/s; bar: 0.80; H = the full H_K, I_8 (x) H = calibration's default blocks)",
-           "", "| K | M | " + " | ".join(c for _, c in cols) + " |", "| --- | --- |" + " --- |" * len(cols)]
+    out = [f"**{title} µs (fraction of copy bandwidth), {d['gpu']}** ({os.path.basename(path)}; "
+           f"copy {d['hbm_copy_tbps']:.2f} TB/s; bar: 0.80{extra})", "",
+           "| K | M | " + " | ".join(c for _, c in cols) + " |", "| --- | --- |" + " --- |" * len(cols)]
     for (K, M), ks in sorted(by.items()):
         cells = [f"{ks[k]['us']:.1f} ({ks[k]['frac_of_copy']:.2f})" if k in ks else "—" for k, _ in cols]
         out.append(f"| {K} | {M} | " + " | ".join(cells) + " |")
     out += [""] + [f"- {n}" for n in d.get("notes", [])] + [f"- command: `{d.get('command')}`"]
     return "\n".join(out)
+
+
+def kernels_quant_table(path: str) -> str:
+    """The activation quantizers: µs and fraction of the run's own copy bandwidth, many tokens."""
+    kernels = ["ostquant_quant_a4", "ostquant_quant_a8", "ostquant_quant_a4_had", "torch_copy"]
+    return _quantize_table(path, (2048, 8192), [(k, k) for k in kernels], "Activation quantize")
+
+
+def kernels_hadamard_table(path: str) -> str:
+    """The fused Hadamard + 4-bit quantize of down_proj's input, every kernel version, b = 1 and 8 blocks."""
+    cols = [("ostquant_quant_a4_had", "H, dispatch"), ("ostquant_quant_a4_had_v3", "H, v3"),
+            ("ostquant_quant_a4_had_v4", "H, v4"), ("ostquant_quant_a4_had_v4half", "H, v4 half"),
+            ("ostquant_quant_a4_had8", "I_8 (x) H, dispatch"), ("ostquant_quant_a4_had8_v3", "I_8 (x) H, v3"),
+            ("ostquant_quant_a4_had8_v4", "I_8 (x) H, v4"), ("ostquant_quant_a4_had8_v4half", "I_8 (x) H, v4 half"),
+            ("ostquant_quant_a4", "no Hadamard"), ("torch_copy", "torch copy")]
+    return _quantize_table(path, (1, 2048, 8192), cols, "Fused Hadamard + 4-bit quantize",
+                           "; H = the full H_K, I_8 (x) H = calibration's default blocks")
 
 
 def kernels_largem_table(path: str) -> str:
