@@ -250,7 +250,8 @@ def gemm_rows(model, layer, K, N, gen, rows, quick, ms=None, with_vllm=False):
 
 
 # the fused Hadamard kernel's versions (kernels._quant_cuda's `variant`): None = the dispatch's choice,
-# 1 = version 2 (constant-memory table), 2 = version 3, 3 / 4 = version 4 (row in registers) / with half the values a thread
+# 1 = version 2 (constant-memory table), 2 = version 3, 3 / 4 = version 4 (row in registers) / with half
+# the values a thread
 HAD_VARIANTS = {None: "", 1: "_v2", 2: "_v3", 3: "_v4", 4: "_v4half"}
 
 
@@ -307,7 +308,8 @@ def main():
                     help="quantize rows: the fused Hadamard at b = 1 and 8, every kernel version (use with --models '')")
     ap.add_argument("--ms", default="", help="comma-separated token counts for the GEMM rows (default: all)")
     ap.add_argument("--vllm", action="store_true",
-                    help="also time vLLM's CUTLASS W8A8-int8, Machete W4A16 and CUTLASS W4A8 GEMMs (needs vLLM on the GPU)")
+                    help="also time vLLM's CUTLASS W8A8-int8, Machete W4A16 and CUTLASS W4A8 GEMMs "
+                         "(needs vLLM on the GPU)")
     args = ap.parse_args()
     assert kernels.available(), kernels.unavailable_reason()
     name = torch.cuda.get_device_name()
