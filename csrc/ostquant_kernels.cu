@@ -1204,6 +1204,10 @@ __global__ void __launch_bounds__(256) quant_had4_kernel(const __nv_bfloat16* __
   }
 }
 
+// Version 4's butterflies leave the warp (one shared-memory Walsh stage over its warps) when the
+// 2^log2p-point transform spans more than R a-rows x 32 lanes.
+__host__ __device__ constexpr bool had4_cross_warp(int log2p, int log2r) { return log2p > log2r + 5; }
+
 // R: the a-rows a thread holds; threads a row = (K / B) / R, a power of two in [32, 256].
 template <int B, int R>
 int launch_had4(const __nv_bfloat16* x, int8_t* q, float* scale, float* zero, int M, int K, int log2p, float norm,
@@ -1211,7 +1215,7 @@ int launch_had4(const __nv_bfloat16* x, int8_t* q, float* scale, float* zero, in
   constexpr int LOG2R = ilog2(R);
   const int tpr = K / B / R;
   const int cta = tpr < 128 ? 128 : tpr;
-  const int smem = log2p > LOG2R + 5 ? cta * R * B * (int)sizeof(float) : 0;
+  const int smem = had4_cross_warp(log2p, LOG2R) ? cta * R * B * (int)sizeof(float) : 0;
   auto kern = quant_had4_kernel<B, R>;
   static int smem_set = 48 * 1024;
   if (const cudaError_t e = raise_smem_limit(kern, smem, smem_set)) return (int)e;
@@ -1223,7 +1227,7 @@ int launch_had4(const __nv_bfloat16* x, int8_t* q, float* scale, float* zero, in
 // Version 4 with R a-rows a thread when its thread count (K / B / R) is in [32, 256]. mode 3: the
 // larger R (4; 32 for B = 1; past B = 28 it spills), else the smaller; 4: the smaller R (2; 16), twice
 // the threads; 0 (the default): the smaller R, else the larger, among those whose butterflies stay
-// within a warp (log2p <= log2 R + 5): the cross-warp shared-memory stage made version 4 2-3x slower
+// within a warp (!had4_cross_warp): the cross-warp shared-memory stage made version 4 2-3x slower
 // than version 3 at b = 1 (H100, session 8), while within a warp it was 1.2-5x faster. -1 where none
 // applies (the caller takes version 3).
 template <int B>
@@ -1233,7 +1237,7 @@ int try_had4(const __nv_bfloat16* x, int8_t* q, float* scale, float* zero, int M
   constexpr bool big_ok = B == 1 || B <= 28;
   const int P = K / B;
   auto fits = [&](int r) { return P % r == 0 && P / r >= 32 && P / r <= 256; };
-  auto in_warp = [&](int r) { return mode != 0 || log2p <= ilog2(r) + 5; };
+  auto in_warp = [&](int r) { return mode != 0 || !had4_cross_warp(log2p, ilog2(r)); };
   if (big_ok && mode == 3 && fits(RBIG)) return launch_had4<B, RBIG>(x, q, scale, zero, M, K, log2p, norm, p, st);
   if (fits(RSMALL) && in_warp(RSMALL)) return launch_had4<B, RSMALL>(x, q, scale, zero, M, K, log2p, norm, p, st);
   if (big_ok && mode == 0 && fits(RBIG) && in_warp(RBIG))
