@@ -136,7 +136,8 @@ def e2e_table(path: str) -> str:
     return "\n".join(out)
 
 
-MIDM_KINDS = {9: "dec_r2t32", 10: "dec_r2t64", 11: "dec_r4t32", 12: "dec_r4t64", 5: "wg5", 3: "wg3"}
+MIDM_KINDS = {9: "dec_r2t32", 10: "dec_r2t64", 11: "dec_r4t32", 12: "dec_r4t64", 5: "wg5", 3: "wg3", 13: "wg13_t64",
+              14: "wg14_t32", 15: "wg15_t64_n256", 16: "wg16_t32_n256"}
 
 
 def kv4_attention_table(path: str) -> str:
@@ -185,26 +186,29 @@ def kv4_real_model_table(path: str) -> str:
 
 
 def kernels_midm_table(path: str) -> str:
-    """Batches of 24-256 tokens: the kernel the dispatch now picks (ostquant_vllm.kernels._auto_force),
-    timed as its forced kind in this run, against the earlier choice (the run's own automatic row)."""
-    from ostquant_vllm.kernels import _auto_force
-
+    """Batches of 16-128 tokens: the run's automatic choice against each kernel family (the best decode kernel,
+    kinds 9-12; wgmma with 128-, 64- and 32-token tiles, kinds 5, 13-16) and torch bf16 / fp8."""
     d = json.load(open(path))
     by = {}
     for r in d["rows"]:
         if r.get("kind") == "gemm":
             by.setdefault((r["layer"], r["M"], r["N"], r["K"]), {})[r["kernel"]] = r["us"]
-    out = [f"**Int4 GEMM at 24-256 tokens, µs, {d['gpu']}** ({os.path.basename(path)}; Llama-3-8B layers; "
-           "now = the kernel the dispatch picks, before = the previous dispatch)", "",
-           "| layer | M | before | now (kind) | torch bf16 | torch fp8 | now vs bf16 |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    f = "ostquant_w4a4_force_"
+    out = [f"**Int4 GEMM at 16-128 tokens, µs, {d['gpu']}** ({os.path.basename(path)}; Llama-3-8B layers; "
+           "ours = the automatic choice of the run; last columns: its speedup)", "",
+           "| layer | M | ours (kind) | decode 9-12, best | wgmma 5 (128 tokens) | 13 (64, cluster) | "
+           "14 (32, cluster) | 15 (64, 256 rows) | 16 (32, 256 rows) | torch bf16 | torch fp8 | vs bf16 | vs fp8 |",
+           "| --- | --- |" + " --- |" * 11]
     for (layer, M, N, K), ks in sorted(by.items(), key=lambda t: (t[0][2] * t[0][3], t[0][1])):
-        kind = _auto_force(M, N, K)
-        now = ks.get(f"ostquant_w4a4_force_{MIDM_KINDS.get(kind, '')}")
-        if now is None:
+        if "ostquant_w4a4" not in ks:
             continue
-        out.append(f"| {layer} {N}x{K} | {M} | {ks['ostquant_w4a4']:.1f} | {now:.1f} ({kind}) | {ks['torch_bf16']:.1f} | "
-                   f"{ks['torch_fp8']:.1f} | {ks['torch_bf16'] / now:.2f}x |")
-    out += ["", f"- command: `{d.get('command')}`"]
+        ours = ks["ostquant_w4a4"]
+        dec = [ks[f + MIDM_KINDS[k]] for k in (9, 10, 11, 12) if f + MIDM_KINDS[k] in ks]
+        cells = [_fmt(min(dec) if dec else None, 1)] + [_fmt(ks.get(f + MIDM_KINDS[k]), 1) for k in (5, 13, 14, 15, 16)]
+        out.append(f"| {layer} {N}x{K} | {M} | {ours:.1f} ({d.get('dispatch_kinds', {}).get(f'{layer},{M}', '?')}) | "
+                   + " | ".join(cells) + f" | {ks['torch_bf16']:.1f} | {ks['torch_fp8']:.1f} | "
+                   f"{ks['torch_bf16'] / ours:.2f}x | {ks['torch_fp8'] / ours:.2f}x |")
+    out += [""] + [f"- {n}" for n in d.get("notes", [])] + [f"- command: `{d.get('command')}`"]
     return "\n".join(out)
 
 

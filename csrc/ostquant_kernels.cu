@@ -384,7 +384,9 @@ __global__ void __launch_bounds__(KW * 32)
 }
 
 // Lift `kern`'s dynamic shared-memory limit to `smem` bytes; `limit` (a static of the caller's instantiation)
-// remembers the limit set so far, so the attribute is set only when it must grow.
+// remembers the limit set so far (start it at 0), so the attribute is set on the first launch and when it
+// must grow. Not assuming the default 48 KB: a kernel with static shared memory besides (kind 2's split-K
+// flag) fails to launch with exactly 48 KB of dynamic memory unless the attribute is set.
 template <typename Kern>
 cudaError_t raise_smem_limit(Kern kern, int smem, int& limit) {
   if (smem <= limit) return cudaSuccess;
@@ -397,7 +399,7 @@ template <int WT, int R, int KW, int STAGES, typename OutT>
 int launch_dec(const int8_t* A, const uint8_t* Wp, const Epi& epi, OutT* out, int M, int N, int K, cudaStream_t st) {
   auto kern = gemm_dec_kernel<WT, R, KW, STAGES, OutT>;
   constexpr int smem = DecCfg<WT, R, KW, STAGES>::kSmem;
-  static int smem_set = 48 * 1024;
+  static int smem_set = 0;
   if (const cudaError_t e = raise_smem_limit(kern, smem, smem_set)) return (int)e;
   dim3 grid((N / 16 + R - 1) / R, (M + 8 * WT - 1) / (8 * WT));
   kern<<<grid, KW * 32, smem, st>>>(A, Wp, epi, out, M, N, K);
@@ -405,21 +407,29 @@ int launch_dec(const int8_t* A, const uint8_t* Wp, const Epi& epi, OutT* out, in
 }
 
 // ==========================================================================================
-// 2. GEMM, wgmma (sm_90a): m64n128k32 s32.s8.s8 with A (weights, widened int4) from
+// 2. GEMM, wgmma (sm_90a): m64nBMTk32 s32.s8.s8 with A (weights, widened int4) from
 //    registers and B (activations, 128-B swizzled K-major tile) from shared memory.
-//    CTA = 2 warpgroups = 128 weight rows x 128 tokens, k128 per stage, cp.async pipeline.
+//    CTA = 2 warpgroups = 128 RB weight rows x BMT tokens, k128 per stage, cp.async pipeline.
+//    BMT = 128 for prefill (kinds 3, 5, 6); 64 and 32 for batches of 17-128 tokens (kinds 13-16),
+//    where a 128-token tile would waste half the tensor-core work or more. Those split K over a
+//    thread-block cluster and sum the partial tiles through distributed shared memory (CLUSTER);
+//    15 and 16 take RB = 2 row blocks a CTA.
 // ==========================================================================================
-constexpr int WG_BN = 128, WG_BM = 128, WG_BK = 128, WG_THREADS = 256;
-constexpr int WG_ABYTES = WG_BM * WG_BK;      // 16 KB, 1024-aligned
+constexpr int WG_BN = 128, WG_BK = 128, WG_THREADS = 256;
 constexpr int WG_WBYTES = WG_BN * WG_BK / 2;  // 8 KB
 // WGLOBAL: weights go global -> registers directly (prefetched one stage ahead), only the
 // activations through shared memory; else both through shared memory (the first version).
-template <bool WGLOBAL>
+// Smaller token tiles keep more stages in flight (the decode range is bound by memory latency).
+template <bool WGLOBAL, int BMT, int RB = 1>
 struct WgCfg {
-  static constexpr int kStages = WGLOBAL ? 5 : 4;
-  static constexpr int kStage = WG_ABYTES + (WGLOBAL ? 0 : WG_WBYTES);
+  static constexpr int kABytes = BMT * WG_BK;  // 16 / 8 / 4 KB, 1024-aligned
+  static constexpr int kStages = BMT == 128 ? (WGLOBAL ? 5 : 4) : (RB > 1 ? 4 : BMT == 64 ? 6 : 8);
+  static constexpr int kStage = kABytes + (WGLOBAL ? 0 : RB * WG_WBYTES);
   static constexpr int kSmem = kStage * kStages + 1024;  // + alignment slack
+  static constexpr int kRedLd = RB * WG_BN + 4;         // int32 partial tile [BMT][BN + 4]: conflict-free writes
+  static_assert(BMT * kRedLd * 4 <= kStage * kStages, "the partial tile reuses the pipeline buffers");
 };
+constexpr int WG_MAX_CLUSTER = 8;  // portable cluster size
 
 __device__ __forceinline__ uint64_t make_desc_sw128(uint32_t saddr) {
   uint64_t d = 0;
@@ -437,28 +447,59 @@ __device__ __forceinline__ void wgmma_wait() {
   asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
 }
 
-// a: 4 registers of the A fragment at a[o..o+3]
-template <int N>
-__device__ __forceinline__ void wgmma_m64n128k32(int (&d)[64], const uint32_t (&a)[N], int o, uint64_t desc) {
-  asm volatile(
-      "{\n"
-      "wgmma.mma_async.sync.aligned.m64n128k32.s32.s8.s8 "
-      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
-      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
-      "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
-      "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
-      "{%64, %65, %66, %67}, %68, 1;\n"
-      "}\n"
-      : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3]), "+r"(d[4]), "+r"(d[5]), "+r"(d[6]), "+r"(d[7]),
-        "+r"(d[8]), "+r"(d[9]), "+r"(d[10]), "+r"(d[11]), "+r"(d[12]), "+r"(d[13]), "+r"(d[14]),
-        "+r"(d[15]), "+r"(d[16]), "+r"(d[17]), "+r"(d[18]), "+r"(d[19]), "+r"(d[20]), "+r"(d[21]),
-        "+r"(d[22]), "+r"(d[23]), "+r"(d[24]), "+r"(d[25]), "+r"(d[26]), "+r"(d[27]), "+r"(d[28]),
-        "+r"(d[29]), "+r"(d[30]), "+r"(d[31]), "+r"(d[32]), "+r"(d[33]), "+r"(d[34]), "+r"(d[35]),
-        "+r"(d[36]), "+r"(d[37]), "+r"(d[38]), "+r"(d[39]), "+r"(d[40]), "+r"(d[41]), "+r"(d[42]),
-        "+r"(d[43]), "+r"(d[44]), "+r"(d[45]), "+r"(d[46]), "+r"(d[47]), "+r"(d[48]), "+r"(d[49]),
-        "+r"(d[50]), "+r"(d[51]), "+r"(d[52]), "+r"(d[53]), "+r"(d[54]), "+r"(d[55]), "+r"(d[56]),
-        "+r"(d[57]), "+r"(d[58]), "+r"(d[59]), "+r"(d[60]), "+r"(d[61]), "+r"(d[62]), "+r"(d[63])
-      : "r"(a[o]), "r"(a[o + 1]), "r"(a[o + 2]), "r"(a[o + 3]), "l"(desc));
+#define OSTQ_D8(b)                                                                                       \
+  "+r"(d[b]), "+r"(d[b + 1]), "+r"(d[b + 2]), "+r"(d[b + 3]), "+r"(d[b + 4]), "+r"(d[b + 5]), "+r"(d[b + 6]), \
+      "+r"(d[b + 7])
+// D += A (4 registers of the A fragment at a[o..o+3]) x B (smem descriptor), m64nNTk32, NT / 2 accumulators.
+template <int NT, int N>
+__device__ __forceinline__ void wgmma_s8(int (&d)[NT / 2], const uint32_t (&a)[N], int o, uint64_t desc) {
+  if constexpr (NT == 128) {
+    asm volatile(
+        "wgmma.mma_async.sync.aligned.m64n128k32.s32.s8.s8 "
+        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+        "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+        "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
+        "{%64, %65, %66, %67}, %68, 1;\n"
+        : OSTQ_D8(0), OSTQ_D8(8), OSTQ_D8(16), OSTQ_D8(24), OSTQ_D8(32), OSTQ_D8(40), OSTQ_D8(48), OSTQ_D8(56)
+        : "r"(a[o]), "r"(a[o + 1]), "r"(a[o + 2]), "r"(a[o + 3]), "l"(desc));
+  } else if constexpr (NT == 64) {
+    asm volatile(
+        "wgmma.mma_async.sync.aligned.m64n64k32.s32.s8.s8 "
+        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
+        "{%32, %33, %34, %35}, %36, 1;\n"
+        : OSTQ_D8(0), OSTQ_D8(8), OSTQ_D8(16), OSTQ_D8(24)
+        : "r"(a[o]), "r"(a[o + 1]), "r"(a[o + 2]), "r"(a[o + 3]), "l"(desc));
+  } else {
+    static_assert(NT == 32, "token tile of 128, 64 or 32");
+    asm volatile(
+        "wgmma.mma_async.sync.aligned.m64n32k32.s32.s8.s8 "
+        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, "
+        "{%16, %17, %18, %19}, %20, 1;\n"
+        : OSTQ_D8(0), OSTQ_D8(8)
+        : "r"(a[o]), "r"(a[o + 1]), "r"(a[o + 2]), "r"(a[o + 3]), "l"(desc));
+  }
+}
+#undef OSTQ_D8
+
+// Thread-block cluster helpers (sm_90): this CTA's rank, a barrier over the cluster (release /
+// acquire: shared-memory writes before it are visible to the other CTAs after it), and a 64-bit load
+// from another CTA's shared memory at the address `saddr` has in this CTA's.
+__device__ __forceinline__ uint32_t cluster_rank() {
+  uint32_t r;
+  asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(r));
+  return r;
+}
+__device__ __forceinline__ void cluster_sync() {
+  asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;\n" ::: "memory");
+}
+__device__ __forceinline__ int2 ld_cluster_s32x2(uint32_t saddr, uint32_t rank) {
+  uint32_t remote;
+  int2 v;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(remote) : "r"(saddr), "r"(rank));
+  asm volatile("ld.shared::cluster.v2.s32 {%0, %1}, [%2];\n" : "=r"(v.x), "=r"(v.y) : "r"(remote) : "memory");
+  return v;
 }
 
 // PIPE: keep one wgmma batch in flight across the loop (wait_group 1 instead of 0); the slot a
@@ -467,7 +508,7 @@ __device__ __forceinline__ void wgmma_m64n128k32(int (&d)[64], const uint32_t (&
 // (kind 6's first version reused them under the in-flight wgmma and failed the H100 test). This one
 // passes (H100, session 8) but ptxas serializes its wgmmas (C7513: the next fragments are defined
 // while a batch is in flight), so it runs 2-7 % slower than kind 5 and is not chosen.
-template <typename OutT, bool WGLOBAL, bool PIPE>
+template <typename OutT, bool WGLOBAL, bool PIPE, int BMT = 128, bool CLUSTER = false, int RB = 1>
 __global__ void __launch_bounds__(WG_THREADS, 2)
     gemm_wgmma_kernel(const int8_t* __restrict__ A, const uint8_t* __restrict__ Wp, Epi epi,
                       OutT* __restrict__ out, int M, int N, int K, int kt_per_split, int* __restrict__ ws,
@@ -480,17 +521,22 @@ __global__ void __launch_bounds__(WG_THREADS, 2)
   const int wg = warp >> 2, wq = warp & 3;
   const int g = lane >> 2, t = lane & 3;
   // blockIdx.x walks tokens fastest so that CTAs sharing a weight tile run together (L2 reuse)
-  const int m0 = blockIdx.x * WG_BM, n0 = blockIdx.y * WG_BN;
+  constexpr int BN = WG_BN * RB;  // RB blocks of 128 weight rows: each warp has RB 16-row blocks
+  static_assert(RB == 1 || !WGLOBAL, "weights through registers: one row block");
+  const int m0 = blockIdx.x * BMT, n0 = blockIdx.y * BN;
   const int KB = K / 64, NB = N / 16;
   const int kt0 = blockIdx.z * kt_per_split;
   const int nkt = max(0, min(K / WG_BK, kt0 + kt_per_split) - kt0);
 
-  constexpr int WG_STAGES = WgCfg<WGLOBAL>::kStages, WG_STAGE = WgCfg<WGLOBAL>::kStage;
+  using Cfg = WgCfg<WGLOBAL, BMT, RB>;
+  constexpr int WG_STAGES = Cfg::kStages, WG_STAGE = Cfg::kStage, WG_ABYTES = Cfg::kABytes;
+  constexpr int NACC = BMT / 2, NJ = BMT / 8;  // accumulators a thread; 8-token column groups
   auto load_stage = [&](int kt, int slot) {
     kt += kt0;
     const uint32_t sa = sbase + slot * WG_STAGE;
     const uint32_t sw = sa + WG_ABYTES;
-    // activations: 128 tokens x 128 B, chunk c of row r at (c ^ (r & 7)) (SW128 pattern)
+    // activations: BMT tokens x 128 B, chunk c of row r at (c ^ (r & 7)) (SW128 pattern)
+    static_assert(WG_ABYTES % (16 * WG_THREADS) == 0, "every thread loads whole 16-B chunks");
 #pragma unroll
     for (int it = 0; it < WG_ABYTES / 16 / WG_THREADS; ++it) {
       const int c = tid + it * WG_THREADS;
@@ -500,9 +546,9 @@ __global__ void __launch_bounds__(WG_THREADS, 2)
       const int8_t* src = A + (size_t)(ok ? m : 0) * K + (size_t)kt * WG_BK + ch * 16;
       cp_async16(sa + r * 128 + ((ch ^ (r & 7)) << 4), src, ok);
     }
-    // weights: 8 row blocks x (2 k64 blocks x 512 B) contiguous
+    // weights: 8 * RB row blocks x (2 k64 blocks x 512 B) contiguous
 #pragma unroll
-    for (int it = 0; it < (WGLOBAL ? 0 : WG_WBYTES / 16 / WG_THREADS); ++it) {
+    for (int it = 0; it < (WGLOBAL ? 0 : RB * WG_WBYTES / 16 / WG_THREADS); ++it) {
       const int c = tid + it * WG_THREADS;
       const int rb = c >> 6, part = c & 63;
       const int nb = n0 / 16 + rb;
@@ -512,9 +558,11 @@ __global__ void __launch_bounds__(WG_THREADS, 2)
     }
   };
 
-  int acc[64];
+  int acc[RB][NACC];
 #pragma unroll
-  for (int i = 0; i < 64; ++i) acc[i] = 0;
+  for (int r = 0; r < RB; ++r)
+#pragma unroll
+    for (int i = 0; i < NACC; ++i) acc[r][i] = 0;
 
   constexpr int DIST = PIPE ? WG_STAGES - 2 : WG_STAGES - 1;  // cp.async prefetch distance
 #pragma unroll
@@ -522,7 +570,7 @@ __global__ void __launch_bounds__(WG_THREADS, 2)
     if (s < nkt) load_stage(s, s);
     cp_async_commit();
   }
-  const int rb = wg * 4 + wq;  // this warp's 16-row block within the CTA
+  const int rb = wg * 4 + wq;  // this warp's 16-row block within the CTA (+ 8 r for its r-th)
   // WGLOBAL: this lane's 2 x 16 B of stage kt sit at wsrc + kt * 1024 (+ 512)
   const uint8_t* wsrc = Wp + ((size_t)min(n0 / 16 + rb, NB - 1) * KB + (size_t)kt0 * 2) * 512 + lane * 16;
   uint4 wn0 = make_uint4(0, 0, 0, 0), wn1 = wn0;
@@ -533,7 +581,7 @@ __global__ void __launch_bounds__(WG_THREADS, 2)
   // cur: this stage's widened weight fragments; prev: the last stage's, which its wgmma (still in
   // flight under PIPE) reads until the wait below; keep_live ends their lifetime only there, so the
   // compiler cannot hand those registers to `cur` of the next stage (kind 6's old bug).
-  auto step = [&](int kt, uint32_t(&cur)[16], uint32_t(&prev)[16]) {
+  auto step = [&](int kt, uint32_t(&cur)[RB][16], uint32_t(&prev)[RB][16]) {
     uint4 w0 = wn0, w1 = wn1;
     if (WGLOBAL && kt + 1 < nkt) {  // prefetch the next stage's weights into registers
       wn0 = __ldg(reinterpret_cast<const uint4*>(wsrc + (size_t)(kt + 1) * 1024));
@@ -549,112 +597,173 @@ __global__ void __launch_bounds__(WG_THREADS, 2)
     }
     const int slot = kt % WG_STAGES;
     const uint32_t sa = sbase + slot * WG_STAGE;
-    if (!WGLOBAL) {
-      const uint32_t sw = sa + WG_ABYTES;
-      w0 = lds128(sw + rb * 1024 + lane * 16);
-      w1 = lds128(sw + rb * 1024 + 512 + lane * 16);
+#pragma unroll
+    for (int r = 0; r < RB; ++r) {
+      if (!WGLOBAL) {
+        const uint32_t sw = sa + WG_ABYTES + (rb + 8 * r) * 1024;
+        w0 = lds128(sw + lane * 16);
+        w1 = lds128(sw + 512 + lane * 16);
+      }
+      widen(w0.x, w0.y, cur[r], 0);
+      widen(w0.z, w0.w, cur[r], 4);
+      widen(w1.x, w1.y, cur[r], 8);
+      widen(w1.z, w1.w, cur[r], 12);
     }
-    widen(w0.x, w0.y, cur, 0);
-    widen(w0.z, w0.w, cur, 4);
-    widen(w1.x, w1.y, cur, 8);
-    widen(w1.z, w1.w, cur, 12);
     const uint64_t d0 = make_desc_sw128(sa);
     wgmma_fence();
-    wgmma_m64n128k32(acc, cur, 0, d0);
-    wgmma_m64n128k32(acc, cur, 4, d0 + 2);  // +32 B along K (descriptor address is in 16-B units)
-    wgmma_m64n128k32(acc, cur, 8, d0 + 4);
-    wgmma_m64n128k32(acc, cur, 12, d0 + 6);
+#pragma unroll
+    for (int r = 0; r < RB; ++r) {
+      wgmma_s8<BMT>(acc[r], cur[r], 0, d0);
+      wgmma_s8<BMT>(acc[r], cur[r], 4, d0 + 2);  // +32 B along K (descriptor address is in 16-B units)
+      wgmma_s8<BMT>(acc[r], cur[r], 8, d0 + 4);
+      wgmma_s8<BMT>(acc[r], cur[r], 12, d0 + 6);
+    }
     wgmma_commit();
     if (PIPE) {
       wgmma_wait<1>();  // the previous stage's batch is done: its fragments may go
-      keep_live(prev);
+#pragma unroll
+      for (int r = 0; r < RB; ++r) keep_live(prev[r]);
     } else {
       wgmma_wait<0>();
     }
   };
-  uint32_t fx[16], fy[16];
+  uint32_t fx[RB][16], fy[RB][16];
 #pragma unroll
-  for (int i = 0; i < 16; ++i) fx[i] = fy[i] = 0;
+  for (int r = 0; r < RB; ++r)
+#pragma unroll
+    for (int i = 0; i < 16; ++i) fx[r][i] = fy[r][i] = 0;
   for (int kt = 0; kt < nkt; kt += 2) {
     step(kt, fx, fy);
     if (kt + 1 < nkt) step(kt + 1, fy, fx);
   }
   wgmma_wait<0>();
-  keep_live(fx);
-  keep_live(fy);
-  keep_live(acc);  // the accumulators are final only after the wait
+#pragma unroll
+  for (int r = 0; r < RB; ++r) {
+    keep_live(fx[r]);
+    keep_live(fy[r]);
+    keep_live(acc[r]);  // the accumulators are final only after the wait
+  }
   cp_async_wait<0>();
 #pragma unroll
-  for (int i = 0; i < 64; ++i) acc[i] >>= 4;
+  for (int r = 0; r < RB; ++r)
+#pragma unroll
+    for (int i = 0; i < NACC; ++i) acc[r][i] >>= 4;  // exact: every partial sum is a multiple of 16
 
-  // D fragment: row (weight) = 16*wq + g + 8*h, token = 8*j + 2*t + e  ->  acc[4j + 2h + e]
-  const int nl0 = wg * 64 + wq * 16 + g;  // local weight row for h = 0
-  if (gridDim.z > 1) {
-    const size_t plane = (size_t)M * N;
+  // D fragment r: row (weight) = 128 r + 16*wq + g + 8*h, token = 8*j + 2*t + e  ->  acc[r][4j + 2h + e]
+  const int nl0 = wg * 64 + wq * 16 + g;  // local weight row for r = 0, h = 0
+  if constexpr (CLUSTER) {
+    // The cluster's CTAs (blockIdx.z = their K ranges) each put their partial tile into their own
+    // shared memory; after the barrier, the CTA of rank c sums token rows c, c + S, ... over all S tiles
+    // (distributed shared memory, a fixed order: deterministic), applies the epilogue and stores.
+    __syncthreads();  // every warp is done with the pipeline buffers
+    int* red = reinterpret_cast<int*>(sgen);
+    constexpr int LDR = Cfg::kRedLd;
 #pragma unroll
-    for (int j = 0; j < 16; ++j)
+    for (int r = 0; r < RB; ++r)
 #pragma unroll
-      for (int h = 0; h < 2; ++h)
+      for (int j = 0; j < NJ; ++j)
 #pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const int n = n0 + nl0 + 8 * h, m = m0 + 8 * j + 2 * t + e;
-          if (m < M && n < N) ws[blockIdx.z * plane + (size_t)m * N + n] = acc[4 * j + 2 * h + e];
-        }
-    __threadfence();
-    __syncthreads();
-    __shared__ int s_last;
-    int* ctr = counters + blockIdx.y * gridDim.x + blockIdx.x;
-    if (tid == 0) s_last = (atomicAdd(ctr, 1) == (int)gridDim.z - 1);
-    __syncthreads();
-    if (!s_last) return;
-    __threadfence();
-    for (int z = 0; z < (int)gridDim.z; ++z) {
-      if (z == (int)blockIdx.z) continue;
-      const int* wz = ws + (size_t)z * plane;
+        for (int h = 0; h < 2; ++h)
 #pragma unroll
-      for (int j = 0; j < 16; ++j)
+          for (int e = 0; e < 2; ++e)
+            red[(8 * j + 2 * t + e) * LDR + 128 * r + nl0 + 8 * h] = acc[r][4 * j + 2 * h + e];
+    cluster_sync();
+    const int S = (int)gridDim.z, rank = (int)cluster_rank();
+    const uint32_t sred = smem_u32(red);
+    // BN / 2 threads a token row, 2 adjacent weight rows each: WG_THREADS / (BN / 2) token rows a pass
+    constexpr int TPR = BN / 2, RPP = WG_THREADS / TPR;
+    const int nl = 2 * (tid % TPR);
+    const int n = n0 + nl;
+    const float ws0 = n < N ? load_wscale(epi, n) : 0.f, ws1 = n + 1 < N ? load_wscale(epi, n + 1) : 0.f;
+    const int wsum0 = n < N ? epi.w_sum[n] : 0, wsum1 = n + 1 < N ? epi.w_sum[n + 1] : 0;
+    for (int ml = rank + S * (tid / TPR); ml < BMT; ml += RPP * S) {
+      const int m = m0 + ml;
+      if (m >= M) break;
+      int2 sum = make_int2(0, 0);
+      for (int q = 0; q < S; ++q) {
+        const int2 v = ld_cluster_s32x2(sred + (uint32_t)(ml * LDR + nl) * 4u, (uint32_t)q);
+        sum.x += v.x;
+        sum.y += v.y;
+      }
+      const float as = epi.a_scale[m];
+      const int az = __float2int_rn(epi.a_zero[m]);
+      OutT* o = out + (size_t)m * N + n;
+      if (n + 1 < N) {  // N % 16 == 0: both or neither
+        o[0] = to_out<OutT>(epilogue_value(sum.x, as, az, ws0, wsum0));
+        o[1] = to_out<OutT>(epilogue_value(sum.y, as, az, ws1, wsum1));
+      }
+    }
+    cluster_sync();  // no CTA leaves while another still reads its shared memory
+  } else {
+    static_assert(RB == 1, "split-K through global memory and the smem epilogue: one row block");
+    if (gridDim.z > 1) {
+      const size_t plane = (size_t)M * N;
+#pragma unroll
+      for (int j = 0; j < NJ; ++j)
 #pragma unroll
         for (int h = 0; h < 2; ++h)
 #pragma unroll
           for (int e = 0; e < 2; ++e) {
             const int n = n0 + nl0 + 8 * h, m = m0 + 8 * j + 2 * t + e;
-            if (m < M && n < N) acc[4 * j + 2 * h + e] += __ldcg(wz + (size_t)m * N + n);
+            if (m < M && n < N) ws[blockIdx.z * plane + (size_t)m * N + n] = acc[0][4 * j + 2 * h + e];
           }
-    }
-    if (tid == 0) *ctr = 0;
-  }
-  // epilogue through shared memory: tile [128 tokens][128 + 8 pad] of OutT, then 16-B stores
-  __syncthreads();  // every warp is done reading the pipeline buffers
-  constexpr int LD = WG_BN + 8;
-  OutT* st = reinterpret_cast<OutT*>(sgen);
+      __threadfence();
+      __syncthreads();
+      __shared__ int s_last;
+      int* ctr = counters + blockIdx.y * gridDim.x + blockIdx.x;
+      if (tid == 0) s_last = (atomicAdd(ctr, 1) == (int)gridDim.z - 1);
+      __syncthreads();
+      if (!s_last) return;
+      __threadfence();
+      for (int z = 0; z < (int)gridDim.z; ++z) {
+        if (z == (int)blockIdx.z) continue;
+        const int* wz = ws + (size_t)z * plane;
 #pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    const int nl = nl0 + 8 * h, n = n0 + nl;
-    const float ws_ = n < N ? load_wscale(epi, n) : 0.f;
-    const int wsum = n < N ? epi.w_sum[n] : 0;
+        for (int j = 0; j < NJ; ++j)
 #pragma unroll
-    for (int j = 0; j < 16; ++j)
+          for (int h = 0; h < 2; ++h)
 #pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        const int ml = 8 * j + 2 * t + e, m = m0 + ml;
-        float v = 0.f;
-        if (m < M) v = epilogue_value(acc[4 * j + 2 * h + e], epi.a_scale[m], __float2int_rn(epi.a_zero[m]), ws_, wsum);
-        st[ml * LD + nl] = to_out<OutT>(v);
+            for (int e = 0; e < 2; ++e) {
+              const int n = n0 + nl0 + 8 * h, m = m0 + 8 * j + 2 * t + e;
+              if (m < M && n < N) acc[0][4 * j + 2 * h + e] += __ldcg(wz + (size_t)m * N + n);
+            }
       }
-  }
-  __syncthreads();
-  constexpr int CH = WG_BN * (int)sizeof(OutT) / 16;  // 16-B chunks per token row
-  const bool full_n = (n0 + WG_BN <= N);
-  for (int c = tid; c < WG_BM * CH; c += WG_THREADS) {
-    const int ml = c / CH, ch = c % CH;
-    const int m = m0 + ml;
-    if (m >= M) continue;
-    const int nl = ch * (16 / (int)sizeof(OutT));
-    if (full_n) {
-      *reinterpret_cast<uint4*>(out + (size_t)m * N + n0 + nl) = *reinterpret_cast<const uint4*>(st + ml * LD + nl);
-    } else {
-      for (int e = 0; e < 16 / (int)sizeof(OutT); ++e)
-        if (n0 + nl + e < N) out[(size_t)m * N + n0 + nl + e] = st[ml * LD + nl + e];
+      if (tid == 0) *ctr = 0;
+    }
+    // epilogue through shared memory: tile [BMT tokens][128 + 8 pad] of OutT, then 16-B stores
+    __syncthreads();  // every warp is done reading the pipeline buffers
+    constexpr int LD = WG_BN + 8;
+    OutT* st = reinterpret_cast<OutT*>(sgen);
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int nl = nl0 + 8 * h, n = n0 + nl;
+      const float ws_ = n < N ? load_wscale(epi, n) : 0.f;
+      const int wsum = n < N ? epi.w_sum[n] : 0;
+#pragma unroll
+      for (int j = 0; j < NJ; ++j)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int ml = 8 * j + 2 * t + e, m = m0 + ml;
+          float v = 0.f;
+          if (m < M)
+            v = epilogue_value(acc[0][4 * j + 2 * h + e], epi.a_scale[m], __float2int_rn(epi.a_zero[m]), ws_, wsum);
+          st[ml * LD + nl] = to_out<OutT>(v);
+        }
+    }
+    __syncthreads();
+    constexpr int CH = WG_BN * (int)sizeof(OutT) / 16;  // 16-B chunks per token row
+    const bool full_n = (n0 + WG_BN <= N);
+    for (int c = tid; c < BMT * CH; c += WG_THREADS) {
+      const int ml = c / CH, ch = c % CH;
+      const int m = m0 + ml;
+      if (m >= M) continue;
+      const int nl = ch * (16 / (int)sizeof(OutT));
+      if (full_n) {
+        *reinterpret_cast<uint4*>(out + (size_t)m * N + n0 + nl) = *reinterpret_cast<const uint4*>(st + ml * LD + nl);
+      } else {
+        for (int e = 0; e < 16 / (int)sizeof(OutT); ++e)
+          if (n0 + nl + e < N) out[(size_t)m * N + n0 + nl + e] = st[ml * LD + nl + e];
+      }
     }
   }
 }
@@ -1217,7 +1326,7 @@ int launch_had4(const __nv_bfloat16* x, int8_t* q, float* scale, float* zero, in
   const int cta = tpr < 128 ? 128 : tpr;
   const int smem = had4_cross_warp(log2p, LOG2R) ? cta * R * B * (int)sizeof(float) : 0;
   auto kern = quant_had4_kernel<B, R>;
-  static int smem_set = 48 * 1024;
+  static int smem_set = 0;
   if (const cudaError_t e = raise_smem_limit(kern, smem, smem_set)) return (int)e;
   const int rows = cta / tpr;
   kern<<<(M + rows - 1) / rows, cta, smem, st>>>(x, q, scale, zero, M, K, log2p, tpr, norm, p);
@@ -1264,7 +1373,7 @@ int launch_mma(const int8_t* A, const uint8_t* Wp, const Epi& epi, OutT* out, in
                int* ws, int* counters, cudaStream_t st) {
   using C = MmaCfg<WARPS_N, WR, WARPS_M, WT, STAGES>;
   auto kern = gemm_mma_kernel<WARPS_N, WR, WARPS_M, WT, STAGES, OutT>;
-  static int smem_set = 48 * 1024;
+  static int smem_set = 0;
   if (const cudaError_t e = raise_smem_limit(kern, C::kSmem, smem_set)) return (int)e;
   const int KB = K / 64;
   const int kbps = (KB + splits - 1) / splits;
@@ -1278,7 +1387,9 @@ int launch_mma(const int8_t* A, const uint8_t* Wp, const Epi& epi, OutT* out, in
 // kinds: 0 mma BM16 split-K, 1 mma BM64 split-K, 2 mma 128x128, 3 wgmma 128x128 (+split-K),
 //        4 mma BM8 split-K, 5 wgmma (weights via smem), 6 = 5 pipelined, 7/8 decode (BM 8/16,
 //        K split among the warps of a CTA), 9-12 the decode kernel with R = 2/4 weight blocks a
-//        warp and 32/64 tokens a CTA (batches of 17-256 tokens)
+//        warp and 32/64 tokens a CTA (batches of 17-256 tokens), 13/14 wgmma with 64/32-token tiles and K
+//        split over a thread-block cluster, 15/16 the same with 256 weight rows a CTA (the activations,
+//        which every CTA reads whole, cost half as much L2 traffic per weight byte)
 struct Plan {
   int kind, splits, BN, BM, splits_units;  // splits_units: k blocks (64 or 128) to split
 };
@@ -1302,7 +1413,7 @@ Plan plan_gemm(int M, int N, int K, int force) {
   else if (M <= 16) p.kind = g_small_mode ? 8 : 0;
   else if (M <= 64) p.kind = 1;
   else p.kind = g_wgmma_mode ? g_wgmma_mode : 2;
-  if ((p.kind == 3 || p.kind == 5 || p.kind == 6) && K % 128) p.kind = 2;
+  if ((p.kind == 3 || p.kind == 5 || p.kind == 6 || p.kind >= 13) && K % 128) p.kind = 2;
   const int sms = num_sms();
   switch (p.kind) {
     case 7: case 8: p.BN = 16; p.BM = p.kind == 7 ? 8 : 16; return p;  // no split-K
@@ -1310,6 +1421,19 @@ Plan plan_gemm(int M, int N, int K, int force) {
     case 10: p.BN = 32; p.BM = 64; return p;    // 2 x 64
     case 11: p.BN = 64; p.BM = 32; return p;    // 4 x 32
     case 12: p.BN = 64; p.BM = 64; return p;    // 4 x 64
+    case 13: case 14: case 15: case 16: {        // wgmma, 64 / 32 tokens, 128 / 256 rows, K split over a cluster
+      p.BN = p.kind >= 15 ? 256 : 128; p.BM = (p.kind & 1) ? 64 : 32; p.splits_units = K / 128;
+      // as many K splits as fill every SM twice (rounded down: a partial extra wave costs more than
+      // it gains), at most a cluster's 8, at least 2 k128 steps each, none empty
+      const int tiles = ((N + p.BN - 1) / p.BN) * ((M + p.BM - 1) / p.BM);
+      int s = 2 * sms / tiles;
+      if (s > WG_MAX_CLUSTER) s = WG_MAX_CLUSTER;
+      if (s > p.splits_units / 2) s = p.splits_units / 2;
+      if (s < 1) s = 1;
+      const int per = (p.splits_units + s - 1) / s;
+      p.splits = (p.splits_units + per - 1) / per;
+      return p;
+    }
     case 4: p.BM = 8; break;
     case 0: p.BM = 16; break;
     case 1: p.BM = 64; break;
@@ -1323,19 +1447,47 @@ Plan plan_gemm(int M, int N, int K, int force) {
   return p;
 }
 
+bool uses_cluster(const Plan& p) { return p.kind >= 13 && p.kind <= 16; }
+
 template <typename OutT, bool WGLOBAL, bool PIPE>
 int launch_wgmma(const int8_t* A, const uint8_t* Wp, const Epi& epi, OutT* out, int M, int N, int K, int splits,
                  int* ws, int* counters, cudaStream_t st) {
   auto kern = gemm_wgmma_kernel<OutT, WGLOBAL, PIPE>;
-  constexpr int smem = WgCfg<WGLOBAL>::kSmem;
-  static int smem_set = 48 * 1024;
+  constexpr int smem = WgCfg<WGLOBAL, 128>::kSmem;
+  static int smem_set = 0;
   if (const cudaError_t e = raise_smem_limit(kern, smem, smem_set)) return (int)e;
   const int nkt = K / WG_BK;
   const int per = (nkt + splits - 1) / splits;
   splits = (nkt + per - 1) / per;
-  dim3 grid((M + WG_BM - 1) / WG_BM, (N + WG_BN - 1) / WG_BN, splits);
+  dim3 grid((M + 127) / 128, (N + WG_BN - 1) / WG_BN, splits);
   kern<<<grid, WG_THREADS, smem, st>>>(A, Wp, epi, out, M, N, K, per, ws, counters);
   return (int)cudaGetLastError();
+}
+
+// Kinds 13-16: BMT-token tiles of 128 RB weight rows, K split over a cluster of `splits` CTAs (plan_gemm:
+// <= 8, none empty).
+template <typename OutT, int BMT, int RB>
+int launch_wgmma_cluster(const int8_t* A, const uint8_t* Wp, const Epi& epi, OutT* out, int M, int N, int K,
+                         int splits, cudaStream_t st) {
+  auto kern = gemm_wgmma_kernel<OutT, false, false, BMT, true, RB>;
+  constexpr int smem = WgCfg<false, BMT, RB>::kSmem;
+  static int smem_set = 0;
+  if (const cudaError_t e = raise_smem_limit(kern, smem, smem_set)) return (int)e;
+  const int nkt = K / WG_BK;
+  const int per = (nkt + splits - 1) / splits;
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3((M + BMT - 1) / BMT, (N + WG_BN * RB - 1) / (WG_BN * RB), splits);
+  cfg.blockDim = dim3(WG_THREADS);
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = st;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = 1;
+  attr[0].val.clusterDim.y = 1;
+  attr[0].val.clusterDim.z = splits;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  return (int)cudaLaunchKernelEx(&cfg, kern, A, Wp, epi, out, M, N, K, per, (int*)nullptr, (int*)nullptr);
 }
 
 template <typename OutT>
@@ -1367,6 +1519,14 @@ int gemm_dispatch(const int8_t* A, const uint8_t* Wp, const Epi& epi, OutT* out,
       return launch_wgmma<OutT, false, false>(A, Wp, epi, out, M, N, K, p.splits, ws, counters, st);
     case 6:
       return launch_wgmma<OutT, false, true>(A, Wp, epi, out, M, N, K, p.splits, ws, counters, st);
+    case 13:
+      return launch_wgmma_cluster<OutT, 64, 1>(A, Wp, epi, out, M, N, K, p.splits, st);
+    case 14:
+      return launch_wgmma_cluster<OutT, 32, 1>(A, Wp, epi, out, M, N, K, p.splits, st);
+    case 15:
+      return launch_wgmma_cluster<OutT, 64, 2>(A, Wp, epi, out, M, N, K, p.splits, st);
+    case 16:
+      return launch_wgmma_cluster<OutT, 32, 2>(A, Wp, epi, out, M, N, K, p.splits, st);
     default:
       return launch_wgmma<OutT, true, false>(A, Wp, epi, out, M, N, K, p.splits, ws, counters, st);
   }
@@ -1383,13 +1543,13 @@ int launch_had(const __nv_bfloat16* x, int8_t* q, float* scale, float* zero, int
   const int smem = K * (int)sizeof(float);
   if (variant != 1) {
     auto kern3 = quant_had3_kernel<THREADS, B>;
-    static int smem_set3 = 48 * 1024;
+    static int smem_set3 = 0;
     if (const cudaError_t e = raise_smem_limit(kern3, smem, smem_set3)) return (int)e;
     kern3<<<M, THREADS, smem, st>>>(x, q, scale, zero, K, log2p, norm, p);
     return (int)cudaGetLastError();
   }
   auto kern = quant_had_kernel<THREADS, B>;
-  static int smem_set = 48 * 1024;  // per instantiation: the dynamic limit set so far
+  static int smem_set = 0;  // per instantiation: the dynamic limit set so far
   if (const cudaError_t e = raise_smem_limit(kern, smem, smem_set)) return (int)e;
   if (B > 1 && !g_hb_loaded[B]) {  // once per process (single device): the table is a constant
     cudaError_t e = cudaMemcpyToSymbolAsync(HbTable<B>::symbol(), hb, sizeof(float) * B * B, 0,
@@ -1416,12 +1576,12 @@ OSTQ_API void ostq_set_wgmma(int mode) { g_wgmma_mode = (mode == 3 || mode == 5 
 // Bytes of int32 workspace int4_gemm needs (split-K partials), 0 when none.
 OSTQ_API long long ostq_gemm_workspace_bytes(int M, int N, int K, int force) {
   const Plan p = plan_gemm(M, N, K, force);
-  return p.splits > 1 ? (long long)p.splits * M * N * 4 : 0;
+  return p.splits > 1 && !uses_cluster(p) ? (long long)p.splits * M * N * 4 : 0;
 }
 // Number of int32 tile counters needed (must be zero-initialised once; kernels reset them).
 OSTQ_API long long ostq_gemm_counters(int M, int N, int K, int force) {
   const Plan p = plan_gemm(M, N, K, force);
-  if (p.splits <= 1) return 0;
+  if (p.splits <= 1 || uses_cluster(p)) return 0;
   return (long long)((N + p.BN - 1) / p.BN) * ((M + p.BM - 1) / p.BM);
 }
 

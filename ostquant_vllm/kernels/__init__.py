@@ -201,8 +201,10 @@ def _gemm_kernel_ok(a_q: torch.Tensor, w: torch.Tensor, out_dtype: torch.dtype) 
 #   M <= 16: 8 (decode, 16 tokens) for weights < 32 MB, else 0 (mma.sync, split-K over CTAs)
 #   M <= 256: the decode kernel with R weight blocks a warp while it beats wgmma: 9 (R=2, 32
 #     tokens) up to 32 tokens; 11 (R=4, 32 tokens a CTA row) up to 128; 12 (R=4, 64) up to 256 at
-#     N <= 4096 or K >= 8192. Wide layers (N >= 16384, e.g. gate_up) keep wgmma 5 from 33 tokens on:
-#     they have CTAs enough, and the decode kernel re-reads the activations once per 64 rows.
+#     N <= 4096 or K >= 8192. Wide layers (N >= 16384, e.g. gate_up) take wgmma: 16 (32-token tiles of
+#     256 rows) up to 32 tokens, 13 (64 tokens, 128 rows) up to 64, then 5 (kernels_h100_midm.json, 8B
+#     gate_up: 28.0 vs 32.7 us at M = 24, 34.0 vs 36.1 at 64): they have CTAs enough, and the decode
+#     kernel re-reads the activations once per 64 rows.
 #   M > 256, K % 128 == 0: wgmma, 3 (weights global->registers) for K >= 8192, else 5 (via smem)
 #   otherwise: -1, the library's own choice (mma.sync tiles)
 SMALL_M_SPLITK_BYTES = 32 << 20
@@ -218,9 +220,11 @@ def _auto_force(m: int, n: int, k: int) -> int:
     if m <= 16:
         return 0 if n * k // 2 >= SMALL_M_SPLITK_BYTES else 8
     if m <= 256:
+        wide = n >= WIDE_N and k % 128 == 0
+        if m <= 64 and wide:
+            return 16 if m <= 32 else 13
         if m <= 32:
             return 9
-        wide = n >= WIDE_N and k % 128 == 0
         if m <= 128:
             return 5 if wide else 11
         if not wide and (n <= 4096 or k >= 8192):
@@ -237,7 +241,8 @@ def _gemm_cuda(a_q, a_scale, a_zero, w, w_scale, w_sum, out_dtype, force=None, o
     """Launch the CUDA GEMM (no checks beyond shapes). force: None = _auto_force, -1 = the
     library's heuristic, else a kernel kind (0/1/2/4 mma.sync split-K or tiles, 3/5 wgmma,
     7/8 decode, 9-12 decode with 2/4 weight blocks a warp and 32/64 tokens a CTA, 6 the pipelined
-    wgmma). `out` (tests): [M, N]."""
+    wgmma, 13/14 wgmma with 64/32-token tiles, K split over a thread-block cluster, 15/16 the same with 256
+    weight rows a CTA). `out` (tests): [M, N]."""
     n, k = weight_shape(w)
     a2 = a_q.reshape(-1, k).contiguous()
     if a2.data_ptr() % 16:  # 16-B cp.async
