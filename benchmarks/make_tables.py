@@ -132,7 +132,7 @@ def e2e_table(path: str) -> str:
         prof = p.get("profile", {})
         shares = ", ".join(f"{k} {v:.0%}" for k, v in prof.get("fraction_by_category", {}).items() if v >= 0.01)
         out.append(f"- GPU time of {c} at batch {prof.get('batch')} (torch profiler): {shares}")
-    out += [f"- command: `{c}`" for c in d.get("commands", [])]
+    out += [f"- {n}" for n in d.get("notes", [])] + [f"- command: `{c}`" for c in d.get("commands", [])]
     return "\n".join(out)
 
 
