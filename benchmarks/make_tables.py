@@ -256,7 +256,9 @@ def kernels_largem_table(path: str) -> str:
             by.setdefault((r["model"], r["layer"], r["N"], r["K"], r["M"]), {})[r["kernel"]] = r["us"]
     cols = [("ostquant_w4a4", "ours W4A4 (dispatch)"), ("ostquant_w4a4_force_wg3", "kind 3"),
             ("ostquant_w4a4_force_wg5", "kind 5"), ("ostquant_w4a4_force_wg6", "kind 6 (pipelined)"),
+            ("ostquant_w4a4_force_ws21", "kind 21 (warp-specialized)"),
             ("torch_bf16", "torch bf16"), ("torch_fp8", "torch fp8"), ("torch_int8", "torch int8")]
+    cols = [c for c in cols if any(c[0] in ks for ks in by.values())]  # the kernels this run timed
     out = [f"**Large-M GEMM µs, {d['gpu']}** ({os.path.basename(path)}; last column: the dispatch's speedup over "
            "torch bf16, bar 1.6x)", "",
            "| layer N x K | M | " + " | ".join(c for _, c in cols) + " | speedup |",

@@ -420,10 +420,12 @@ constexpr int WG_WBYTES = WG_BN * WG_BK / 2;  // 8 KB
 // WGLOBAL: weights go global -> registers directly (prefetched one stage ahead), only the
 // activations through shared memory; else both through shared memory (the first version).
 // Smaller token tiles keep more stages in flight (the decode range is bound by memory latency).
-template <bool WGLOBAL, int BMT, int RB = 1>
+// WS (kinds 17-21, warp-specialized): at 128 tokens one CTA an SM (its registers), so twice the stages.
+template <bool WGLOBAL, int BMT, int RB = 1, bool WS = false>
 struct WgCfg {
   static constexpr int kABytes = BMT * WG_BK;  // 16 / 8 / 4 KB, 1024-aligned
-  static constexpr int kStages = BMT == 128 ? (WGLOBAL ? 5 : 4) : (RB > 1 ? 4 : BMT == 64 ? 6 : 8);
+  static constexpr int kStages =
+      BMT == 128 ? (WS ? 8 : WGLOBAL ? 5 : 4) : (RB > 1 ? 4 : BMT == 64 ? 6 : 8);
   static constexpr int kStage = kABytes + (WGLOBAL ? 0 : RB * WG_WBYTES);
   static constexpr int kSmem = kStage * kStages + 1024;  // + alignment slack
   static constexpr int kRedLd = RB * WG_BN + 4;         // int32 partial tile [BMT][BN + 4]: conflict-free writes
@@ -500,6 +502,79 @@ __device__ __forceinline__ int2 ld_cluster_s32x2(uint32_t saddr, uint32_t rank) 
   asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(remote) : "r"(saddr), "r"(rank));
   asm volatile("ld.shared::cluster.v2.s32 {%0, %1}, [%2];\n" : "=r"(v.x), "=r"(v.y) : "r"(remote) : "memory");
   return v;
+}
+
+// Epilogue of the cluster kinds: the cluster's CTAs (blockIdx.z = their K ranges) each put their partial
+// tile into their own shared memory `red` (the pipeline buffers, free by now); after the barrier, the CTA
+// of rank c sums token rows c, c + S, ... over all S tiles (distributed shared memory, a fixed order:
+// deterministic), applies the epilogue and stores. Every thread of the CTA calls it (barriers); only the
+// WG_THREADS threads of the two warpgroups hold accumulators (has_acc) and store.
+template <typename OutT, int BMT, int RB>
+__device__ __forceinline__ void cluster_reduce_store(const int (&acc)[RB][BMT / 2], bool has_acc, int* red,
+                                                     const Epi& epi, OutT* __restrict__ out, int M, int N, int m0,
+                                                     int n0, int nl0, int t, int tid) {
+  constexpr int LDR = WgCfg<false, BMT, RB>::kRedLd, NJ = BMT / 8;
+  __syncthreads();  // every warp is done with the pipeline buffers
+  if (has_acc) {
+#pragma unroll
+    for (int r = 0; r < RB; ++r)
+#pragma unroll
+      for (int j = 0; j < NJ; ++j)
+#pragma unroll
+        for (int h = 0; h < 2; ++h)
+#pragma unroll
+          for (int e = 0; e < 2; ++e)
+            red[(8 * j + 2 * t + e) * LDR + 128 * r + nl0 + 8 * h] = acc[r][4 * j + 2 * h + e];
+  }
+  cluster_sync();
+  const int S = (int)gridDim.z, rank = (int)cluster_rank();
+  const uint32_t sred = smem_u32(red);
+  // BN / 2 threads a token row, 2 adjacent weight rows each: WG_THREADS / (BN / 2) token rows a pass
+  constexpr int TPR = RB * WG_BN / 2, RPP = WG_THREADS / TPR;
+  const int nl = 2 * (tid % TPR);
+  const int n = n0 + nl;
+  if (tid < WG_THREADS) {
+    const float ws0 = n < N ? load_wscale(epi, n) : 0.f, ws1 = n + 1 < N ? load_wscale(epi, n + 1) : 0.f;
+    const int wsum0 = n < N ? epi.w_sum[n] : 0, wsum1 = n + 1 < N ? epi.w_sum[n + 1] : 0;
+    for (int ml = rank + S * (tid / TPR); ml < BMT; ml += RPP * S) {
+      const int m = m0 + ml;
+      if (m >= M) break;
+      int2 sum = make_int2(0, 0);
+      for (int q = 0; q < S; ++q) {
+        const int2 v = ld_cluster_s32x2(sred + (uint32_t)(ml * LDR + nl) * 4u, (uint32_t)q);
+        sum.x += v.x;
+        sum.y += v.y;
+      }
+      const float as = epi.a_scale[m];
+      const int az = __float2int_rn(epi.a_zero[m]);
+      OutT* o = out + (size_t)m * N + n;
+      if (n + 1 < N) {  // N % 16 == 0: both or neither
+        o[0] = to_out<OutT>(epilogue_value(sum.x, as, az, ws0, wsum0));
+        o[1] = to_out<OutT>(epilogue_value(sum.y, as, az, ws1, wsum1));
+      }
+    }
+  }
+  cluster_sync();  // no CTA leaves while another still reads its shared memory
+}
+
+// mbarriers (shared memory, CTA scope): init, wait for the phase of parity `parity` to complete, arrive,
+// and arrive once the calling thread's earlier cp.async copies have landed (noinc: counted in the init).
+__device__ __forceinline__ void mbar_init(uint32_t a, int count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(a), "r"(count) : "memory");
+}
+__device__ __forceinline__ void mbar_wait(uint32_t a, int parity) {
+  asm volatile(
+      "{\n.reg .pred p;\nWAIT_%=:\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n"
+      "@!p bra WAIT_%=;\n}\n" ::"r"(a),
+      "r"(parity)
+      : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(uint32_t a) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(a) : "memory");
+}
+__device__ __forceinline__ void cp_async_mbar_arrive_noinc(uint32_t a) {
+  asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(a) : "memory");
 }
 
 // PIPE: keep one wgmma batch in flight across the loop (wait_group 1 instead of 0); the slot a
@@ -652,48 +727,7 @@ __global__ void __launch_bounds__(WG_THREADS, 2)
   // D fragment r: row (weight) = 128 r + 16*wq + g + 8*h, token = 8*j + 2*t + e  ->  acc[r][4j + 2h + e]
   const int nl0 = wg * 64 + wq * 16 + g;  // local weight row for r = 0, h = 0
   if constexpr (CLUSTER) {
-    // The cluster's CTAs (blockIdx.z = their K ranges) each put their partial tile into their own
-    // shared memory; after the barrier, the CTA of rank c sums token rows c, c + S, ... over all S tiles
-    // (distributed shared memory, a fixed order: deterministic), applies the epilogue and stores.
-    __syncthreads();  // every warp is done with the pipeline buffers
-    int* red = reinterpret_cast<int*>(sgen);
-    constexpr int LDR = Cfg::kRedLd;
-#pragma unroll
-    for (int r = 0; r < RB; ++r)
-#pragma unroll
-      for (int j = 0; j < NJ; ++j)
-#pragma unroll
-        for (int h = 0; h < 2; ++h)
-#pragma unroll
-          for (int e = 0; e < 2; ++e)
-            red[(8 * j + 2 * t + e) * LDR + 128 * r + nl0 + 8 * h] = acc[r][4 * j + 2 * h + e];
-    cluster_sync();
-    const int S = (int)gridDim.z, rank = (int)cluster_rank();
-    const uint32_t sred = smem_u32(red);
-    // BN / 2 threads a token row, 2 adjacent weight rows each: WG_THREADS / (BN / 2) token rows a pass
-    constexpr int TPR = BN / 2, RPP = WG_THREADS / TPR;
-    const int nl = 2 * (tid % TPR);
-    const int n = n0 + nl;
-    const float ws0 = n < N ? load_wscale(epi, n) : 0.f, ws1 = n + 1 < N ? load_wscale(epi, n + 1) : 0.f;
-    const int wsum0 = n < N ? epi.w_sum[n] : 0, wsum1 = n + 1 < N ? epi.w_sum[n + 1] : 0;
-    for (int ml = rank + S * (tid / TPR); ml < BMT; ml += RPP * S) {
-      const int m = m0 + ml;
-      if (m >= M) break;
-      int2 sum = make_int2(0, 0);
-      for (int q = 0; q < S; ++q) {
-        const int2 v = ld_cluster_s32x2(sred + (uint32_t)(ml * LDR + nl) * 4u, (uint32_t)q);
-        sum.x += v.x;
-        sum.y += v.y;
-      }
-      const float as = epi.a_scale[m];
-      const int az = __float2int_rn(epi.a_zero[m]);
-      OutT* o = out + (size_t)m * N + n;
-      if (n + 1 < N) {  // N % 16 == 0: both or neither
-        o[0] = to_out<OutT>(epilogue_value(sum.x, as, az, ws0, wsum0));
-        o[1] = to_out<OutT>(epilogue_value(sum.y, as, az, ws1, wsum1));
-      }
-    }
-    cluster_sync();  // no CTA leaves while another still reads its shared memory
+    cluster_reduce_store<OutT, BMT, RB>(acc, true, reinterpret_cast<int*>(sgen), epi, out, M, N, m0, n0, nl0, t, tid);
   } else {
     static_assert(RB == 1, "split-K through global memory and the smem epilogue: one row block");
     if (gridDim.z > 1) {
@@ -766,6 +800,106 @@ __global__ void __launch_bounds__(WG_THREADS, 2)
       }
     }
   }
+}
+
+// Kinds 17-21: kinds 13-16 and 5 warp-specialized. There every thread issues its share of the
+// cp.async copies and then, every stage, the proxy fence before wgmma: ptxas makes that fence a
+// MEMBAR.ALL.CTA, which (the guess this kernel tests) waits for the thread's copies still in flight, so
+// the pipeline never holds more than one stage. Here one producer warp issues all copies and signals each
+// stage on a `full` mbarrier when its copies land (cp.async.mbarrier.arrive.noinc); the two consumer
+// warpgroups wait on it, widen, multiply and release the stage on an `empty` mbarrier. No CTA barrier and
+// no fence in the main loop (CUTLASS's cp.async + GMMA warp-specialized mainloops have none either).
+template <typename OutT, int BMT, int RB>
+__global__ void __launch_bounds__(WG_THREADS + 32, RB == 1 && BMT < 128 ? 2 : 1)
+    gemm_wgmma_ws_kernel(const int8_t* __restrict__ A, const uint8_t* __restrict__ Wp, Epi epi,
+                         OutT* __restrict__ out, int M, int N, int K, int kt_per_split) {
+  using Cfg = WgCfg<false, BMT, RB, true>;
+  constexpr int ST = Cfg::kStages, STAGE = Cfg::kStage, ABYTES = Cfg::kABytes, NACC = BMT / 2;
+  extern __shared__ uint8_t smem_raw[];
+  const uint32_t sraw = smem_u32(smem_raw);
+  const uint32_t sbase = (sraw + 1023) & ~1023u;
+  uint8_t* sgen = smem_raw + (sbase - sraw);
+  const uint32_t bar_full = sbase + ST * STAGE, bar_empty = bar_full + 8 * ST;  // ST mbarriers each
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int wg = warp >> 2, wq = warp & 3;
+  const int g = lane >> 2, t = lane & 3;
+  const int m0 = blockIdx.x * BMT, n0 = blockIdx.y * (WG_BN * RB);
+  const int KB = K / 64, NB = N / 16;
+  const int kt0 = blockIdx.z * kt_per_split;
+  const int nkt = max(0, min(K / WG_BK, kt0 + kt_per_split) - kt0);
+  if (tid == 0) {
+    for (int s = 0; s < ST; ++s) {
+      mbar_init(bar_full + 8 * s, 32);            // the producer warp's lanes, one arrive each a stage
+      mbar_init(bar_empty + 8 * s, WG_THREADS);  // every consumer thread
+    }
+  }
+  __syncthreads();
+
+  int acc[RB][NACC];
+#pragma unroll
+  for (int r = 0; r < RB; ++r)
+#pragma unroll
+    for (int i = 0; i < NACC; ++i) acc[r][i] = 0;
+
+  if (warp == WG_THREADS / 32) {  // producer
+    for (int kt = 0; kt < nkt; ++kt) {
+      const int slot = kt % ST, use = kt / ST;
+      if (use > 0) mbar_wait(bar_empty + 8 * slot, (use - 1) & 1);
+      const uint32_t sa = sbase + slot * STAGE, sw = sa + ABYTES;
+      const int kg = kt0 + kt;
+#pragma unroll
+      for (int c = lane; c < BMT * 8; c += 32) {  // activations: chunk ch of token row r at ch ^ (r & 7) (SW128)
+        const int r = c >> 3, ch = c & 7, m = m0 + r;
+        const bool ok = m < M;
+        cp_async16(sa + r * 128 + ((ch ^ (r & 7)) << 4), A + (size_t)(ok ? m : 0) * K + (size_t)kg * WG_BK + ch * 16,
+                   ok);
+      }
+#pragma unroll
+      for (int c = lane; c < RB * 512; c += 32) {  // weights: 8 RB row blocks x 1 KB
+        const int rb = c >> 6, part = c & 63, nb = n0 / 16 + rb;
+        const bool ok = nb < NB;
+        cp_async16(sw + c * 16, Wp + ((size_t)(ok ? nb : 0) * KB + kg * 2) * 512 + part * 16, ok);
+      }
+      cp_async_mbar_arrive_noinc(bar_full + 8 * slot);
+    }
+  } else {  // consumers
+    const int rb = wg * 4 + wq;
+    uint32_t cur[RB][16];
+    for (int kt = 0; kt < nkt; ++kt) {
+      const int slot = kt % ST;
+      mbar_wait(bar_full + 8 * slot, (kt / ST) & 1);
+      const uint32_t sa = sbase + slot * STAGE;
+#pragma unroll
+      for (int r = 0; r < RB; ++r) {
+        const uint32_t sw = sa + ABYTES + (rb + 8 * r) * 1024;
+        const uint4 w0 = lds128(sw + lane * 16), w1 = lds128(sw + 512 + lane * 16);
+        widen(w0.x, w0.y, cur[r], 0);
+        widen(w0.z, w0.w, cur[r], 4);
+        widen(w1.x, w1.y, cur[r], 8);
+        widen(w1.z, w1.w, cur[r], 12);
+      }
+      const uint64_t d0 = make_desc_sw128(sa);
+      wgmma_fence();
+#pragma unroll
+      for (int r = 0; r < RB; ++r) {
+        wgmma_s8<BMT>(acc[r], cur[r], 0, d0);
+        wgmma_s8<BMT>(acc[r], cur[r], 4, d0 + 2);
+        wgmma_s8<BMT>(acc[r], cur[r], 8, d0 + 4);
+        wgmma_s8<BMT>(acc[r], cur[r], 12, d0 + 6);
+      }
+      wgmma_commit();
+      wgmma_wait<0>();
+      mbar_arrive(bar_empty + 8 * slot);  // this thread's reads of the stage are done
+    }
+#pragma unroll
+    for (int r = 0; r < RB; ++r) {
+      keep_live(acc[r]);
+#pragma unroll
+      for (int i = 0; i < NACC; ++i) acc[r][i] >>= 4;  // exact: every partial sum is a multiple of 16
+    }
+  }
+  cluster_reduce_store<OutT, BMT, RB>(acc, tid < WG_THREADS, reinterpret_cast<int*>(sgen), epi, out, M, N, m0, n0,
+                                      wg * 64 + wq * 16 + g, t, tid);
 }
 
 // ==========================================================================================
@@ -1389,7 +1523,8 @@ int launch_mma(const int8_t* A, const uint8_t* Wp, const Epi& epi, OutT* out, in
 //        K split among the warps of a CTA), 9-12 the decode kernel with R = 2/4 weight blocks a
 //        warp and 32/64 tokens a CTA (batches of 17-256 tokens), 13/14 wgmma with 64/32-token tiles and K
 //        split over a thread-block cluster, 15/16 the same with 256 weight rows a CTA (the activations,
-//        which every CTA reads whole, cost half as much L2 traffic per weight byte)
+//        which every CTA reads whole, cost half as much L2 traffic per weight byte), 17-20 = 13-16
+//        warp-specialized (a producer warp, mbarriers), 21 = 5 warp-specialized
 struct Plan {
   int kind, splits, BN, BM, splits_units;  // splits_units: k blocks (64 or 128) to split
 };
@@ -1421,8 +1556,11 @@ Plan plan_gemm(int M, int N, int K, int force) {
     case 10: p.BN = 32; p.BM = 64; return p;    // 2 x 64
     case 11: p.BN = 64; p.BM = 32; return p;    // 4 x 32
     case 12: p.BN = 64; p.BM = 64; return p;    // 4 x 64
-    case 13: case 14: case 15: case 16: {        // wgmma, 64 / 32 tokens, 128 / 256 rows, K split over a cluster
-      p.BN = p.kind >= 15 ? 256 : 128; p.BM = (p.kind & 1) ? 64 : 32; p.splits_units = K / 128;
+    case 21: p.BN = 128; p.BM = 128; return p;  // kind 5 warp-specialized (a cluster of 1: no split)
+    case 13: case 14: case 15: case 16:          // wgmma, 64 / 32 tokens, 128 / 256 rows, K split over a cluster
+    case 17: case 18: case 19: case 20: {        // the same, warp-specialized
+      const int v = (p.kind - 13) % 4;           // 0: 64 x 128, 1: 32 x 128, 2: 64 x 256, 3: 32 x 256
+      p.BN = v >= 2 ? 256 : 128; p.BM = (v & 1) ? 32 : 64; p.splits_units = K / 128;
       // as many K splits as fill every SM twice (rounded down: a partial extra wave costs more than
       // it gains), at most a cluster's 8, at least 2 k128 steps each, none empty
       const int tiles = ((N + p.BN - 1) / p.BN) * ((M + p.BM - 1) / p.BM);
@@ -1447,7 +1585,7 @@ Plan plan_gemm(int M, int N, int K, int force) {
   return p;
 }
 
-bool uses_cluster(const Plan& p) { return p.kind >= 13 && p.kind <= 16; }
+bool uses_cluster(const Plan& p) { return p.kind >= 13 && p.kind <= 21; }
 
 template <typename OutT, bool WGLOBAL, bool PIPE>
 int launch_wgmma(const int8_t* A, const uint8_t* Wp, const Epi& epi, OutT* out, int M, int N, int K, int splits,
@@ -1464,30 +1602,45 @@ int launch_wgmma(const int8_t* A, const uint8_t* Wp, const Epi& epi, OutT* out, 
   return (int)cudaGetLastError();
 }
 
-// Kinds 13-16: BMT-token tiles of 128 RB weight rows, K split over a cluster of `splits` CTAs (plan_gemm:
-// <= 8, none empty).
-template <typename OutT, int BMT, int RB>
-int launch_wgmma_cluster(const int8_t* A, const uint8_t* Wp, const Epi& epi, OutT* out, int M, int N, int K,
-                         int splits, cudaStream_t st) {
-  auto kern = gemm_wgmma_kernel<OutT, false, false, BMT, true, RB>;
-  constexpr int smem = WgCfg<false, BMT, RB>::kSmem;
-  static int smem_set = 0;
-  if (const cudaError_t e = raise_smem_limit(kern, smem, smem_set)) return (int)e;
-  const int nkt = K / WG_BK;
-  const int per = (nkt + splits - 1) / splits;
+// Launch `kern` on `grid` with thread-block clusters of grid.z CTAs along z (the K splits).
+template <typename Kern, typename... Args>
+int launch_cluster_z(Kern kern, dim3 grid, int threads, int smem, cudaStream_t st, Args... args) {
   cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3((M + BMT - 1) / BMT, (N + WG_BN * RB - 1) / (WG_BN * RB), splits);
-  cfg.blockDim = dim3(WG_THREADS);
+  cfg.gridDim = grid;
+  cfg.blockDim = dim3(threads);
   cfg.dynamicSmemBytes = smem;
   cfg.stream = st;
   cudaLaunchAttribute attr[1];
   attr[0].id = cudaLaunchAttributeClusterDimension;
   attr[0].val.clusterDim.x = 1;
   attr[0].val.clusterDim.y = 1;
-  attr[0].val.clusterDim.z = splits;
+  attr[0].val.clusterDim.z = grid.z;
   cfg.attrs = attr;
   cfg.numAttrs = 1;
-  return (int)cudaLaunchKernelEx(&cfg, kern, A, Wp, epi, out, M, N, K, per, (int*)nullptr, (int*)nullptr);
+  return (int)cudaLaunchKernelEx(&cfg, kern, args...);
+}
+
+// Kinds 13-16 (WS: 17-20): BMT-token tiles of 128 RB weight rows, K split over a cluster of `splits` CTAs
+// (plan_gemm: <= 8, none empty).
+template <typename OutT, int BMT, int RB, bool WS>
+int launch_wgmma_cluster(const int8_t* A, const uint8_t* Wp, const Epi& epi, OutT* out, int M, int N, int K,
+                         int splits, cudaStream_t st) {
+  using Cfg = WgCfg<false, BMT, RB, WS>;
+  constexpr int smem = Cfg::kSmem + (WS ? 16 * Cfg::kStages : 0);  // + the mbarriers
+  const int nkt = K / WG_BK;
+  const int per = (nkt + splits - 1) / splits;
+  const dim3 grid((M + BMT - 1) / BMT, (N + WG_BN * RB - 1) / (WG_BN * RB), splits);
+  static int smem_set = 0;
+  if constexpr (WS) {
+    auto kern = gemm_wgmma_ws_kernel<OutT, BMT, RB>;
+    if (const cudaError_t e = raise_smem_limit(kern, smem, smem_set)) return (int)e;
+    return launch_cluster_z(kern, grid, WG_THREADS + 32, smem, st, A, Wp, epi, out, M, N, K, per);
+  } else {
+    auto kern = gemm_wgmma_kernel<OutT, false, false, BMT, true, RB>;
+    if (const cudaError_t e = raise_smem_limit(kern, smem, smem_set)) return (int)e;
+    return launch_cluster_z(kern, grid, WG_THREADS, smem, st, A, Wp, epi, out, M, N, K, per, (int*)nullptr,
+                            (int*)nullptr);
+  }
 }
 
 template <typename OutT>
@@ -1520,13 +1673,23 @@ int gemm_dispatch(const int8_t* A, const uint8_t* Wp, const Epi& epi, OutT* out,
     case 6:
       return launch_wgmma<OutT, false, true>(A, Wp, epi, out, M, N, K, p.splits, ws, counters, st);
     case 13:
-      return launch_wgmma_cluster<OutT, 64, 1>(A, Wp, epi, out, M, N, K, p.splits, st);
+      return launch_wgmma_cluster<OutT, 64, 1, false>(A, Wp, epi, out, M, N, K, p.splits, st);
     case 14:
-      return launch_wgmma_cluster<OutT, 32, 1>(A, Wp, epi, out, M, N, K, p.splits, st);
+      return launch_wgmma_cluster<OutT, 32, 1, false>(A, Wp, epi, out, M, N, K, p.splits, st);
     case 15:
-      return launch_wgmma_cluster<OutT, 64, 2>(A, Wp, epi, out, M, N, K, p.splits, st);
+      return launch_wgmma_cluster<OutT, 64, 2, false>(A, Wp, epi, out, M, N, K, p.splits, st);
     case 16:
-      return launch_wgmma_cluster<OutT, 32, 2>(A, Wp, epi, out, M, N, K, p.splits, st);
+      return launch_wgmma_cluster<OutT, 32, 2, false>(A, Wp, epi, out, M, N, K, p.splits, st);
+    case 17:
+      return launch_wgmma_cluster<OutT, 64, 1, true>(A, Wp, epi, out, M, N, K, p.splits, st);
+    case 18:
+      return launch_wgmma_cluster<OutT, 32, 1, true>(A, Wp, epi, out, M, N, K, p.splits, st);
+    case 19:
+      return launch_wgmma_cluster<OutT, 64, 2, true>(A, Wp, epi, out, M, N, K, p.splits, st);
+    case 20:
+      return launch_wgmma_cluster<OutT, 32, 2, true>(A, Wp, epi, out, M, N, K, p.splits, st);
+    case 21:
+      return launch_wgmma_cluster<OutT, 128, 1, true>(A, Wp, epi, out, M, N, K, 1, st);
     default:
       return launch_wgmma<OutT, true, false>(A, Wp, epi, out, M, N, K, p.splits, ws, counters, st);
   }
