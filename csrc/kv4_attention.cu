@@ -83,21 +83,6 @@ __device__ __forceinline__ void mma_f16(float (&d)[4], uint32_t a0, uint32_t a1,
 __device__ __forceinline__ uint32_t ld32(const uint8_t* p) { return __ldg(reinterpret_cast<const uint32_t*>(p)); }
 __device__ __forceinline__ uint2 ld64(const uint8_t* p) { return __ldg(reinterpret_cast<const uint2*>(p)); }
 
-// In-place unnormalised FWHT of rows [rows][D] in shared memory, butterflies in _sylvester_fwht's order.
-template <int D>
-__device__ void fwht_rows(float (*x)[D], int rows, int tid, int nthreads) {
-  for (int h = 1; h < D; h <<= 1) {
-    for (int i = tid; i < rows * D / 2; i += nthreads) {
-      const int r = i / (D / 2), p = i % (D / 2);
-      const int lo = (p / h) * 2 * h + (p % h);
-      const float a = x[r][lo], b = x[r][lo + h];
-      x[r][lo] = __fadd_rn(a, b);
-      x[r][lo + h] = __fsub_rn(a, b);
-    }
-    __syncthreads();
-  }
-}
-
 // In-place unnormalised FWHT of one D-vector spread over a warp, lane holding elements
 // [lane*E, lane*E + E): in-register butterflies below E, shuffles above; _sylvester_fwht's order.
 template <int D>
@@ -306,15 +291,20 @@ __global__ void __launch_bounds__(128, NQ == 1 ? 4 : 3) decode_kernel(const Deco
   __shared__ float so[NW][ROWS][D];
   __shared__ float sm[NW][ROWS], sl[NW][ROWS];
 
-  for (int i = tid; i < ROWS * D; i += blockDim.x) {
-    const int r = i / D, d = i % D;
-    sq[r][d] = r < G ? __bfloat162float(a.q[tok_q * a.q_tok + (kvh * G + r) * a.q_head + d]) * a.signs[d] : 0.f;
-  }
-  __syncthreads();
-  fwht_rows<D>(sq, G, tid, blockDim.x);
-  for (int i = tid; i < G * D; i += blockDim.x) sq[i / D][i % D] = bf16_round(sq[i / D][i % D]);
-  __syncthreads();
+  // Q rotated (signs, then the FWHT) and rounded to bf16, one warp a row: the butterflies in registers
+  // and shuffles (warp_fwht, the same order as the cache write's), no CTA barrier between the stages
+  constexpr int E = D / 32;
   for (int r = warp; r < ROWS; r += NW) {
+    float x[E];
+#pragma unroll
+    for (int e = 0; e < E; ++e) {
+      const int d = lane * E + e;
+      x[e] = r < G ? __bfloat162float(a.q[tok_q * a.q_tok + (kvh * G + r) * a.q_head + d]) * a.signs[d] : 0.f;
+    }
+    if (r < G) warp_fwht<D>(x, lane);  // warp-uniform
+#pragma unroll
+    for (int e = 0; e < E; ++e) sq[r][lane * E + e] = bf16_round(x[e]);
+    __syncwarp();
     float s = 0.f;
     for (int d = lane; d < D; d += 32) s += sq[r][d];
 #pragma unroll
@@ -489,10 +479,16 @@ __global__ void __launch_bounds__(128, NQ == 1 ? 4 : 3) decode_kernel(const Deco
   }
   if (!single) return;
   __syncthreads();
-  fwht_rows<D>(sq, G, tid, blockDim.x);
-  for (int i = tid; i < G * D; i += blockDim.x) {
-    const int r = i / D, d = i % D;
-    a.out[tok_q * a.o_tok + (kvh * G + r) * a.o_head + d] = __float2bfloat16_rn(sq[r][d] * a.signs[d] / D);
+  for (int r = warp; r < G; r += NW) {  // undo the rotation, one warp a row
+    float x[E];
+#pragma unroll
+    for (int e = 0; e < E; ++e) x[e] = sq[r][lane * E + e];
+    warp_fwht<D>(x, lane);
+#pragma unroll
+    for (int e = 0; e < E; ++e) {
+      const int d = lane * E + e;
+      a.out[tok_q * a.o_tok + (kvh * G + r) * a.o_head + d] = __float2bfloat16_rn(x[e] * a.signs[d] / D);
+    }
   }
 }
 
@@ -515,11 +511,18 @@ __global__ void __launch_bounds__(D) reduce_kernel(const DecodeArgs a) {
       O += f * a.part_o[(base + s) * D + d];
       L += f * a.part_ml[(base + s) * 2 + 1];
     }
-  __shared__ float x[1][D];
-  x[0][d] = L > 0.f ? O / L : 0.f;
+  __shared__ float xs[D];
+  xs[d] = L > 0.f ? O / L : 0.f;
   __syncthreads();
-  fwht_rows<D>(x, 1, d, D);
-  a.out[tok_q * a.o_tok + head * a.o_head + d] = __float2bfloat16_rn(x[0][d] * a.signs[d] / D);
+  if (d >= 32) return;  // the first warp undoes the rotation
+  constexpr int E = D / 32;
+  float x[E];
+#pragma unroll
+  for (int e = 0; e < E; ++e) x[e] = xs[d * E + e];
+  warp_fwht<D>(x, d);
+#pragma unroll
+  for (int e = 0; e < E; ++e)
+    a.out[tok_q * a.o_tok + head * a.o_head + d * E + e] = __float2bfloat16_rn(x[e] * a.signs[d * E + e] / D);
 }
 
 }  // namespace kv4

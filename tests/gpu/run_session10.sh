@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One device call (prepared in session 9): the warp-specialized wgmma GEMMs (kinds 17-21) and the
 # cluster kinds (13-16) first in their own process (a hang or fault cannot take the rest down), then the
-# GPU tests (run_kernels.sh: quantize, compile, deterministic, gemm), the 16-128-token and the large-M
+# GPU tests (run_kernels.sh: quantize, compile, deterministic, gemm; the KV4 kernels: the decode
+# prologue/epilogue now rotate with warp shuffles), the 16-128-token and the large-M
 # GEMM rows of every kind (Llama-3-8B), and Nsight Compute on the kernels that miss their bars
 # (benchmarks/gpu_ncu.sh).
 # Carry ostquant_vllm/kernels/_build.
@@ -23,6 +24,8 @@ if [ "$rc_new" != 0 ]; then  # keep the new kinds out of the other tests, the be
   TESTS="quantize or compile or deterministic or (gemm and not (-17] or -18] or -19] or -20] or -21]))"
 fi
 SKIP_BENCH=1 TESTS="$TESTS" bash tests/gpu/run_kernels.sh 2>&1 | tail -12
+timeout 120 python3 -m pytest -q -p no:cacheprovider --tb=short -rf tests/gpu/test_kv4_kernels.py 2>&1 \
+  | tee "$OUT/tests_kv4.log" | tail -6
 timeout 200 python3 benchmarks/kernels.py --models llama3-8b --ms 16,24,32,48,64,96,128 --skip-quant --quick \
   --out "$OUT/kernels_midm.json" 2>&1 | grep -E "M= *(24|64|128) .*(w4a4 |wg1[3-6]|ws|fp8)|failed" | tail -60
 timeout 90 python3 benchmarks/kernels.py --models llama3-8b --skip-quant --ms 2048,8192 \
