@@ -203,9 +203,9 @@ def _gemm_kernel_ok(a_q: torch.Tensor, w: torch.Tensor, out_dtype: torch.dtype) 
 #     tokens) up to 32 tokens; 11 (R=4, 32 tokens a CTA row) up to 128; 12 (R=4, 64) up to 256 at
 #     N <= 4096 or K >= 8192. Wide layers (N >= 16384, e.g. gate_up) take wgmma: 16 (32-token tiles of
 #     256 rows) up to 32 tokens, 13 (64 tokens, 128 rows) up to 64, then 5 (kernels_h100_midm.json, 8B
-#     gate_up: 28.0 vs 32.7 us at M = 24, 34.0 vs 36.1 at 64): they have CTAs enough, and the decode
-#     kernel re-reads the activations once per 64 rows.
-#   M > 256, K % 128 == 0: wgmma, 3 (weights global->registers) for K >= 8192, else 5 (via smem)
+#     gate_up: 28.0 us against the decode kernel's 32.9 at M = 24, 34.0 against kind 5's 36.0 at 64):
+#     they have CTAs enough, and the decode kernel re-reads the activations once per 64 rows.
+#   M > 256, K % 128 == 0: wgmma, 3 (weights global->registers) for K > 16384, else 5 (via smem)
 #   otherwise: -1, the library's own choice (mma.sync tiles)
 SMALL_M_SPLITK_BYTES = 32 << 20
 WIDE_N = 16384
