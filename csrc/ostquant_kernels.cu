@@ -832,6 +832,7 @@ __global__ void __launch_bounds__(WG_THREADS + 32, RB == 1 && BMT < 128 ? 2 : 1)
       mbar_init(bar_full + 8 * s, 32);            // the producer warp's lanes, one arrive each a stage
       mbar_init(bar_empty + 8 * s, WG_THREADS);  // every consumer thread
     }
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");  // as CUTLASS's pipelines do
   }
   __syncthreads();
 
