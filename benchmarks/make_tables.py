@@ -137,7 +137,12 @@ def e2e_table(path: str) -> str:
 
 
 MIDM_KINDS = {9: "dec_r2t32", 10: "dec_r2t64", 11: "dec_r4t32", 12: "dec_r4t64", 5: "wg5", 3: "wg3", 13: "wg13_t64",
-              14: "wg14_t32", 15: "wg15_t64_n256", 16: "wg16_t32_n256"}
+              14: "wg14_t32", 15: "wg15_t64_n256", 16: "wg16_t32_n256", 17: "ws17_t64", 18: "ws18_t32",
+              19: "ws19_t64_n256", 20: "ws20_t32_n256"}
+# the wgmma kinds' column labels in the 16-128-token table (tokens a tile, weight rows a CTA)
+MIDM_WG_COLS = {5: "wgmma 5 (128 tokens)", 13: "13 (64, cluster)", 14: "14 (32, cluster)", 15: "15 (64, 256 rows)",
+                16: "16 (32, 256 rows)", 17: "17 (13 warp-specialized)", 18: "18 (14 w.s.)", 19: "19 (15 w.s.)",
+                20: "20 (16 w.s.)"}
 
 
 def kv4_attention_table(path: str) -> str:
@@ -194,17 +199,17 @@ def kernels_midm_table(path: str) -> str:
         if r.get("kind") == "gemm":
             by.setdefault((r["layer"], r["M"], r["N"], r["K"]), {})[r["kernel"]] = r["us"]
     f = "ostquant_w4a4_force_"
+    wg = [k for k in MIDM_WG_COLS if any(f + MIDM_KINDS[k] in ks for ks in by.values())]  # the kinds this run timed
     out = [f"**Int4 GEMM at 16-128 tokens, µs, {d['gpu']}** ({os.path.basename(path)}; Llama-3-8B layers; "
            "ours = the automatic choice of the run; last columns: its speedup)", "",
-           "| layer | M | ours (kind) | decode 9-12, best | wgmma 5 (128 tokens) | 13 (64, cluster) | "
-           "14 (32, cluster) | 15 (64, 256 rows) | 16 (32, 256 rows) | torch bf16 | torch fp8 | vs bf16 | vs fp8 |",
-           "| --- | --- |" + " --- |" * 11]
+           "| layer | M | ours (kind) | decode 9-12, best | " + " | ".join(MIDM_WG_COLS[k] for k in wg)
+           + " | torch bf16 | torch fp8 | vs bf16 | vs fp8 |", "| --- | --- |" + " --- |" * (len(wg) + 6)]
     for (layer, M, N, K), ks in sorted(by.items(), key=lambda t: (t[0][2] * t[0][3], t[0][1])):
         if "ostquant_w4a4" not in ks:
             continue
         ours = ks["ostquant_w4a4"]
         dec = [ks[f + MIDM_KINDS[k]] for k in (9, 10, 11, 12) if f + MIDM_KINDS[k] in ks]
-        cells = [_fmt(min(dec) if dec else None, 1)] + [_fmt(ks.get(f + MIDM_KINDS[k]), 1) for k in (5, 13, 14, 15, 16)]
+        cells = [_fmt(min(dec) if dec else None, 1)] + [_fmt(ks.get(f + MIDM_KINDS[k]), 1) for k in wg]
         out.append(f"| {layer} {N}x{K} | {M} | {ours:.1f} ({d.get('dispatch_kinds', {}).get(f'{layer},{M}', '?')}) | "
                    + " | ".join(cells) + f" | {ks['torch_bf16']:.1f} | {ks['torch_fp8']:.1f} | "
                    f"{ks['torch_bf16'] / ours:.2f}x | {ks['torch_fp8'] / ours:.2f}x |")
