@@ -504,6 +504,54 @@ __device__ __forceinline__ int2 ld_cluster_s32x2(uint32_t saddr, uint32_t rank) 
   return v;
 }
 
+// One k128 stage of the wgmma kernels into shared memory at sa, threads `first`, first + THREADS, ...:
+// activations (BMT tokens x 128 B, 16-B chunk c of row r at c ^ (r & 7): the SW128 pattern the
+// descriptor names), then, with LOAD_W, the weights (8 RB row blocks x 2 k64 blocks x 512 B) after them.
+template <int BMT, int RB, int THREADS, bool LOAD_W>
+__device__ __forceinline__ void wg_load_stage(uint32_t sa, const int8_t* __restrict__ A, const uint8_t* __restrict__ Wp,
+                                              int M, int K, int NB, int m0, int n0, int kt, int first) {
+  constexpr int ABYTES = BMT * WG_BK;
+  static_assert((ABYTES / 16) % THREADS == 0 && (RB * 512) % THREADS == 0, "whole 16-B chunks a thread");
+#pragma unroll
+  for (int it = 0; it < ABYTES / 16 / THREADS; ++it) {  // a fixed trip count (first < THREADS)
+    const int c = first + it * THREADS, r = c >> 3, ch = c & 7, m = m0 + r;
+    const bool ok = m < M;
+    cp_async16(sa + r * 128 + ((ch ^ (r & 7)) << 4), A + (size_t)(ok ? m : 0) * K + (size_t)kt * WG_BK + ch * 16, ok);
+  }
+  if constexpr (LOAD_W) {
+    const int KB = K / 64;
+#pragma unroll
+    for (int it = 0; it < RB * 512 / THREADS; ++it) {
+      const int c = first + it * THREADS, rb = c >> 6, part = c & 63, nb = n0 / 16 + rb;
+      const bool ok = nb < NB;
+      cp_async16(sa + ABYTES + c * 16, Wp + ((size_t)(ok ? nb : 0) * KB + kt * 2) * 512 + part * 16, ok);
+    }
+  }
+}
+
+// A warp's 16-row weight block of one stage (two 16-B words a lane) -> the 16 A-fragment registers.
+__device__ __forceinline__ void widen_stage(uint4 w0, uint4 w1, uint32_t (&cur)[16]) {
+  widen(w0.x, w0.y, cur, 0);
+  widen(w0.z, w0.w, cur, 4);
+  widen(w1.x, w1.y, cur, 8);
+  widen(w1.z, w1.w, cur, 12);
+}
+
+// The warpgroup's wgmma batch of one stage (k128 = 4 k32 steps for each of its RB row blocks), committed.
+template <int BMT, int RB>
+__device__ __forceinline__ void wg_mma_stage(int (&acc)[RB][BMT / 2], uint32_t (&cur)[RB][16], uint32_t sa) {
+  const uint64_t d0 = make_desc_sw128(sa);
+  wgmma_fence();
+#pragma unroll
+  for (int r = 0; r < RB; ++r) {
+    wgmma_s8<BMT>(acc[r], cur[r], 0, d0);
+    wgmma_s8<BMT>(acc[r], cur[r], 4, d0 + 2);  // +32 B along K (descriptor address is in 16-B units)
+    wgmma_s8<BMT>(acc[r], cur[r], 8, d0 + 4);
+    wgmma_s8<BMT>(acc[r], cur[r], 12, d0 + 6);
+  }
+  wgmma_commit();
+}
+
 // Epilogue of the cluster kinds: the cluster's CTAs (blockIdx.z = their K ranges) each put their partial
 // tile into their own shared memory `red` (the pipeline buffers, free by now); after the barrier, the CTA
 // of rank c sums token rows c, c + S, ... over all S tiles (distributed shared memory, a fixed order:
@@ -607,30 +655,7 @@ __global__ void __launch_bounds__(WG_THREADS, 2)
   constexpr int WG_STAGES = Cfg::kStages, WG_STAGE = Cfg::kStage, WG_ABYTES = Cfg::kABytes;
   constexpr int NACC = BMT / 2, NJ = BMT / 8;  // accumulators a thread; 8-token column groups
   auto load_stage = [&](int kt, int slot) {
-    kt += kt0;
-    const uint32_t sa = sbase + slot * WG_STAGE;
-    const uint32_t sw = sa + WG_ABYTES;
-    // activations: BMT tokens x 128 B, chunk c of row r at (c ^ (r & 7)) (SW128 pattern)
-    static_assert(WG_ABYTES % (16 * WG_THREADS) == 0, "every thread loads whole 16-B chunks");
-#pragma unroll
-    for (int it = 0; it < WG_ABYTES / 16 / WG_THREADS; ++it) {
-      const int c = tid + it * WG_THREADS;
-      const int r = c >> 3, ch = c & 7;
-      const int m = m0 + r;
-      const bool ok = m < M;
-      const int8_t* src = A + (size_t)(ok ? m : 0) * K + (size_t)kt * WG_BK + ch * 16;
-      cp_async16(sa + r * 128 + ((ch ^ (r & 7)) << 4), src, ok);
-    }
-    // weights: 8 * RB row blocks x (2 k64 blocks x 512 B) contiguous
-#pragma unroll
-    for (int it = 0; it < (WGLOBAL ? 0 : RB * WG_WBYTES / 16 / WG_THREADS); ++it) {
-      const int c = tid + it * WG_THREADS;
-      const int rb = c >> 6, part = c & 63;
-      const int nb = n0 / 16 + rb;
-      const bool ok = nb < NB;
-      const uint8_t* src = Wp + ((size_t)(ok ? nb : 0) * KB + kt * 2) * 512 + part * 16;
-      cp_async16(sw + c * 16, src, ok);
-    }
+    wg_load_stage<BMT, RB, WG_THREADS, !WGLOBAL>(sbase + slot * WG_STAGE, A, Wp, M, K, NB, m0, n0, kt0 + kt, tid);
   };
 
   int acc[RB][NACC];
@@ -679,21 +704,9 @@ __global__ void __launch_bounds__(WG_THREADS, 2)
         w0 = lds128(sw + lane * 16);
         w1 = lds128(sw + 512 + lane * 16);
       }
-      widen(w0.x, w0.y, cur[r], 0);
-      widen(w0.z, w0.w, cur[r], 4);
-      widen(w1.x, w1.y, cur[r], 8);
-      widen(w1.z, w1.w, cur[r], 12);
+      widen_stage(w0, w1, cur[r]);
     }
-    const uint64_t d0 = make_desc_sw128(sa);
-    wgmma_fence();
-#pragma unroll
-    for (int r = 0; r < RB; ++r) {
-      wgmma_s8<BMT>(acc[r], cur[r], 0, d0);
-      wgmma_s8<BMT>(acc[r], cur[r], 4, d0 + 2);  // +32 B along K (descriptor address is in 16-B units)
-      wgmma_s8<BMT>(acc[r], cur[r], 8, d0 + 4);
-      wgmma_s8<BMT>(acc[r], cur[r], 12, d0 + 6);
-    }
-    wgmma_commit();
+    wg_mma_stage<BMT, RB>(acc, cur, sa);
     if (PIPE) {
       wgmma_wait<1>();  // the previous stage's batch is done: its fragments may go
 #pragma unroll
@@ -824,7 +837,7 @@ __global__ void __launch_bounds__(WG_THREADS + 32, RB == 1 && BMT < 128 ? 2 : 1)
   const int wg = warp >> 2, wq = warp & 3;
   const int g = lane >> 2, t = lane & 3;
   const int m0 = blockIdx.x * BMT, n0 = blockIdx.y * (WG_BN * RB);
-  const int KB = K / 64, NB = N / 16;
+  const int NB = N / 16;
   const int kt0 = blockIdx.z * kt_per_split;
   const int nkt = max(0, min(K / WG_BK, kt0 + kt_per_split) - kt0);
   if (tid == 0) {
@@ -846,21 +859,7 @@ __global__ void __launch_bounds__(WG_THREADS + 32, RB == 1 && BMT < 128 ? 2 : 1)
     for (int kt = 0; kt < nkt; ++kt) {
       const int slot = kt % ST, use = kt / ST;
       if (use > 0) mbar_wait(bar_empty + 8 * slot, (use - 1) & 1);
-      const uint32_t sa = sbase + slot * STAGE, sw = sa + ABYTES;
-      const int kg = kt0 + kt;
-#pragma unroll
-      for (int c = lane; c < BMT * 8; c += 32) {  // activations: chunk ch of token row r at ch ^ (r & 7) (SW128)
-        const int r = c >> 3, ch = c & 7, m = m0 + r;
-        const bool ok = m < M;
-        cp_async16(sa + r * 128 + ((ch ^ (r & 7)) << 4), A + (size_t)(ok ? m : 0) * K + (size_t)kg * WG_BK + ch * 16,
-                   ok);
-      }
-#pragma unroll
-      for (int c = lane; c < RB * 512; c += 32) {  // weights: 8 RB row blocks x 1 KB
-        const int rb = c >> 6, part = c & 63, nb = n0 / 16 + rb;
-        const bool ok = nb < NB;
-        cp_async16(sw + c * 16, Wp + ((size_t)(ok ? nb : 0) * KB + kg * 2) * 512 + part * 16, ok);
-      }
+      wg_load_stage<BMT, RB, 32, true>(sbase + slot * STAGE, A, Wp, M, K, NB, m0, n0, kt0 + kt, lane);
       cp_async_mbar_arrive_noinc(bar_full + 8 * slot);
     }
   } else {  // consumers
@@ -873,22 +872,9 @@ __global__ void __launch_bounds__(WG_THREADS + 32, RB == 1 && BMT < 128 ? 2 : 1)
 #pragma unroll
       for (int r = 0; r < RB; ++r) {
         const uint32_t sw = sa + ABYTES + (rb + 8 * r) * 1024;
-        const uint4 w0 = lds128(sw + lane * 16), w1 = lds128(sw + 512 + lane * 16);
-        widen(w0.x, w0.y, cur[r], 0);
-        widen(w0.z, w0.w, cur[r], 4);
-        widen(w1.x, w1.y, cur[r], 8);
-        widen(w1.z, w1.w, cur[r], 12);
+        widen_stage(lds128(sw + lane * 16), lds128(sw + 512 + lane * 16), cur[r]);
       }
-      const uint64_t d0 = make_desc_sw128(sa);
-      wgmma_fence();
-#pragma unroll
-      for (int r = 0; r < RB; ++r) {
-        wgmma_s8<BMT>(acc[r], cur[r], 0, d0);
-        wgmma_s8<BMT>(acc[r], cur[r], 4, d0 + 2);
-        wgmma_s8<BMT>(acc[r], cur[r], 8, d0 + 4);
-        wgmma_s8<BMT>(acc[r], cur[r], 12, d0 + 6);
-      }
-      wgmma_commit();
+      wg_mma_stage<BMT, RB>(acc, cur, sa);
       wgmma_wait<0>();
       mbar_arrive(bar_empty + 8 * slot);  // this thread's reads of the stage are done
     }
