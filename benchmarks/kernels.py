@@ -257,8 +257,8 @@ def gemm_rows(model, layer, K, N, gen, rows, quick, ms=None, with_vllm=False):
 
 # the fused Hadamard kernel's versions (kernels._quant_cuda's `variant`): None = the dispatch's choice,
 # 1 = version 2 (constant-memory table), 2 = version 3, 3 / 4 = version 4 (row in registers) / with half
-# the values a thread
-HAD_VARIANTS = {None: "", 1: "_v2", 2: "_v3", 3: "_v4", 4: "_v4half"}
+# the values a thread, 5 = version 5 (H_B on the tensor cores)
+HAD_VARIANTS = {None: "", 1: "_v2", 2: "_v3", 3: "_v4", 4: "_v4half", 5: "_v5"}
 
 
 def quant_rows(rows, copy_tbps, gen, quick, hadamard_only=False):
@@ -276,7 +276,7 @@ def quant_rows(rows, copy_tbps, gen, quick, hadamard_only=False):
             if not had:
                 runs = [(4, None)] if hadamard_only else [(4, None), (8, None)]
             else:
-                runs = [(4, None), (4, 2), (4, 3), (4, 4)] if hadamard_only else [(4, None), (8, None), (4, 2)]
+                runs = [(4, None), (4, 2), (4, 3), (4, 4), (4, 5)] if hadamard_only else [(4, None), (8, None), (4, 2)]
             for bits, variant in runs:
                 if variant is None:
                     qf = [lambda x=x: kernels.quantize_act(x, bits, hadamard=had) for x in xs]

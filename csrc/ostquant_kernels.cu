@@ -1434,6 +1434,186 @@ __global__ void __launch_bounds__(256) quant_had4_kernel(const __nv_bfloat16* __
   }
 }
 
+// Version 5 (variant 5; session 10, not yet run on a GPU): the small factor on the tensor cores, where
+// versions 2-4 spend B FP32 adds an element on it (the larger part of their work at B = 28) and
+// version 3 is latency-bound (one serial chain of shared-memory passes a CTA). For K = 512 B
+// (Llama-3-8B's 14336 = 512 x 28), B in {12, 20, 28}, one row a CTA of 8 warps:
+//   A. the bf16 row is copied into shared memory; warp w multiplies its 4 tiles of 16 a-rows
+//      (a = 64 w + 16 tile + r) by the ±1 H_B zero-padded to 16 or 32 columns (bf16 mma.sync,
+//      FP32 accumulation: the inputs are exact in bf16, so the sums are FP32 sums as the reference's);
+//      the A fragments' padding columns read the next a-row (or 16 zero bytes past the row) against
+//      H's zero rows;
+//   B. the butterflies over a-bits 3-5 (which the D fragment holds in registers), then the values go
+//      through shared memory once, and each of 8 B threads (j, bits 3-5) takes the 64 a-rows of
+//      bits 0-2 and 6-8 into registers for the other 6 butterfly stages;
+//   C. the row's min/max, levels as version 4 (one FMA a value), bytes through shared memory to
+//      16-B global stores.
+// Butterflies run only over the a-bits below log2p (a block-diagonal I_b (x) H keeps the high bits).
+__device__ __forceinline__ void mma_bf16_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+// H_B[k][n] as bf16 bits (0 outside B x B: the padding)
+__device__ __forceinline__ uint32_t hb_bf16(int b, int k, int n) {
+  if (k >= b || n >= b) return 0u;
+  return ((hb_mask(b, k) >> n) & 1ull) ? 0xBF80u : 0x3F80u;
+}
+
+template <int B>
+__global__ void __launch_bounds__(256, 2) quant_had5_kernel(const __nv_bfloat16* __restrict__ x, int8_t* __restrict__ q,
+                                                            float* __restrict__ scale, float* __restrict__ zero,
+                                                            int K, int log2p, float norm, QParams p) {
+  constexpr int BP = B <= 16 ? 16 : 32, KS = BP / 16, NT = BP / 8, T = 4;
+  static_assert(B % 2 == 0 && B <= 32, "even B up to 32 (fragment pairs, two k16 steps)");
+  extern __shared__ __align__(16) uint8_t sm5[];  // 4 K bytes: the bf16 row (A), then FP32 values (B), then levels
+  const __nv_bfloat16* xs = reinterpret_cast<const __nv_bfloat16*>(sm5);
+  float* ys = reinterpret_cast<float*>(sm5);
+  int8_t* qs = reinterpret_cast<int8_t*>(sm5);
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
+  const int row = blockIdx.x;
+  {
+    const uint32_t s = smem_u32(sm5);
+    const uint4* src = reinterpret_cast<const uint4*>(x + (size_t)row * K);
+    for (int c = tid; c < K / 8; c += 256) cp_async16(s + c * 16, src + c, true);
+    cp_async_commit();
+    if (tid == 0) *reinterpret_cast<uint4*>(sm5 + 2 * K) = make_uint4(0u, 0u, 0u, 0u);
+  }
+  uint32_t bfr[KS][NT][2];
+#pragma unroll
+  for (int ks = 0; ks < KS; ++ks)
+#pragma unroll
+    for (int nj = 0; nj < NT; ++nj)
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const int k = 16 * ks + 2 * t + 8 * r, n = 8 * nj + g;
+        bfr[ks][nj][r] = hb_bf16(B, k, n) | (hb_bf16(B, k + 1, n) << 16);
+      }
+  cp_async_wait<0>();
+  __syncthreads();
+
+  // A. v[tile][nj][2 h + e] = (x_a H_B)[8 nj + 2 t + e] for a = 64 warp + 16 tile + 8 h + g
+  float v[T][NT][4];
+#pragma unroll
+  for (int tt = 0; tt < T; ++tt) {
+    const int a0 = (warp * T + tt) * 16 + g;
+#pragma unroll
+    for (int nj = 0; nj < NT; ++nj) v[tt][nj][0] = v[tt][nj][1] = v[tt][nj][2] = v[tt][nj][3] = 0.f;
+#pragma unroll
+    for (int ks = 0; ks < KS; ++ks) {
+      const int c = 16 * ks + 2 * t;
+      const uint32_t af[4] = {*reinterpret_cast<const uint32_t*>(xs + a0 * B + c),
+                              *reinterpret_cast<const uint32_t*>(xs + (a0 + 8) * B + c),
+                              *reinterpret_cast<const uint32_t*>(xs + a0 * B + c + 8),
+                              *reinterpret_cast<const uint32_t*>(xs + (a0 + 8) * B + c + 8)};
+#pragma unroll
+      for (int nj = 0; nj < NT; ++nj) mma_bf16_16816(v[tt][nj], af, bfr[ks][nj][0], bfr[ks][nj][1]);
+    }
+  }
+  // B. a-bit 3 (h: fragment halves) and bits 4-5 (tiles) in registers
+  if (3 < log2p) {
+#pragma unroll
+    for (int tt = 0; tt < T; ++tt)
+#pragma unroll
+      for (int nj = 0; nj < NT; ++nj)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const float u = v[tt][nj][e], w = v[tt][nj][2 + e];
+          v[tt][nj][e] = __fadd_rn(u, w);
+          v[tt][nj][2 + e] = __fsub_rn(u, w);
+        }
+  }
+#pragma unroll
+  for (int hb = 1; hb < T; hb <<= 1) {
+    if (4 + ilog2(hb) < log2p) {  // a-bit 4 (hb = 1), 5 (hb = 2)
+#pragma unroll
+      for (int tt = 0; tt < T; ++tt)
+        if (!(tt & hb))
+#pragma unroll
+          for (int nj = 0; nj < NT; ++nj)
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+              const float u = v[tt][nj][i], w = v[tt + hb][nj][i];
+              v[tt][nj][i] = __fadd_rn(u, w);
+              v[tt + hb][nj][i] = __fsub_rn(u, w);
+            }
+    }
+  }
+  __syncthreads();  // every warp's A fragments are read: the FP32 values overwrite the bf16 row
+#pragma unroll
+  for (int tt = 0; tt < T; ++tt)
+#pragma unroll
+    for (int nj = 0; nj < NT; ++nj) {
+      const int j = 8 * nj + 2 * t;
+      if (j < B) {  // B even: j + 1 < B too
+        const int a0 = (warp * T + tt) * 16 + g;
+        *reinterpret_cast<float2*>(ys + a0 * B + j) = make_float2(v[tt][nj][0], v[tt][nj][1]);
+        *reinterpret_cast<float2*>(ys + (a0 + 8) * B + j) = make_float2(v[tt][nj][2], v[tt][nj][3]);
+      }
+    }
+  __syncthreads();
+  // a-bits 0-2 and 6-8: thread (j, o = a-bits 3-5) holds u[i] of a = (i & 7) | o << 3 | (i >> 3) << 6
+  const bool has = tid < 8 * B;
+  const int j = tid % B, o = tid / B;
+  float u[64];
+  float mn = INFINITY, mx = -INFINITY;
+  if (has) {
+#pragma unroll
+    for (int i = 0; i < 64; ++i) u[i] = ys[((i & 7) | (o << 3) | ((i >> 3) << 6)) * B + j];
+#pragma unroll
+    for (int s = 0; s < 6; ++s) {
+      if ((s < 3 ? s : s + 3) < log2p) {  // i-bit s is a-bit s (s < 3) or s + 3
+#pragma unroll
+        for (int i = 0; i < 64; ++i)
+          if (!(i & (1 << s))) {
+            const float a = u[i], b = u[i + (1 << s)];
+            u[i] = __fadd_rn(a, b);
+            u[i + (1 << s)] = __fsub_rn(a, b);
+          }
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < 64; ++i) {
+      mn = fminf(mn, u[i]);
+      mx = fmaxf(mx, u[i]);
+    }
+  }
+  block_minmax<256>(mn, mx);  // (its barriers also end every thread's reads of ys)
+  // C. the raw sums' min/max / sqrt(n) are the reference's min/max (a monotonic map); levels as version 4
+  const RowQ rq = row_qparams(__fdiv_rn(mn, norm), __fdiv_rn(mx, norm), p);
+  write_row_params(rq, scale, zero, row);
+  if (has) {
+    const float c = (float)(1.0 / ((double)rq.scale * (double)norm));
+    const float magic = __fadd_rn(12582912.f, rq.zero_u);
+    const int lo = rq.lo - rq.shift, hi = rq.hi - rq.shift, bias = 0x4B400000 + rq.shift;
+#pragma unroll
+    for (int i = 0; i < 64; ++i)
+      qs[((i & 7) | (o << 3) | ((i >> 3) << 6)) * B + j] =
+          (int8_t)min(max(__float_as_int(fmaf(u[i], c, magic)) - bias, lo), hi);
+  }
+  __syncthreads();
+  uint4* dst = reinterpret_cast<uint4*>(q + (size_t)row * K);
+  for (int c = tid; c < K / 16; c += 256) dst[c] = reinterpret_cast<const uint4*>(sm5)[c];
+}
+
+template <int B>
+int launch_had5(const __nv_bfloat16* x, int8_t* q, float* scale, float* zero, int M, int K, int log2p, float norm,
+                QParams p, cudaStream_t st) {
+  if constexpr (B != 12 && B != 20 && B != 28) {
+    return -1;
+  } else {
+    if (K != 512 * B) return -1;  // 8 warps x 4 tiles x 16 a-rows
+    auto kern = quant_had5_kernel<B>;
+    const int smem = 4 * K;
+    static int smem_set = 0;
+    if (const cudaError_t e = raise_smem_limit(kern, smem, smem_set)) return (int)e;
+    kern<<<M, 256, smem, st>>>(x, q, scale, zero, K, log2p, norm, p);
+    return (int)cudaGetLastError();
+  }
+}
+
 // Version 4's butterflies leave the warp (one shared-memory Walsh stage over its warps) when the
 // 2^log2p-point transform spans more than R a-rows x 32 lanes.
 __host__ __device__ constexpr bool had4_cross_warp(int log2p, int log2r) { return log2p > log2r + 5; }
@@ -1690,6 +1870,10 @@ int launch_had(const __nv_bfloat16* x, int8_t* q, float* scale, float* zero, int
     const int r = try_had4<B>(x, q, scale, zero, M, K, log2p, norm, p, variant, st);
     if (r >= 0) return r;
   }
+  if (variant == 5) {
+    const int r = launch_had5<B>(x, q, scale, zero, M, K, log2p, norm, p, st);
+    if (r >= 0) return r;
+  }
   const int smem = K * (int)sizeof(float);
   if (variant != 1) {
     auto kern3 = quant_had3_kernel<THREADS, B>;
@@ -1756,8 +1940,8 @@ OSTQ_API int ostq_int4_gemm(const void* a_q, const void* a_scale, const void* a_
 // hb = ±1 float table [B*B] of H_B (row-major, H_B[i][j]) and log2p = log2(K/(b*B)).
 // variant (Hadamard only): 0 = automatic (version 4 where its butterflies stay within a warp, else
 // version 3: try_had4), 1 = version 2 (constant-memory table), 2 = version 3 (row in shared memory, signs
-// compiled in), 3 / 4 = version 4 (row in registers) with the larger / smaller R; 3 and 4 take version 3
-// where their thread counts do not fit.
+// compiled in), 3 / 4 = version 4 (row in registers) with the larger / smaller R, 5 = version 5 (H_B on the
+// tensor cores; K = 512 B, B in {12, 20, 28}); 3, 4 and 5 take version 3 where they do not fit.
 OSTQ_API int ostq_quantize_act(const void* x, void* q, void* scale, void* zero, int M, int K, int bits, int sym,
                                float clip, int hadamard, int B, int log2p, const void* hb, int variant,
                                void* stream) {
