@@ -312,6 +312,10 @@ def vllm_cpu_table(path: str) -> str:
                    f"{_fmt(a.get('noise_token_agreement'), 3)} |")
     out += ["", f"- server start {d.get('server_start_s')} s; tokens/s (context only, noisy): {d.get('tokens_per_s')}",
             f"- command: `{d.get('command')}`"]
+    for p, a in d.get("agreement", {}).items():
+        if "calibration" in a:  # a checkpoint of `ostquant calibrate` rather than the fast RTN exports
+            out.append(f"- {p}: `{a.get('calibrate_command')}` (perplexity {_fmt(a['calibration']['ppl'])}, "
+                       f"float {_fmt(a['calibration']['ppl_float'])}), then `{a['command']}`")
     return "\n".join(out)
 
 

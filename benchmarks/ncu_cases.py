@@ -21,17 +21,16 @@ from ostquant_vllm.kernels.layout import levels_to_prepared  # noqa: E402
 # name: (kind, params). gemm: (force, M, N, K), Llama-3-8B layers; kv4: (batch, context); had: (M, K, blocks)
 CASES = {
     "gemm13_gate_up_m64": ("gemm", (13, 64, 28672, 4096)),
-    "gemm17_gate_up_m64": ("gemm", (17, 64, 28672, 4096)),
     "gemm5_gate_up_m64": ("gemm", (5, 64, 28672, 4096)),
     "gemm11_down_m64": ("gemm", (11, 64, 4096, 14336)),
     "gemm13_down_m64": ("gemm", (13, 64, 4096, 14336)),
     "gemm7_gate_up_m1": ("gemm", (7, 1, 28672, 4096)),
     "gemm5_gate_up_m8192": ("gemm", (5, 8192, 28672, 4096)),
-    "gemm21_gate_up_m8192": ("gemm", (21, 8192, 28672, 4096)),
     "kv4_b64_ctx256": ("kv4", (64, 256)),
     "kv4_b1_ctx4096": ("kv4", (1, 4096)),
     "kv4_b16_ctx4096": ("kv4", (16, 4096)),
     "had8_m64_k14336": ("had", (64, 14336, 8)),
+    "had1_m8192_k14336": ("had", (8192, 14336, 1)),
 }
 # the kernel-name regex that selects the case's kernel in ncu
 KERNEL_REGEX = {"gemm": "gemm_", "kv4": "decode_kernel", "had": "quant_"}

@@ -10,9 +10,12 @@ Writes benchmarks/results/vllm_cpu_<model>.json:
   server_start_s     `python -m ostquant_vllm.serve CKPT` until /health answers 200
 
     python benchmarks/vllm_cpu.py [--ckpt DIR] [--presets w4a4kv4,w4a8kv4,w4a16]
+    python benchmarks/vllm_cpu.py --ckpt DIR --agreement-only NAME
 
 Without --ckpt the checkpoints are the fast QuaRot-style RTN exports of tests/conftest.py
-(random-Hadamard R_res + H_down + RTN, written by calibrate.export).
+(random-Hadamard R_res + H_down + RTN, written by calibrate.export). --agreement-only measures only the
+agreement of --ckpt (e.g. one `ostquant calibrate` made) and adds it to the JSON's "agreement" as NAME,
+with its checkpoint's calibration report (preset, perplexity) and the command.
 """
 from __future__ import annotations
 
@@ -85,7 +88,11 @@ def main(argv=None) -> int:
     ap.add_argument("--work", default="/tmp/ostquant_bench")
     ap.add_argument("--prompts", type=int, default=32)
     ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--agreement-only", metavar="NAME", default=None,
+                    help="with --ckpt: add its agreement to the existing JSON as NAME, nothing else")
     a = ap.parse_args(argv)
+    if a.agreement_only and not a.ckpt:
+        ap.error("--agreement-only needs --ckpt")
     model = a.model or default_model_dir()
     prompts = REAL_TEXT_PROMPTS[: a.prompts]
     ckpts = {}
@@ -111,6 +118,25 @@ def main(argv=None) -> int:
         print(name, res, flush=True)
         del llm, ref
         _cleanup()
+    command = " ".join([os.path.basename(sys.executable), "benchmarks/vllm_cpu.py", *(argv or sys.argv[1:])])
+    if a.agreement_only:
+        out = os.path.join(HERE, "results", f"vllm_cpu_{result['model']}.json")
+        with open(out) as f:
+            merged = json.load(f)
+        res = result["agreement"]["ckpt"]
+        report = os.path.join(a.ckpt, "ostquant_report.json")
+        if os.path.exists(report):
+            with open(report) as f:
+                rep = json.load(f)
+            res["calibration"] = {"ppl": rep.get("ppl"), "ppl_float": rep.get("ppl_float"),
+                                  "seconds": rep.get("seconds"), "device": rep.get("device"),
+                                  "quantization_config": rep.get("quantization_config")}
+        res["command"] = command
+        merged["agreement"][a.agreement_only] = res
+        with open(out, "w") as f:
+            json.dump(merged, f, indent=2)
+        print(json.dumps(res, indent=2))
+        return 0
     main_ckpt = ckpts.get("w4a4kv4") or next(iter(ckpts.values()))
     main_name = "w4a4kv4" if "w4a4kv4" in ckpts else next(iter(ckpts))
     result["greedy_agreement"] = result["agreement"][main_name]["token_agreement"]
@@ -123,7 +149,7 @@ def main(argv=None) -> int:
                               "ostquant_float32": round(throughput(main_ckpt, prompts, a.tokens, dtype="float32"), 2)}
     print("tokens_per_s", result["tokens_per_s"], flush=True)
     result["server_start_s"] = round(server_start(main_ckpt), 1)
-    result["command"] = " ".join([os.path.basename(sys.executable), "benchmarks/vllm_cpu.py", *(argv or sys.argv[1:])])
+    result["command"] = command
     result["vllm"] = vllm_version()
     result["torch"] = torch.__version__
     result["cpu_threads"] = os.cpu_count()

@@ -420,12 +420,11 @@ constexpr int WG_WBYTES = WG_BN * WG_BK / 2;  // 8 KB
 // WGLOBAL: weights go global -> registers directly (prefetched one stage ahead), only the
 // activations through shared memory; else both through shared memory (the first version).
 // Smaller token tiles keep more stages in flight (the decode range is bound by memory latency).
-// WS (kinds 17-21, warp-specialized): at 128 tokens one CTA an SM (its registers), so twice the stages.
-template <bool WGLOBAL, int BMT, int RB = 1, bool WS = false>
+template <bool WGLOBAL, int BMT, int RB = 1>
 struct WgCfg {
   static constexpr int kABytes = BMT * WG_BK;  // 16 / 8 / 4 KB, 1024-aligned
   static constexpr int kStages =
-      BMT == 128 ? (WS ? 8 : WGLOBAL ? 5 : 4) : (RB > 1 ? 4 : BMT == 64 ? 6 : 8);
+      BMT == 128 ? (WGLOBAL ? 5 : 4) : (RB > 1 ? 4 : BMT == 64 ? 6 : 8);
   static constexpr int kStage = kABytes + (WGLOBAL ? 0 : RB * WG_WBYTES);
   static constexpr int kSmem = kStage * kStages + 1024;  // + alignment slack
   static constexpr int kRedLd = RB * WG_BN + 4;         // int32 partial tile [BMT][BN + 4]: conflict-free writes
@@ -603,26 +602,6 @@ __device__ __forceinline__ void cluster_reduce_store(const int (&acc)[RB][BMT / 
     }
   }
   cluster_sync();  // no CTA leaves while another still reads its shared memory
-}
-
-// mbarriers (shared memory, CTA scope): init, wait for the phase of parity `parity` to complete, arrive,
-// and arrive once the calling thread's earlier cp.async copies have landed (noinc: counted in the init).
-__device__ __forceinline__ void mbar_init(uint32_t a, int count) {
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(a), "r"(count) : "memory");
-}
-__device__ __forceinline__ void mbar_wait(uint32_t a, int parity) {
-  asm volatile(
-      "{\n.reg .pred p;\nWAIT_%=:\n"
-      "mbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n"
-      "@!p bra WAIT_%=;\n}\n" ::"r"(a),
-      "r"(parity)
-      : "memory");
-}
-__device__ __forceinline__ void mbar_arrive(uint32_t a) {
-  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(a) : "memory");
-}
-__device__ __forceinline__ void cp_async_mbar_arrive_noinc(uint32_t a) {
-  asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(a) : "memory");
 }
 
 // PIPE: keep one wgmma batch in flight across the loop (wait_group 1 instead of 0); the slot a
@@ -813,80 +792,6 @@ __global__ void __launch_bounds__(WG_THREADS, 2)
       }
     }
   }
-}
-
-// Kinds 17-21: kinds 13-16 and 5 warp-specialized. There every thread issues its share of the
-// cp.async copies and then, every stage, the proxy fence before wgmma: ptxas makes that fence a
-// MEMBAR.ALL.CTA, which (the guess this kernel tests) waits for the thread's copies still in flight, so
-// the pipeline never holds more than one stage. Here one producer warp issues all copies and signals each
-// stage on a `full` mbarrier when its copies land (cp.async.mbarrier.arrive.noinc); the two consumer
-// warpgroups wait on it, widen, multiply and release the stage on an `empty` mbarrier. No CTA barrier and
-// no fence in the main loop (CUTLASS's cp.async + GMMA warp-specialized mainloops have none either).
-template <typename OutT, int BMT, int RB>
-__global__ void __launch_bounds__(WG_THREADS + 32, RB == 1 && BMT < 128 ? 2 : 1)
-    gemm_wgmma_ws_kernel(const int8_t* __restrict__ A, const uint8_t* __restrict__ Wp, Epi epi,
-                         OutT* __restrict__ out, int M, int N, int K, int kt_per_split) {
-  using Cfg = WgCfg<false, BMT, RB, true>;
-  constexpr int ST = Cfg::kStages, STAGE = Cfg::kStage, ABYTES = Cfg::kABytes, NACC = BMT / 2;
-  extern __shared__ uint8_t smem_raw[];
-  const uint32_t sraw = smem_u32(smem_raw);
-  const uint32_t sbase = (sraw + 1023) & ~1023u;
-  uint8_t* sgen = smem_raw + (sbase - sraw);
-  const uint32_t bar_full = sbase + ST * STAGE, bar_empty = bar_full + 8 * ST;  // ST mbarriers each
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int wg = warp >> 2, wq = warp & 3;
-  const int g = lane >> 2, t = lane & 3;
-  const int m0 = blockIdx.x * BMT, n0 = blockIdx.y * (WG_BN * RB);
-  const int NB = N / 16;
-  const int kt0 = blockIdx.z * kt_per_split;
-  const int nkt = max(0, min(K / WG_BK, kt0 + kt_per_split) - kt0);
-  if (tid == 0) {
-    for (int s = 0; s < ST; ++s) {
-      mbar_init(bar_full + 8 * s, 32);            // the producer warp's lanes, one arrive each a stage
-      mbar_init(bar_empty + 8 * s, WG_THREADS);  // every consumer thread
-    }
-    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");  // as CUTLASS's pipelines do
-  }
-  __syncthreads();
-
-  int acc[RB][NACC];
-#pragma unroll
-  for (int r = 0; r < RB; ++r)
-#pragma unroll
-    for (int i = 0; i < NACC; ++i) acc[r][i] = 0;
-
-  if (warp == WG_THREADS / 32) {  // producer
-    for (int kt = 0; kt < nkt; ++kt) {
-      const int slot = kt % ST, use = kt / ST;
-      if (use > 0) mbar_wait(bar_empty + 8 * slot, (use - 1) & 1);
-      wg_load_stage<BMT, RB, 32, true>(sbase + slot * STAGE, A, Wp, M, K, NB, m0, n0, kt0 + kt, lane);
-      cp_async_mbar_arrive_noinc(bar_full + 8 * slot);
-    }
-  } else {  // consumers
-    const int rb = wg * 4 + wq;
-    uint32_t cur[RB][16];
-    for (int kt = 0; kt < nkt; ++kt) {
-      const int slot = kt % ST;
-      mbar_wait(bar_full + 8 * slot, (kt / ST) & 1);
-      const uint32_t sa = sbase + slot * STAGE;
-#pragma unroll
-      for (int r = 0; r < RB; ++r) {
-        const uint32_t sw = sa + ABYTES + (rb + 8 * r) * 1024;
-        widen_stage(lds128(sw + lane * 16), lds128(sw + 512 + lane * 16), cur[r]);
-      }
-      wg_mma_stage<BMT, RB>(acc, cur, sa);
-      wgmma_wait<0>();
-      mbar_arrive(bar_empty + 8 * slot);  // this thread's reads of the stage are done
-    }
-#pragma unroll
-    for (int r = 0; r < RB; ++r) {
-      keep_live(acc[r]);
-#pragma unroll
-      for (int i = 0; i < NACC; ++i) acc[r][i] >>= 4;  // exact: every partial sum is a multiple of 16
-    }
-  }
-  cluster_reduce_store<OutT, BMT, RB>(acc, tid < WG_THREADS, reinterpret_cast<int*>(sgen), epi, out, M, N, m0, n0,
-                                      wg * 64 + wq * 16 + g, t, tid);
 }
 
 // ==========================================================================================
@@ -1434,14 +1339,14 @@ __global__ void __launch_bounds__(256) quant_had4_kernel(const __nv_bfloat16* __
   }
 }
 
-// Version 5 (variant 5; session 10, not yet run on a GPU): the small factor on the tensor cores, where
+// Version 5 (variant 5; session 10): the small factor on the tensor cores, where
 // versions 2-4 spend B FP32 adds an element on it (the larger part of their work at B = 28) and
 // version 3 is latency-bound (one serial chain of shared-memory passes a CTA). For K = 512 B
 // (Llama-3-8B's 14336 = 512 x 28), B in {12, 20, 28}, one row a CTA of 8 warps:
 //   A. the bf16 row is copied into shared memory; warp w multiplies its 4 tiles of 16 a-rows
 //      (a = 64 w + 16 tile + r) by the ±1 H_B zero-padded to 16 or 32 columns (bf16 mma.sync,
 //      FP32 accumulation: the inputs are exact in bf16, so the sums are FP32 sums as the reference's);
-//      the A fragments' padding columns read the next a-row (or 16 zero bytes past the row) against
+//      the A fragments' padding columns read the next a-row (or 32 zero bytes past the row) against
 //      H's zero rows;
 //   B. the butterflies over a-bits 3-5 (which the D fragment holds in registers), then the values go
 //      through shared memory once, and each of 8 B threads (j, bits 3-5) takes the 64 a-rows of
@@ -1479,7 +1384,7 @@ __global__ void __launch_bounds__(256, 2) quant_had5_kernel(const __nv_bfloat16*
     const uint4* src = reinterpret_cast<const uint4*>(x + (size_t)row * K);
     for (int c = tid; c < K / 8; c += 256) cp_async16(s + c * 16, src + c, true);
     cp_async_commit();
-    if (tid == 0) *reinterpret_cast<uint4*>(sm5 + 2 * K) = make_uint4(0u, 0u, 0u, 0u);
+    if (tid < 2) reinterpret_cast<uint4*>(sm5 + 2 * K)[tid] = make_uint4(0u, 0u, 0u, 0u);  // 2 (BP - B) <= 24 B read
   }
   uint32_t bfr[KS][NT][2];
 #pragma unroll
@@ -1690,8 +1595,7 @@ int launch_mma(const int8_t* A, const uint8_t* Wp, const Epi& epi, OutT* out, in
 //        K split among the warps of a CTA), 9-12 the decode kernel with R = 2/4 weight blocks a
 //        warp and 32/64 tokens a CTA (batches of 17-256 tokens), 13/14 wgmma with 64/32-token tiles and K
 //        split over a thread-block cluster, 15/16 the same with 256 weight rows a CTA (the activations,
-//        which every CTA reads whole, cost half as much L2 traffic per weight byte), 17-20 = 13-16
-//        warp-specialized (a producer warp, mbarriers), 21 = 5 warp-specialized
+//        which every CTA reads whole, cost half as much L2 traffic per weight byte)
 struct Plan {
   int kind, splits, BN, BM, splits_units;  // splits_units: k blocks (64 or 128) to split
 };
@@ -1723,9 +1627,7 @@ Plan plan_gemm(int M, int N, int K, int force) {
     case 10: p.BN = 32; p.BM = 64; return p;    // 2 x 64
     case 11: p.BN = 64; p.BM = 32; return p;    // 4 x 32
     case 12: p.BN = 64; p.BM = 64; return p;    // 4 x 64
-    case 21: p.BN = 128; p.BM = 128; return p;  // kind 5 warp-specialized (a cluster of 1: no split)
-    case 13: case 14: case 15: case 16:          // wgmma, 64 / 32 tokens, 128 / 256 rows, K split over a cluster
-    case 17: case 18: case 19: case 20: {        // the same, warp-specialized
+    case 13: case 14: case 15: case 16: {  // wgmma, 64 / 32 tokens, 128 / 256 rows, K split over a cluster
       const int v = (p.kind - 13) % 4;           // 0: 64 x 128, 1: 32 x 128, 2: 64 x 256, 3: 32 x 256
       p.BN = v >= 2 ? 256 : 128; p.BM = (v & 1) ? 32 : 64; p.splits_units = K / 128;
       // as many K splits as fill every SM twice (rounded down: a partial extra wave costs more than
@@ -1752,7 +1654,7 @@ Plan plan_gemm(int M, int N, int K, int force) {
   return p;
 }
 
-bool uses_cluster(const Plan& p) { return p.kind >= 13 && p.kind <= 21; }
+bool uses_cluster(const Plan& p) { return p.kind >= 13 && p.kind <= 16; }
 
 template <typename OutT, bool WGLOBAL, bool PIPE>
 int launch_wgmma(const int8_t* A, const uint8_t* Wp, const Epi& epi, OutT* out, int M, int N, int K, int splits,
@@ -1787,27 +1689,20 @@ int launch_cluster_z(Kern kern, dim3 grid, int threads, int smem, cudaStream_t s
   return (int)cudaLaunchKernelEx(&cfg, kern, args...);
 }
 
-// Kinds 13-16 (WS: 17-20): BMT-token tiles of 128 RB weight rows, K split over a cluster of `splits` CTAs
+// Kinds 13-16: BMT-token tiles of 128 RB weight rows, K split over a cluster of `splits` CTAs
 // (plan_gemm: <= 8, none empty).
-template <typename OutT, int BMT, int RB, bool WS>
+template <typename OutT, int BMT, int RB>
 int launch_wgmma_cluster(const int8_t* A, const uint8_t* Wp, const Epi& epi, OutT* out, int M, int N, int K,
                          int splits, cudaStream_t st) {
-  using Cfg = WgCfg<false, BMT, RB, WS>;
-  constexpr int smem = Cfg::kSmem + (WS ? 16 * Cfg::kStages : 0);  // + the mbarriers
+  constexpr int smem = WgCfg<false, BMT, RB>::kSmem;
   const int nkt = K / WG_BK;
   const int per = (nkt + splits - 1) / splits;
   const dim3 grid((M + BMT - 1) / BMT, (N + WG_BN * RB - 1) / (WG_BN * RB), splits);
   static int smem_set = 0;
-  if constexpr (WS) {
-    auto kern = gemm_wgmma_ws_kernel<OutT, BMT, RB>;
-    if (const cudaError_t e = raise_smem_limit(kern, smem, smem_set)) return (int)e;
-    return launch_cluster_z(kern, grid, WG_THREADS + 32, smem, st, A, Wp, epi, out, M, N, K, per);
-  } else {
-    auto kern = gemm_wgmma_kernel<OutT, false, false, BMT, true, RB>;
-    if (const cudaError_t e = raise_smem_limit(kern, smem, smem_set)) return (int)e;
-    return launch_cluster_z(kern, grid, WG_THREADS, smem, st, A, Wp, epi, out, M, N, K, per, (int*)nullptr,
-                            (int*)nullptr);
-  }
+  auto kern = gemm_wgmma_kernel<OutT, false, false, BMT, true, RB>;
+  if (const cudaError_t e = raise_smem_limit(kern, smem, smem_set)) return (int)e;
+  return launch_cluster_z(kern, grid, WG_THREADS, smem, st, A, Wp, epi, out, M, N, K, per, (int*)nullptr,
+                          (int*)nullptr);
 }
 
 template <typename OutT>
@@ -1840,23 +1735,13 @@ int gemm_dispatch(const int8_t* A, const uint8_t* Wp, const Epi& epi, OutT* out,
     case 6:
       return launch_wgmma<OutT, false, true>(A, Wp, epi, out, M, N, K, p.splits, ws, counters, st);
     case 13:
-      return launch_wgmma_cluster<OutT, 64, 1, false>(A, Wp, epi, out, M, N, K, p.splits, st);
+      return launch_wgmma_cluster<OutT, 64, 1>(A, Wp, epi, out, M, N, K, p.splits, st);
     case 14:
-      return launch_wgmma_cluster<OutT, 32, 1, false>(A, Wp, epi, out, M, N, K, p.splits, st);
+      return launch_wgmma_cluster<OutT, 32, 1>(A, Wp, epi, out, M, N, K, p.splits, st);
     case 15:
-      return launch_wgmma_cluster<OutT, 64, 2, false>(A, Wp, epi, out, M, N, K, p.splits, st);
+      return launch_wgmma_cluster<OutT, 64, 2>(A, Wp, epi, out, M, N, K, p.splits, st);
     case 16:
-      return launch_wgmma_cluster<OutT, 32, 2, false>(A, Wp, epi, out, M, N, K, p.splits, st);
-    case 17:
-      return launch_wgmma_cluster<OutT, 64, 1, true>(A, Wp, epi, out, M, N, K, p.splits, st);
-    case 18:
-      return launch_wgmma_cluster<OutT, 32, 1, true>(A, Wp, epi, out, M, N, K, p.splits, st);
-    case 19:
-      return launch_wgmma_cluster<OutT, 64, 2, true>(A, Wp, epi, out, M, N, K, p.splits, st);
-    case 20:
-      return launch_wgmma_cluster<OutT, 32, 2, true>(A, Wp, epi, out, M, N, K, p.splits, st);
-    case 21:
-      return launch_wgmma_cluster<OutT, 128, 1, true>(A, Wp, epi, out, M, N, K, 1, st);
+      return launch_wgmma_cluster<OutT, 32, 2>(A, Wp, epi, out, M, N, K, p.splits, st);
     default:
       return launch_wgmma<OutT, true, false>(A, Wp, epi, out, M, N, K, p.splits, ws, counters, st);
   }
@@ -1920,12 +1805,12 @@ OSTQ_API long long ostq_gemm_counters(int M, int N, int K, int force) {
 }
 
 // out[M,N] = a_scale[m] * w_scale[n] * (a_q[m,:] . w[n,:] - a_zero[m] * w_sum[n])
-// out_half: 0 bf16, 1 fp16. w_scale_half: 0 fp32, 1 fp16. force: -1 auto, 0..3 a kernel.
+// out_half: 0 bf16, 1 fp16. w_scale_half: 0 fp32, 1 fp16. force: -1 auto, 0..16 a kernel kind (plan_gemm).
 OSTQ_API int ostq_int4_gemm(const void* a_q, const void* a_scale, const void* a_zero, const void* w_prep,
                             const void* w_scale, int w_scale_half, const void* w_sum, void* out, int out_half,
                             int M, int N, int K, void* workspace, void* counters, int force, void* stream) {
   if (M <= 0) return 0;
-  if (N % 16 || K % 64) return (int)cudaErrorInvalidValue;
+  if (N % 16 || K % 64 || force > 16) return (int)cudaErrorInvalidValue;
   Epi e{(const float*)a_scale, (const float*)a_zero, w_scale, (const int*)w_sum, w_scale_half};
   cudaStream_t st = (cudaStream_t)stream;
   if (out_half)
