@@ -1361,16 +1361,20 @@ __device__ __forceinline__ void mma_bf16_16816(float (&d)[4], const uint32_t (&a
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
-// H_B[k][n] as bf16 bits (0 outside B x B: the padding)
-__device__ __forceinline__ uint32_t hb_bf16(int b, int k, int n) {
-  if (k >= b || n >= b) return 0u;
-  return ((hb_mask(b, k) >> n) & 1ull) ? 0xBF80u : 0x3F80u;
+// H_B[k][n] (the ±1 table hb, row-major) as bf16 bits, 0 outside B x B (the padding). From the table in
+// global memory: hb_mask with a lane-dependent row builds its whole table in local memory at every call
+// (the first run: 7 KB of local stores a thread, 3.6 ms at M = 8192).
+template <int B>
+__device__ __forceinline__ uint32_t hb_bf16(const float* __restrict__ hb, int k, int n) {
+  if (k >= B || n >= B) return 0u;
+  return __ldg(hb + k * B + n) < 0.f ? 0xBF80u : 0x3F80u;
 }
 
 template <int B>
 __global__ void __launch_bounds__(256, 2) quant_had5_kernel(const __nv_bfloat16* __restrict__ x, int8_t* __restrict__ q,
                                                             float* __restrict__ scale, float* __restrict__ zero,
-                                                            int K, int log2p, float norm, QParams p) {
+                                                            const float* __restrict__ hb, int K, int log2p,
+                                                            float norm, QParams p) {
   constexpr int BP = B <= 16 ? 16 : 32, KS = BP / 16, NT = BP / 8, T = 4;
   static_assert(B % 2 == 0 && B <= 32, "even B up to 32 (fragment pairs, two k16 steps)");
   extern __shared__ __align__(16) uint8_t sm5[];  // 4 K bytes: the bf16 row (A), then FP32 values (B), then levels
@@ -1394,7 +1398,7 @@ __global__ void __launch_bounds__(256, 2) quant_had5_kernel(const __nv_bfloat16*
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
         const int k = 16 * ks + 2 * t + 8 * r, n = 8 * nj + g;
-        bfr[ks][nj][r] = hb_bf16(B, k, n) | (hb_bf16(B, k + 1, n) << 16);
+        bfr[ks][nj][r] = hb_bf16<B>(hb, k, n) | (hb_bf16<B>(hb, k + 1, n) << 16);
       }
   cp_async_wait<0>();
   __syncthreads();
@@ -1504,8 +1508,8 @@ __global__ void __launch_bounds__(256, 2) quant_had5_kernel(const __nv_bfloat16*
 }
 
 template <int B>
-int launch_had5(const __nv_bfloat16* x, int8_t* q, float* scale, float* zero, int M, int K, int log2p, float norm,
-                QParams p, cudaStream_t st) {
+int launch_had5(const __nv_bfloat16* x, int8_t* q, float* scale, float* zero, int M, int K, int log2p,
+                const float* hb, float norm, QParams p, cudaStream_t st) {
   if constexpr (B != 12 && B != 20 && B != 28) {
     return -1;
   } else {
@@ -1514,7 +1518,7 @@ int launch_had5(const __nv_bfloat16* x, int8_t* q, float* scale, float* zero, in
     const int smem = 4 * K;
     static int smem_set = 0;
     if (const cudaError_t e = raise_smem_limit(kern, smem, smem_set)) return (int)e;
-    kern<<<M, 256, smem, st>>>(x, q, scale, zero, K, log2p, norm, p);
+    kern<<<M, 256, smem, st>>>(x, q, scale, zero, hb, K, log2p, norm, p);
     return (int)cudaGetLastError();
   }
 }
@@ -1756,7 +1760,7 @@ int launch_had(const __nv_bfloat16* x, int8_t* q, float* scale, float* zero, int
     if (r >= 0) return r;
   }
   if (variant == 5) {
-    const int r = launch_had5<B>(x, q, scale, zero, M, K, log2p, norm, p, st);
+    const int r = launch_had5<B>(x, q, scale, zero, M, K, log2p, hb, norm, p, st);
     if (r >= 0) return r;
   }
   const int smem = K * (int)sizeof(float);
