@@ -11,7 +11,8 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | head -1)
 [ -n "$NCU" ] || { echo "ncu not found"; exit 1; }
 SECTIONS="--section SpeedOfLight --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis \
-  --section WarpStateStats --section SchedulerStats --section Occupancy --section LaunchStats"
+  --section WarpStateStats --section SchedulerStats --section Occupancy --section LaunchStats \
+  --section SourceCounters"  # SourceCounters: the SASS lines where the warps stall (session 10: guessing failed twice)
 python3 benchmarks/ncu_cases.py --list | while read -r case regex; do
   if [ $# -gt 0 ] && [[ " $* " != *" $case "* ]]; then continue; fi
   timeout 120 "$NCU" --clock-control none --kernel-name "regex:$regex" --launch-skip 3 --launch-count 1 \
