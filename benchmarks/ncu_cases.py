@@ -18,7 +18,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from ostquant_vllm import kernels  # noqa: E402
 from ostquant_vllm.kernels.layout import levels_to_prepared  # noqa: E402
 
-# name: (kind, params). gemm: (force, M, N, K), Llama-3-8B layers; kv4: (batch, context); had: (M, K, blocks)
+# name: (kind, params). gemm: (force, M, N, K), Llama-3-8B layers; kv4: (batch, context);
+# had: (M, K, blocks[, kernel version: kernels._quant_cuda's variant])
 CASES = {
     "gemm13_gate_up_m64": ("gemm", (13, 64, 28672, 4096)),
     "gemm5_gate_up_m64": ("gemm", (5, 64, 28672, 4096)),
@@ -31,6 +32,7 @@ CASES = {
     "kv4_b16_ctx4096": ("kv4", (16, 4096)),
     "had8_m64_k14336": ("had", (64, 14336, 8)),
     "had1_m8192_k14336": ("had", (8192, 14336, 1)),
+    "had1v5_m8192_k14336": ("had", (8192, 14336, 1, 5)),
 }
 # the kernel-name regex that selects the case's kernel in ncu
 KERNEL_REGEX = {"gemm": "gemm_", "kv4": "decode_kernel", "had": "quant_"}
@@ -64,10 +66,13 @@ def kv4_case(b, ctx, launches, gen):
         kv4.decode(q, kv_cache, tables[0], seq_lens, qsl, D ** -0.5, out)
 
 
-def had_case(M, K, blocks, launches, gen):
+def had_case(M, K, blocks, variant=None, *, launches, gen):
     x = torch.randn(M, K, device="cuda", generator=gen).bfloat16()
     for _ in range(launches):
-        kernels.quantize_act(x, 4, hadamard=blocks)
+        if variant is None:
+            kernels.quantize_act(x, 4, hadamard=blocks)
+        else:
+            kernels._quant_cuda(x, 4, False, 1.0, blocks, variant=variant)
 
 
 def main(argv=None) -> None:
@@ -85,7 +90,7 @@ def main(argv=None) -> None:
     assert kernels.available(), kernels.unavailable_reason()
     kind, params = CASES[args.case]
     gen = torch.Generator(device="cuda").manual_seed(0)
-    {"gemm": gemm_case, "kv4": kv4_case, "had": had_case}[kind](*params, args.launches, gen)
+    {"gemm": gemm_case, "kv4": kv4_case, "had": had_case}[kind](*params, launches=args.launches, gen=gen)
     torch.cuda.synchronize()
     print(f"{args.case}: {args.launches} launches done")
 
