@@ -1435,18 +1435,18 @@ __global__ void __launch_bounds__(256, 2) quant_had5_kernel(const __nv_bfloat16*
         }
   }
 #pragma unroll
-  for (int hb = 1; hb < T; hb <<= 1) {
-    if (4 + ilog2(hb) < log2p) {  // a-bit 4 (hb = 1), 5 (hb = 2)
+  for (int tb = 1; tb < T; tb <<= 1) {
+    if (4 + ilog2(tb) < log2p) {  // a-bit 4 (tile bit tb = 1), 5 (tb = 2)
 #pragma unroll
       for (int tt = 0; tt < T; ++tt)
-        if (!(tt & hb))
+        if (!(tt & tb))
 #pragma unroll
           for (int nj = 0; nj < NT; ++nj)
 #pragma unroll
             for (int i = 0; i < 4; ++i) {
-              const float u = v[tt][nj][i], w = v[tt + hb][nj][i];
+              const float u = v[tt][nj][i], w = v[tt + tb][nj][i];
               v[tt][nj][i] = __fadd_rn(u, w);
-              v[tt + hb][nj][i] = __fsub_rn(u, w);
+              v[tt + tb][nj][i] = __fsub_rn(u, w);
             }
     }
   }
