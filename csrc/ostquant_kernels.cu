@@ -604,12 +604,12 @@ __device__ __forceinline__ void cluster_reduce_store(const int (&acc)[RB][BMT / 
   cluster_sync();  // no CTA leaves while another still reads its shared memory
 }
 
-// PIPE: keep one wgmma batch in flight across the loop (wait_group 1 instead of 0); the slot a
-// stage reuses is then two behind, so the cp.async prefetch distance is kStages - 2. The A
-// fragments alternate between two register sets, each kept live until its batch is waited for
-// (kind 6's first version reused them under the in-flight wgmma and failed the H100 test). This one
-// passes (H100, session 8) but ptxas serializes its wgmmas (C7513: the next fragments are defined
-// while a batch is in flight), so it runs 2-7 % slower than kind 5 and is not chosen.
+// PIPE (kind 6): wgmmas stay in flight across the widening and the stage boundary: one commit group a
+// k32 slice, wait_group 3 after each (CUTLASS's mixed-input RS mainloop order, see the loop); the slot
+// a stage reuses is then two behind, so the cp.async prefetch distance is kStages - 2. Its earlier
+// form (one batch a stage, wait_group 1, two fragment sets) passed the H100 tests (session 8) but
+// ptxas serialized its wgmmas (C7513) and spilled; this one (session 10) compiles without C7513 and
+// without spills, 128 registers; not yet run on a GPU.
 template <typename OutT, bool WGLOBAL, bool PIPE, int BMT = 128, bool CLUSTER = false, int RB = 1>
 __global__ void __launch_bounds__(WG_THREADS, 2)
     gemm_wgmma_kernel(const int8_t* __restrict__ A, const uint8_t* __restrict__ Wp, Epi epi,
@@ -676,21 +676,38 @@ __global__ void __launch_bounds__(WG_THREADS, 2)
     }
     const int slot = kt % WG_STAGES;
     const uint32_t sa = sbase + slot * WG_STAGE;
+    if constexpr (PIPE) {
+      // CUTLASS's mixed-input RS order (sm90_mma_tma_gmma_rs_warpspecialized_mixed_input): one commit
+      // group a k32 slice; after each, wait until at most 3 are in flight, then widen the next slice
+      // into its own 4 registers, whose last reader (the same slice of the previous stage, 4 groups
+      // back) that wait retired. The widening overlaps the wgmmas in flight.
+      static_assert(RB == 1 && !WGLOBAL, "the pipelined kind: weights via shared memory, one row block");
+      const uint32_t sw = sa + WG_ABYTES + rb * 1024;
+      w0 = lds128(sw + lane * 16);
+      w1 = lds128(sw + 512 + lane * 16);
+      const uint32_t wv[4][2] = {{w0.x, w0.y}, {w0.z, w0.w}, {w1.x, w1.y}, {w1.z, w1.w}};
+      const uint64_t d0 = make_desc_sw128(sa);
+      widen(wv[0][0], wv[0][1], cur[0], 0);
 #pragma unroll
-    for (int r = 0; r < RB; ++r) {
-      if (!WGLOBAL) {
-        const uint32_t sw = sa + WG_ABYTES + (rb + 8 * r) * 1024;
-        w0 = lds128(sw + lane * 16);
-        w1 = lds128(sw + 512 + lane * 16);
+      for (int j = 0; j < 4; ++j) {
+        wgmma_fence();
+        wgmma_s8<BMT>(acc[0], cur[0], 4 * j, d0 + 2 * j);  // +32 B along K a slice
+        wgmma_commit();
+        wgmma_wait<3>();
+        if (j < 3) widen(wv[j + 1][0], wv[j + 1][1], cur[0], 4 * (j + 1));
       }
-      widen_stage(w0, w1, cur[r]);
-    }
-    wg_mma_stage<BMT, RB>(acc, cur, sa);
-    if (PIPE) {
-      wgmma_wait<1>();  // the previous stage's batch is done: its fragments may go
-#pragma unroll
-      for (int r = 0; r < RB; ++r) keep_live(prev[r]);
+      (void)prev;
     } else {
+#pragma unroll
+      for (int r = 0; r < RB; ++r) {
+        if (!WGLOBAL) {
+          const uint32_t sw = sa + WG_ABYTES + (rb + 8 * r) * 1024;
+          w0 = lds128(sw + lane * 16);
+          w1 = lds128(sw + 512 + lane * 16);
+        }
+        widen_stage(w0, w1, cur[r]);
+      }
+      wg_mma_stage<BMT, RB>(acc, cur, sa);
       wgmma_wait<0>();
     }
   };
@@ -699,9 +716,13 @@ __global__ void __launch_bounds__(WG_THREADS, 2)
   for (int r = 0; r < RB; ++r)
 #pragma unroll
     for (int i = 0; i < 16; ++i) fx[r][i] = fy[r][i] = 0;
-  for (int kt = 0; kt < nkt; kt += 2) {
-    step(kt, fx, fy);
-    if (kt + 1 < nkt) step(kt + 1, fy, fx);
+  if constexpr (PIPE) {  // one fragment set: each slice's registers are reused a stage later
+    for (int kt = 0; kt < nkt; ++kt) step(kt, fx, fx);
+  } else {
+    for (int kt = 0; kt < nkt; kt += 2) {
+      step(kt, fx, fy);
+      if (kt + 1 < nkt) step(kt + 1, fy, fx);
+    }
   }
   wgmma_wait<0>();
 #pragma unroll
