@@ -199,7 +199,8 @@ def gemm_rows(model, layer, K, N, gen, rows, quick, ms=None, with_vllm=False):
                 elif M <= 256:  # the decode kernel with R weight blocks a warp (kinds 9-12) vs wgmma
                     alts = ((3, "wg3"), (5, "wg5"), (9, "dec_r2t32"), (10, "dec_r2t64"), (11, "dec_r4t32"),
                             (12, "dec_r4t64"), (13, "wg13_t64"), (14, "wg14_t32"), (15, "wg15_t64_n256"),
-                            (16, "wg16_t32_n256"))
+                            (16, "wg16_t32_n256"), (22, "wp22_t64"), (23, "wp23_t32"), (24, "wp24_t64_n256"),
+                            (25, "wp25_t32_n256"))
                 else:  # 6: the pipelined wgmma (two fragment register sets)
                     alts = ((3, "wg3"), (5, "wg5"), (6, "wg6"))
                 for force, tag in alts:

@@ -138,11 +138,12 @@ def e2e_table(path: str) -> str:
 
 MIDM_KINDS = {9: "dec_r2t32", 10: "dec_r2t64", 11: "dec_r4t32", 12: "dec_r4t64", 5: "wg5", 3: "wg3", 13: "wg13_t64",
               14: "wg14_t32", 15: "wg15_t64_n256", 16: "wg16_t32_n256", 17: "ws17_t64", 18: "ws18_t32",
-              19: "ws19_t64_n256", 20: "ws20_t32_n256"}
+              19: "ws19_t64_n256", 20: "ws20_t32_n256", 22: "wp22_t64", 23: "wp23_t32", 24: "wp24_t64_n256",
+              25: "wp25_t32_n256"}
 # the wgmma kinds' column labels in the 16-128-token table (tokens a tile, weight rows a CTA)
 MIDM_WG_COLS = {5: "wgmma 5 (128 tokens)", 13: "13 (64, cluster)", 14: "14 (32, cluster)", 15: "15 (64, 256 rows)",
                 16: "16 (32, 256 rows)", 17: "17 (13 warp-specialized)", 18: "18 (14 w.s.)", 19: "19 (15 w.s.)",
-                20: "20 (16 w.s.)"}
+                20: "20 (16 w.s.)", 22: "22 (13 pipelined)", 23: "23 (14 p.)", 24: "24 (15 p.)", 25: "25 (16 p.)"}
 
 
 def kv4_attention_table(path: str) -> str:

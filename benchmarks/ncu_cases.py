@@ -22,6 +22,7 @@ from ostquant_vllm.kernels.layout import levels_to_prepared  # noqa: E402
 # had: (M, K, blocks[, kernel version: kernels._quant_cuda's variant])
 CASES = {
     "gemm13_gate_up_m64": ("gemm", (13, 64, 28672, 4096)),
+    "gemm22_gate_up_m64": ("gemm", (22, 64, 28672, 4096)),
     "gemm5_gate_up_m64": ("gemm", (5, 64, 28672, 4096)),
     "gemm11_down_m64": ("gemm", (11, 64, 4096, 14336)),
     "gemm13_down_m64": ("gemm", (13, 64, 4096, 14336)),

@@ -678,25 +678,36 @@ __global__ void __launch_bounds__(WG_THREADS, 2)
     const uint32_t sa = sbase + slot * WG_STAGE;
     if constexpr (PIPE) {
       // CUTLASS's mixed-input RS order (sm90_mma_tma_gmma_rs_warpspecialized_mixed_input): one commit
-      // group a k32 slice; after each, wait until at most 3 are in flight, then widen the next slice
-      // into its own 4 registers, whose last reader (the same slice of the previous stage, 4 groups
-      // back) that wait retired. The widening overlaps the wgmmas in flight.
-      static_assert(RB == 1 && !WGLOBAL, "the pipelined kind: weights via shared memory, one row block");
-      const uint32_t sw = sa + WG_ABYTES + rb * 1024;
-      w0 = lds128(sw + lane * 16);
-      w1 = lds128(sw + 512 + lane * 16);
-      const uint32_t wv[4][2] = {{w0.x, w0.y}, {w0.z, w0.w}, {w1.x, w1.y}, {w1.z, w1.w}};
-      const uint64_t d0 = make_desc_sw128(sa);
-      widen(wv[0][0], wv[0][1], cur[0], 0);
+      // group a k32 slice (RB row blocks x 4 a stage); after each, wait until at most NS - 1 are in
+      // flight, then widen the next slice into its own 4 registers, whose last reader (the same slice of
+      // the previous stage, NS groups back) that wait retired. The widening overlaps the wgmmas in flight.
+      static_assert(!WGLOBAL, "the pipelined kinds: weights via shared memory");
+      constexpr int NS = 4 * RB;
+      uint4 wr[RB][2];
 #pragma unroll
-      for (int j = 0; j < 4; ++j) {
+      for (int r = 0; r < RB; ++r) {
+        const uint32_t sw = sa + WG_ABYTES + (rb + 8 * r) * 1024;
+        wr[r][0] = lds128(sw + lane * 16);
+        wr[r][1] = lds128(sw + 512 + lane * 16);
+      }
+      const uint64_t d0 = make_desc_sw128(sa);
+      auto widen_slice = [&](int sl) {  // slice sl: row block sl / 4, k32 step sl % 4
+        const int r = sl / 4, q = sl % 4;
+        const uint4& w = wr[r][q / 2];
+        widen(q & 1 ? w.z : w.x, q & 1 ? w.w : w.y, cur[r], 4 * q);
+      };
+      widen_slice(0);
+#pragma unroll
+      for (int sl = 0; sl < NS; ++sl) {
         wgmma_fence();
-        wgmma_s8<BMT>(acc[0], cur[0], 4 * j, d0 + 2 * j);  // +32 B along K a slice
+        wgmma_s8<BMT>(acc[sl / 4], cur[sl / 4], 4 * (sl % 4), d0 + 2 * (sl % 4));  // +32 B along K a step
         wgmma_commit();
-        wgmma_wait<3>();
-        if (j < 3) widen(wv[j + 1][0], wv[j + 1][1], cur[0], 4 * (j + 1));
+        wgmma_wait<NS - 1>();
+        if (sl + 1 < NS) widen_slice(sl + 1);
       }
       (void)prev;
+      (void)w0;
+      (void)w1;
     } else {
 #pragma unroll
       for (int r = 0; r < RB; ++r) {
@@ -1620,7 +1631,8 @@ int launch_mma(const int8_t* A, const uint8_t* Wp, const Epi& epi, OutT* out, in
 //        K split among the warps of a CTA), 9-12 the decode kernel with R = 2/4 weight blocks a
 //        warp and 32/64 tokens a CTA (batches of 17-256 tokens), 13/14 wgmma with 64/32-token tiles and K
 //        split over a thread-block cluster, 15/16 the same with 256 weight rows a CTA (the activations,
-//        which every CTA reads whole, cost half as much L2 traffic per weight byte)
+//        which every CTA reads whole, cost half as much L2 traffic per weight byte), 22-25 = 13-16
+//        pipelined as kind 6 (17-21 were warp-specialized versions, removed in session 10: slower)
 struct Plan {
   int kind, splits, BN, BM, splits_units;  // splits_units: k blocks (64 or 128) to split
 };
@@ -1652,8 +1664,9 @@ Plan plan_gemm(int M, int N, int K, int force) {
     case 10: p.BN = 32; p.BM = 64; return p;    // 2 x 64
     case 11: p.BN = 64; p.BM = 32; return p;    // 4 x 32
     case 12: p.BN = 64; p.BM = 64; return p;    // 4 x 64
-    case 13: case 14: case 15: case 16: {  // wgmma, 64 / 32 tokens, 128 / 256 rows, K split over a cluster
-      const int v = (p.kind - 13) % 4;           // 0: 64 x 128, 1: 32 x 128, 2: 64 x 256, 3: 32 x 256
+    case 13: case 14: case 15: case 16:  // wgmma, 64 / 32 tokens, 128 / 256 rows, K split over a cluster
+    case 22: case 23: case 24: case 25: {  // the same, pipelined (as kind 6)
+      const int v = p.kind - (p.kind >= 22 ? 22 : 13);  // 0: 64 x 128, 1: 32 x 128, 2: 64 x 256, 3: 32 x 256
       p.BN = v >= 2 ? 256 : 128; p.BM = (v & 1) ? 32 : 64; p.splits_units = K / 128;
       // as many K splits as fill every SM twice (rounded down: a partial extra wave costs more than
       // it gains), at most a cluster's 8, at least 2 k128 steps each, none empty
@@ -1679,7 +1692,7 @@ Plan plan_gemm(int M, int N, int K, int force) {
   return p;
 }
 
-bool uses_cluster(const Plan& p) { return p.kind >= 13 && p.kind <= 16; }
+bool uses_cluster(const Plan& p) { return (p.kind >= 13 && p.kind <= 16) || (p.kind >= 22 && p.kind <= 25); }
 
 template <typename OutT, bool WGLOBAL, bool PIPE>
 int launch_wgmma(const int8_t* A, const uint8_t* Wp, const Epi& epi, OutT* out, int M, int N, int K, int splits,
@@ -1714,9 +1727,9 @@ int launch_cluster_z(Kern kern, dim3 grid, int threads, int smem, cudaStream_t s
   return (int)cudaLaunchKernelEx(&cfg, kern, args...);
 }
 
-// Kinds 13-16: BMT-token tiles of 128 RB weight rows, K split over a cluster of `splits` CTAs
-// (plan_gemm: <= 8, none empty).
-template <typename OutT, int BMT, int RB>
+// Kinds 13-16 (PIPE: 22-25): BMT-token tiles of 128 RB weight rows, K split over a cluster of `splits`
+// CTAs (plan_gemm: <= 8, none empty).
+template <typename OutT, int BMT, int RB, bool PIPE = false>
 int launch_wgmma_cluster(const int8_t* A, const uint8_t* Wp, const Epi& epi, OutT* out, int M, int N, int K,
                          int splits, cudaStream_t st) {
   constexpr int smem = WgCfg<false, BMT, RB>::kSmem;
@@ -1724,7 +1737,7 @@ int launch_wgmma_cluster(const int8_t* A, const uint8_t* Wp, const Epi& epi, Out
   const int per = (nkt + splits - 1) / splits;
   const dim3 grid((M + BMT - 1) / BMT, (N + WG_BN * RB - 1) / (WG_BN * RB), splits);
   static int smem_set = 0;
-  auto kern = gemm_wgmma_kernel<OutT, false, false, BMT, true, RB>;
+  auto kern = gemm_wgmma_kernel<OutT, false, PIPE, BMT, true, RB>;
   if (const cudaError_t e = raise_smem_limit(kern, smem, smem_set)) return (int)e;
   return launch_cluster_z(kern, grid, WG_THREADS, smem, st, A, Wp, epi, out, M, N, K, per, (int*)nullptr,
                           (int*)nullptr);
@@ -1767,6 +1780,14 @@ int gemm_dispatch(const int8_t* A, const uint8_t* Wp, const Epi& epi, OutT* out,
       return launch_wgmma_cluster<OutT, 64, 2>(A, Wp, epi, out, M, N, K, p.splits, st);
     case 16:
       return launch_wgmma_cluster<OutT, 32, 2>(A, Wp, epi, out, M, N, K, p.splits, st);
+    case 22:
+      return launch_wgmma_cluster<OutT, 64, 1, true>(A, Wp, epi, out, M, N, K, p.splits, st);
+    case 23:
+      return launch_wgmma_cluster<OutT, 32, 1, true>(A, Wp, epi, out, M, N, K, p.splits, st);
+    case 24:
+      return launch_wgmma_cluster<OutT, 64, 2, true>(A, Wp, epi, out, M, N, K, p.splits, st);
+    case 25:
+      return launch_wgmma_cluster<OutT, 32, 2, true>(A, Wp, epi, out, M, N, K, p.splits, st);
     default:
       return launch_wgmma<OutT, true, false>(A, Wp, epi, out, M, N, K, p.splits, ws, counters, st);
   }
@@ -1830,12 +1851,13 @@ OSTQ_API long long ostq_gemm_counters(int M, int N, int K, int force) {
 }
 
 // out[M,N] = a_scale[m] * w_scale[n] * (a_q[m,:] . w[n,:] - a_zero[m] * w_sum[n])
-// out_half: 0 bf16, 1 fp16. w_scale_half: 0 fp32, 1 fp16. force: -1 auto, 0..16 a kernel kind (plan_gemm).
+// out_half: 0 bf16, 1 fp16. w_scale_half: 0 fp32, 1 fp16. force: -1 auto, 0..16 or 22..25 a kernel kind
+// (plan_gemm).
 OSTQ_API int ostq_int4_gemm(const void* a_q, const void* a_scale, const void* a_zero, const void* w_prep,
                             const void* w_scale, int w_scale_half, const void* w_sum, void* out, int out_half,
                             int M, int N, int K, void* workspace, void* counters, int force, void* stream) {
   if (M <= 0) return 0;
-  if (N % 16 || K % 64 || force > 16) return (int)cudaErrorInvalidValue;
+  if (N % 16 || K % 64 || (force > 16 && force < 22) || force > 25) return (int)cudaErrorInvalidValue;
   Epi e{(const float*)a_scale, (const float*)a_zero, w_scale, (const int*)w_sum, w_scale_half};
   cudaStream_t st = (cudaStream_t)stream;
   if (out_half)

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# One device call (prepared in session 10) for what session 10 built but could not measure: kind 6 (the
-# pipelined wgmma, now in CUTLASS's mixed-input RS order) and the fused Hadamard's version 5, each tested
-# alone first (a fault cannot take the rest down), then every GPU kernel test, the Hadamard benchmark,
-# the large-M GEMM rows (Llama-3-8B and 70B; kind 6 left out if its tests failed), and Nsight Compute with
-# the SASS-level stall sampling on kinds 5, 6, 13 and the Hadamard versions 3 and 5.
+# One device call (prepared in session 10) for what session 10 built but could not measure: kinds 6 and
+# 22-25 (the pipelined wgmma in CUTLASS's mixed-input RS order: 128-token tiles, and the cluster kinds
+# 13-16's tiles) and the fused Hadamard's version 5, each tested alone first (a fault cannot take the rest
+# down), then every GPU kernel test, the Hadamard benchmark, the 16-128-token and large-M GEMM rows
+# (pipelined kinds left out if their tests failed), and Nsight Compute with the SASS-level stall sampling
+# on kinds 5, 6, 13, 22 and the Hadamard versions 3 and 5.
 # Carry ostquant_vllm/kernels/_build.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -12,19 +13,22 @@ export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 python3 -c "import pytest" 2>/dev/null || { python3 -m pip install -q --no-index --no-deps --no-compile \
   --target /tmp/site ostquant_vllm/kernels/_build/wheels/*.whl && export PYTHONPATH="$PYTHONPATH:/tmp/site"; }
 PT="python3 -m pytest -q -p no:cacheprovider --tb=short -rf tests/gpu/test_kernels.py"
-timeout 120 $PT -k "each_kernel and -6]" 2>&1 | tee "$OUT/tests_kind6.log" | tail -6
-rc6=${PIPESTATUS[0]}
+timeout 150 $PT -k "each_kernel and (-6] or -22] or -23] or -24] or -25])" 2>&1 | tee "$OUT/tests_pipe.log" | tail -6
+rc_pipe=${PIPESTATUS[0]}
 timeout 120 $PT -k "quantize_hadamard and -5]" 2>&1 | tee "$OUT/tests_had5.log" | tail -6
 rc5=${PIPESTATUS[0]}
 TESTS="quantize or compile or deterministic or gemm"
-[ "$rc6" = 0 ] || { TESTS="($TESTS) and not (each_kernel and -6])"; export OSTQUANT_BENCH_SKIP_KINDS=6; }
+[ "$rc_pipe" = 0 ] || { TESTS="($TESTS) and not (each_kernel and (-6] or -22] or -23] or -24] or -25]))"
+  export OSTQUANT_BENCH_SKIP_KINDS=6,22,23,24,25; }
 [ "$rc5" = 0 ] || TESTS="($TESTS) and not (quantize_hadamard and -5])"
 SKIP_BENCH=1 TESTS="$TESTS" bash tests/gpu/run_kernels.sh 2>&1 | tail -8
 timeout 120 python3 benchmarks/kernels.py --models "" --hadamard-only --out "$OUT/kernels_hadamard.json" 2>&1 \
   | grep -E "K=14336 had=(1|8) .*M= *(16|2048|8192)|failed" | tail -40
+timeout 150 python3 benchmarks/kernels.py --models llama3-8b --ms 16,24,32,48,64,96,128 --skip-quant --quick \
+  --out "$OUT/kernels_midm.json" 2>&1 | grep -E "M= *(24|64|128) .*(w4a4 |wg13|wp2|fp8)|failed" | tail -40
 timeout 150 python3 benchmarks/kernels.py --skip-quant --ms 2048,8192 --out "$OUT/kernels_large_m.json" 2>&1 \
   | grep -E "(w4a4 |wg5|wg6|bf16) |failed" | tail -60
 CASES="gemm5_gate_up_m8192 gemm13_gate_up_m64 had1_m8192_k14336"
-[ "$rc6" = 0 ] && CASES="$CASES gemm6_gate_up_m8192"
+[ "$rc_pipe" = 0 ] && CASES="$CASES gemm6_gate_up_m8192 gemm22_gate_up_m64"
 [ "$rc5" = 0 ] && CASES="$CASES had1v5_m8192_k14336"
 timeout 200 bash benchmarks/gpu_ncu.sh $CASES 2>&1 | tail -60
