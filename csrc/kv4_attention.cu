@@ -291,6 +291,13 @@ __global__ void __launch_bounds__(128, NQ == 1 ? 4 : 3) decode_kernel(const Deco
   __shared__ float so[NW][ROWS][D];
   __shared__ float sm[NW][ROWS], sl[NW][ROWS];
 
+  // this warp's first tile: its loads go out before the Q prologue, so the two memory latencies overlap
+  // (a split of 64 tokens is one tile a warp: the prologue and that tile were the CTA's serial chain)
+  const int32_t* bt = a.block_table + seq * a.bt_stride;
+  Tile<D> cur, nxt;
+  int tile = t0 + warp;
+  if (tile < t1) load_tile<D>(cur, a, bt, kvh, tile, g, t);
+
   // Q rotated (signs, then the FWHT) and rounded to bf16, one warp a row: the butterflies in registers
   // and shuffles (warp_fwht, the same order as the cache write's), no CTA barrier between the stages
   constexpr int E = D / 32;
@@ -345,10 +352,6 @@ __global__ void __launch_bounds__(128, NQ == 1 ? 4 : 3) decode_kernel(const Deco
 #pragma unroll
     for (int j = 0; j < 2; ++j) m_r[c][j] = -INFINITY, l_r[c][j] = z_r[c][j] = 0.f;
 
-  const int32_t* bt = a.block_table + seq * a.bt_stride;
-  Tile<D> cur, nxt;
-  int tile = t0 + warp;
-  if (tile < t1) load_tile<D>(cur, a, bt, kvh, tile, g, t);
   for (; tile < t1; tile += NW) {
     if (tile + NW < t1) load_tile<D>(nxt, a, bt, kvh, tile + NW, g, t);
     // S^T for tokens (g, g+8) x queries (2t, 2t+1) of each column tile
