@@ -201,7 +201,7 @@ def gemm_rows(model, layer, K, N, gen, rows, quick, ms=None, with_vllm=False):
                             (12, "dec_r4t64"), (13, "wg13_t64"), (14, "wg14_t32"), (15, "wg15_t64_n256"),
                             (16, "wg16_t32_n256"), (22, "wp22_t64"), (23, "wp23_t32"), (24, "wp24_t64_n256"),
                             (25, "wp25_t32_n256"))
-                else:  # 6: the pipelined wgmma (two fragment register sets)
+                else:  # 6: the pipelined wgmma (a commit group a k32 slice, the next one widened under it)
                     alts = ((3, "wg3"), (5, "wg5"), (6, "wg6"))
                 for force, tag in alts:
                     if force in SKIP_KINDS:
@@ -276,7 +276,8 @@ def quant_rows(rows, copy_tbps, gen, quick, hadamard_only=False):
             if not had:
                 runs = [(4, None)] if hadamard_only else [(4, None), (8, None)]
             else:
-                runs = [(4, None), (4, 2), (4, 3), (4, 4), (4, 5)] if hadamard_only else [(4, None), (8, None), (4, 2)]
+                runs = ([(4, None), (4, 2), (4, 3), (4, 4), (4, 5)] if hadamard_only
+                        else [(4, None), (8, None), (4, 2)])
             for bits, variant in runs:
                 if variant is None:
                     qf = [lambda x=x: kernels.quantize_act(x, bits, hadamard=had) for x in xs]
