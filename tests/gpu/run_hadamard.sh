@@ -4,10 +4,7 @@
 # down_proj inputs) to $OUT/kernels_hadamard.json. Carry ostquant_vllm/kernels/_build.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
-OUT=${OUT:-/tmp/ostq_out}; mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-python3 -c "import pytest" 2>/dev/null || { python3 -m pip install -q --no-index --no-deps --no-compile \
-  --target /tmp/site ostquant_vllm/kernels/_build/wheels/*.whl && export PYTHONPATH="$PYTHONPATH:/tmp/site"; }
+. tests/gpu/env.sh  # $OUT, PYTHONPATH, pytest
 PT="python3 -m pytest -q -p no:cacheprovider --tb=short -rf tests/gpu/test_kernels.py"
 timeout 120 $PT -k "quantize_hadamard and -5]" 2>&1 | tee "$OUT/tests_had5.log" | tail -6
 timeout 120 python3 benchmarks/kernels.py --models "" --hadamard-only --out "$OUT/kernels_hadamard.json" 2>&1 \

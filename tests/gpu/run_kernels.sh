@@ -3,19 +3,10 @@
 # The library is built beforehand (python -m ostquant_vllm.kernels.build, no GPU needed) and
 # carried: run(command="bash tests/gpu/run_kernels.sh", carry=["ostquant_vllm/kernels/_build"]).
 # Env: BENCH_ARGS (e.g. --quick), TESTS (pytest -k expression), SKIP_TESTS=1, SKIP_BENCH=1.
-# pytest is installed from ostquant_vllm/kernels/_build/wheels/ when the machine lacks it; fill it
-# here with: pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-#   --platform manylinux_2_28_x86_64 -d ostquant_vllm/kernels/_build/wheels pytest pluggy iniconfig pygments packaging
 set -uo pipefail
 cd "$(dirname "$0")/../.."
-OUT=${OUT:-/tmp/ostq_out}
-mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+. tests/gpu/env.sh  # $OUT, PYTHONPATH, pytest
 PY=python3
-if ! $PY -c "import pytest" 2>/dev/null; then
-  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site \
-    ostquant_vllm/kernels/_build/wheels/*.whl && export PYTHONPATH="$PYTHONPATH:/tmp/site"
-fi
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu --format=csv | tee "$OUT/gpu.txt"
 $PY -c "import torch; print(torch.__version__, torch.version.cuda, torch.cuda.get_device_name())" | tee -a "$OUT/gpu.txt"
 ls -la ostquant_vllm/kernels/_build/ | tee -a "$OUT/gpu.txt"

@@ -9,10 +9,7 @@
 # Carry ostquant_vllm/kernels/_build.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
-OUT=${OUT:-/tmp/ostq_out}; mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-python3 -c "import pytest" 2>/dev/null || { python3 -m pip install -q --no-index --no-deps --no-compile \
-  --target /tmp/site ostquant_vllm/kernels/_build/wheels/*.whl && export PYTHONPATH="$PYTHONPATH:/tmp/site"; }
+. tests/gpu/env.sh  # $OUT, PYTHONPATH, pytest
 PT="python3 -m pytest -q -p no:cacheprovider --tb=short -rf tests/gpu/test_kernels.py"
 timeout 150 $PT -k "each_kernel and (-6] or -22] or -23] or -24] or -25])" 2>&1 | tee "$OUT/tests_pipe.log" | tail -6
 rc_pipe=${PIPESTATUS[0]}
