@@ -909,6 +909,26 @@ __device__ __forceinline__ int quant1(float x, const RowQ& r) {
   q = fminf(fmaxf(q, (float)r.lo), (float)r.hi);
   return (int)q - r.shift;
 }
+// Versions 4 and 5 of the Hadamard quantizer keep the raw sums y = x H (not yet divided by sqrt(n)):
+// their min/max / sqrt(n) are the reference's min/max (a monotonic map), and a level is one FMA,
+// rint(y * c) + zero with c = 1 / (scale * sqrt(n)), the rounding done by the add of 1.5 * 2^23 + zero.
+// Levels can differ from the reference's at near-ties (one rounding of c): the tests bound those flips.
+__device__ __forceinline__ RowQ raw_row_qparams(float mn, float mx, float norm, const QParams& p) {
+  return row_qparams(__fdiv_rn(mn, norm), __fdiv_rn(mx, norm), p);
+}
+struct RawLevels {
+  float c, magic;
+  int lo, hi, bias;
+  __device__ __forceinline__ RawLevels(const RowQ& rq, float norm)
+      : c((float)(1.0 / ((double)rq.scale * (double)norm))),
+        magic(__fadd_rn(12582912.f, rq.zero_u)),
+        lo(rq.lo - rq.shift),
+        hi(rq.hi - rq.shift),
+        bias(0x4B400000 + rq.shift) {}
+  __device__ __forceinline__ int operator()(float y) const {
+    return min(max(__float_as_int(fmaf(y, c, magic)) - bias, lo), hi);
+  }
+};
 __device__ __forceinline__ uint32_t pack4(int a, int b, int c, int d) {
   return (uint32_t)(a & 255) | ((uint32_t)(b & 255) << 8) | ((uint32_t)(c & 255) << 16) |
          ((uint32_t)(d & 255) << 24);
@@ -1206,11 +1226,8 @@ __global__ void __launch_bounds__(THREADS) quant_had3_kernel(const __nv_bfloat16
 //   2. the butterflies over the low log2p bits of a: bits of j in registers, the next 5 bits across
 //      the warp's lanes (shfl_xor, partner -/+ own as one exact-signed FMA), the rest across warps
 //      through shared memory (a 2^w-point Walsh sum over the warp group).
-// Then the row's min/max (raw sums; divided by sqrt(n) once, a monotonic map, so they are the
-// reference's min/max of y / sqrt(n)), and levels as one FMA: rint(y * c) + zero with
-// c = 1 / (scale * sqrt(n)) and the rounding done by the add of 1.5 * 2^23 + zero. Levels can differ
-// from the reference's at near-ties (other summation order, one rounding of 1/(scale sqrt(n))):
-// the tests bound those flips as for the other variants.
+// Then the row's min/max and levels from the raw sums (raw_row_qparams, RawLevels); levels can also
+// differ from the reference's at near-ties by the other summation order: the tests bound those flips.
 __host__ __device__ constexpr int ilog2(int n) { return n > 1 ? 1 + ilog2(n / 2) : 0; }  // n a power of two
 __host__ __device__ constexpr int hb_neg_count(int b, int j) {
   int n = 0;
@@ -1355,14 +1372,12 @@ __global__ void __launch_bounds__(256) quant_had4_kernel(const __nv_bfloat16* __
     }
   }
   if (!active) return;
-  const RowQ rq = row_qparams(__fdiv_rn(mn, norm), __fdiv_rn(mx, norm), p);
+  const RowQ rq = raw_row_qparams(mn, mx, norm, p);
   write_row_params(rq, scale, zero, row, t == 0);
-  const float c = (float)(1.0 / ((double)rq.scale * (double)norm));
-  const float magic = __fadd_rn(12582912.f, rq.zero_u);  // 1.5 * 2^23 + zero: the add rounds to an integer
-  const int lo = rq.lo - rq.shift, hi = rq.hi - rq.shift, bias = 0x4B400000 + rq.shift;
+  const RawLevels level(rq, norm);
   int lv[N];
 #pragma unroll
-  for (int i = 0; i < N; ++i) lv[i] = min(max(__float_as_int(fmaf(v[i], c, magic)) - bias, lo), hi);
+  for (int i = 0; i < N; ++i) lv[i] = level(v[i]);
   uint2* dst = reinterpret_cast<uint2*>(q + off);
 #pragma unroll
   for (int c8 = 0; c8 < N / 8; ++c8) {
@@ -1522,17 +1537,13 @@ __global__ void __launch_bounds__(256, 2) quant_had5_kernel(const __nv_bfloat16*
     }
   }
   block_minmax<256>(mn, mx);  // (its barriers also end every thread's reads of ys)
-  // C. the raw sums' min/max / sqrt(n) are the reference's min/max (a monotonic map); levels as version 4
-  const RowQ rq = row_qparams(__fdiv_rn(mn, norm), __fdiv_rn(mx, norm), p);
+  // C. scale, zero point and levels from the raw sums, as version 4
+  const RowQ rq = raw_row_qparams(mn, mx, norm, p);
   write_row_params(rq, scale, zero, row);
   if (has) {
-    const float c = (float)(1.0 / ((double)rq.scale * (double)norm));
-    const float magic = __fadd_rn(12582912.f, rq.zero_u);
-    const int lo = rq.lo - rq.shift, hi = rq.hi - rq.shift, bias = 0x4B400000 + rq.shift;
+    const RawLevels level(rq, norm);
 #pragma unroll
-    for (int i = 0; i < 64; ++i)
-      qs[((i & 7) | (o << 3) | ((i >> 3) << 6)) * B + j] =
-          (int8_t)min(max(__float_as_int(fmaf(u[i], c, magic)) - bias, lo), hi);
+    for (int i = 0; i < 64; ++i) qs[((i & 7) | (o << 3) | ((i >> 3) << 6)) * B + j] = (int8_t)level(u[i]);
   }
   __syncthreads();
   uint4* dst = reinterpret_cast<uint4*>(q + (size_t)row * K);
