@@ -919,16 +919,14 @@ __device__ __forceinline__ RowQ raw_row_qparams(float mn, float mx, float norm, 
 struct RawLevels {
   float c, magic;
   int lo, hi, bias;
-  __device__ __forceinline__ RawLevels(const RowQ& rq, float norm)
-      : c((float)(1.0 / ((double)rq.scale * (double)norm))),
-        magic(__fadd_rn(12582912.f, rq.zero_u)),
-        lo(rq.lo - rq.shift),
-        hi(rq.hi - rq.shift),
-        bias(0x4B400000 + rq.shift) {}
   __device__ __forceinline__ int operator()(float y) const {
     return min(max(__float_as_int(fmaf(y, c, magic)) - bias, lo), hi);
   }
 };
+__device__ __forceinline__ RawLevels raw_levels(const RowQ& rq, float norm) {
+  return {(float)(1.0 / ((double)rq.scale * (double)norm)), __fadd_rn(12582912.f, rq.zero_u), rq.lo - rq.shift,
+          rq.hi - rq.shift, 0x4B400000 + rq.shift};
+}
 __device__ __forceinline__ uint32_t pack4(int a, int b, int c, int d) {
   return (uint32_t)(a & 255) | ((uint32_t)(b & 255) << 8) | ((uint32_t)(c & 255) << 16) |
          ((uint32_t)(d & 255) << 24);
@@ -1374,7 +1372,7 @@ __global__ void __launch_bounds__(256) quant_had4_kernel(const __nv_bfloat16* __
   if (!active) return;
   const RowQ rq = raw_row_qparams(mn, mx, norm, p);
   write_row_params(rq, scale, zero, row, t == 0);
-  const RawLevels level(rq, norm);
+  const RawLevels level = raw_levels(rq, norm);
   int lv[N];
 #pragma unroll
   for (int i = 0; i < N; ++i) lv[i] = level(v[i]);
@@ -1541,7 +1539,7 @@ __global__ void __launch_bounds__(256, 2) quant_had5_kernel(const __nv_bfloat16*
   const RowQ rq = raw_row_qparams(mn, mx, norm, p);
   write_row_params(rq, scale, zero, row);
   if (has) {
-    const RawLevels level(rq, norm);
+    const RawLevels level = raw_levels(rq, norm);
 #pragma unroll
     for (int i = 0; i < 64; ++i) qs[((i & 7) | (o << 3) | ((i >> 3) << 6)) * B + j] = (int8_t)level(u[i]);
   }
