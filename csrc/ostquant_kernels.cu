@@ -123,6 +123,37 @@ struct MmaCfg {
   static constexpr int kSmem = kStageBytes * STAGES;
 };
 
+// Split-K through global memory, after the main loop of the mma and wgmma kernels: every CTA writes
+// its int32 partials (each(f) calls f(acc, n, m) for each of the thread's accumulators and its output
+// coordinates), and the tile's last CTA (a counter, reset by that CTA for the next launch or graph
+// replay) adds the other splits' partials to its own, one split at a time so that all of a thread's
+// loads of that split are in flight together (exact int adds: order-free). True in the last CTA only.
+template <typename Each>
+__device__ __forceinline__ bool splitk_reduce(Each&& each, int* __restrict__ ws, int* __restrict__ counters, int M,
+                                              int N, int tid) {
+  const size_t plane = (size_t)M * N;
+  each([&](int& acc, int n, int m) {
+    if (m < M && n < N) ws[blockIdx.z * plane + (size_t)m * N + n] = acc;
+  });
+  __threadfence();
+  __syncthreads();
+  __shared__ int s_last;
+  int* ctr = counters + blockIdx.y * gridDim.x + blockIdx.x;
+  if (tid == 0) s_last = (atomicAdd(ctr, 1) == (int)gridDim.z - 1);
+  __syncthreads();
+  if (!s_last) return false;
+  __threadfence();
+  for (int z = 0; z < (int)gridDim.z; ++z) {
+    if (z == (int)blockIdx.z) continue;
+    const int* wz = ws + (size_t)z * plane;
+    each([&](int& acc, int n, int m) {
+      if (m < M && n < N) acc += __ldcg(wz + (size_t)m * N + n);
+    });
+  }
+  if (tid == 0) *ctr = 0;
+  return true;
+}
+
 template <int WARPS_N, int WR, int WARPS_M, int WT, int STAGES, typename OutT>
 __global__ void __launch_bounds__(WARPS_N* WARPS_M * 32)
     gemm_mma_kernel(const int8_t* __restrict__ A, const uint8_t* __restrict__ Wp, Epi epi,
@@ -232,31 +263,8 @@ __global__ void __launch_bounds__(WARPS_N* WARPS_M * 32)
         }
   };
 
-  if (gridDim.z > 1) {
-    // split-K: write int32 partials, the last CTA of the tile sums them in split order.
-    const size_t plane = (size_t)M * N;
-    for_each([&](int i, int j, int q, int n, int m) {
-      if (m < M && n < N) ws[blockIdx.z * plane + (size_t)m * N + n] = acc[i][j][q];
-    });
-    __threadfence();
-    __syncthreads();
-    __shared__ int s_last;
-    int* ctr = counters + blockIdx.y * gridDim.x + blockIdx.x;
-    if (tid == 0) s_last = (atomicAdd(ctr, 1) == (int)gridDim.z - 1);
-    __syncthreads();
-    if (!s_last) return;
-    __threadfence();
-    // own partial stays in registers; add the other splits' (exact int adds: order-free),
-    // one split at a time so that all of a thread's loads of that split are in flight together
-    for (int z = 0; z < (int)gridDim.z; ++z) {
-      if (z == (int)blockIdx.z) continue;
-      const int* wz = ws + (size_t)z * plane;
-      for_each([&](int i, int j, int q, int n, int m) {
-        if (m < M && n < N) acc[i][j][q] += __ldcg(wz + (size_t)m * N + n);
-      });
-    }
-    if (tid == 0) *ctr = 0;  // self-cleaning for the next launch / graph replay
-  }
+  auto each_acc = [&](auto&& f) { for_each([&](int i, int j, int q, int n, int m) { f(acc[i][j][q], n, m); }); };
+  if (gridDim.z > 1 && !splitk_reduce(each_acc, ws, counters, M, N, tid)) return;
   for_each([&](int i, int j, int q, int n, int m) {
     if (m < M && n < N) {
       const float v = epilogue_value(acc[i][j][q], epi.a_scale[m], __float2int_rn(epi.a_zero[m]),
@@ -754,40 +762,15 @@ __global__ void __launch_bounds__(WG_THREADS, 2)
     cluster_reduce_store<OutT, BMT, RB>(acc, true, reinterpret_cast<int*>(sgen), epi, out, M, N, m0, n0, nl0, t, tid);
   } else {
     static_assert(RB == 1, "split-K through global memory and the smem epilogue: one row block");
-    if (gridDim.z > 1) {
-      const size_t plane = (size_t)M * N;
+    auto each_acc = [&](auto&& f) {
 #pragma unroll
       for (int j = 0; j < NJ; ++j)
 #pragma unroll
         for (int h = 0; h < 2; ++h)
 #pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            const int n = n0 + nl0 + 8 * h, m = m0 + 8 * j + 2 * t + e;
-            if (m < M && n < N) ws[blockIdx.z * plane + (size_t)m * N + n] = acc[0][4 * j + 2 * h + e];
-          }
-      __threadfence();
-      __syncthreads();
-      __shared__ int s_last;
-      int* ctr = counters + blockIdx.y * gridDim.x + blockIdx.x;
-      if (tid == 0) s_last = (atomicAdd(ctr, 1) == (int)gridDim.z - 1);
-      __syncthreads();
-      if (!s_last) return;
-      __threadfence();
-      for (int z = 0; z < (int)gridDim.z; ++z) {
-        if (z == (int)blockIdx.z) continue;
-        const int* wz = ws + (size_t)z * plane;
-#pragma unroll
-        for (int j = 0; j < NJ; ++j)
-#pragma unroll
-          for (int h = 0; h < 2; ++h)
-#pragma unroll
-            for (int e = 0; e < 2; ++e) {
-              const int n = n0 + nl0 + 8 * h, m = m0 + 8 * j + 2 * t + e;
-              if (m < M && n < N) acc[0][4 * j + 2 * h + e] += __ldcg(wz + (size_t)m * N + n);
-            }
-      }
-      if (tid == 0) *ctr = 0;
-    }
+          for (int e = 0; e < 2; ++e) f(acc[0][4 * j + 2 * h + e], n0 + nl0 + 8 * h, m0 + 8 * j + 2 * t + e);
+    };
+    if (gridDim.z > 1 && !splitk_reduce(each_acc, ws, counters, M, N, tid)) return;
     // epilogue through shared memory: tile [BMT tokens][128 + 8 pad] of OutT, then 16-B stores
     __syncthreads();  // every warp is done reading the pipeline buffers
     constexpr int LD = WG_BN + 8;
