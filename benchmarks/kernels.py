@@ -182,6 +182,8 @@ def gemm_rows(model, layer, K, N, gen, rows, quick, ms=None, with_vllm=False):
                  "tops": round(2 * M * N * K / (us * 1e-6) / 1e12, 2)}
             if note:
                 r["note"] = note
+            if kernel in ("ostquant_w4a4", "ostquant_w4a8"):  # the kind the automatic choice ran
+                r["auto_kind"] = kernels._auto_force(M, N, K)
             rows.append(r)
             print(f"{model:10s} {layer:8s} M={M:5d} {kernel:22s} {us:9.2f} us  {r['weight_tbps']:6.3f} TB/s(w)  "
                   f"{r['tops']:7.1f} TOP/s", flush=True)
@@ -201,8 +203,9 @@ def gemm_rows(model, layer, K, N, gen, rows, quick, ms=None, with_vllm=False):
                             (12, "dec_r4t64"), (13, "wg13_t64"), (14, "wg14_t32"), (15, "wg15_t64_n256"),
                             (16, "wg16_t32_n256"), (22, "wp22_t64"), (23, "wp23_t32"), (24, "wp24_t64_n256"),
                             (25, "wp25_t32_n256"))
-                else:  # 6: the pipelined wgmma (a commit group a k32 slice, the next one widened under it)
-                    alts = ((3, "wg3"), (5, "wg5"), (6, "wg6"))
+                else:  # 6: the pipelined wgmma (a commit group a k32 slice, the next one widened under it),
+                    # 26: the same with 128 x 256 tiles (L2-bound at 128 x 128: session 11's Nsight Compute)
+                    alts = ((3, "wg3"), (5, "wg5"), (6, "wg6"), (26, "wp26_n256"))
                 for force, tag in alts:
                     if force in SKIP_KINDS:
                         continue

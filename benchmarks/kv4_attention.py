@@ -9,12 +9,14 @@ Each call is timed inside a CUDA graph that runs it over `copies` caches with th
 Every sequence has the full context. KV bytes: what the call must read at least (int4: 136 B per
 token and KV head, fp8: 256, bf16: 512). HBM: a device-to-device copy measured in the same run.
 Needs vLLM 0.26 (GPU bundle) for the baselines; our kernels from ostquant_vllm/kernels/_build.
+--ours-only times our kernels alone (no vLLM needed; the baselines' columns stay empty).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import math
+import os
 import platform
 import statistics
 import subprocess
@@ -103,10 +105,7 @@ def vllm_int4_views(kv_cache: torch.Tensor):
     return k, v, impl._k_scale_cache, impl._v_scale_cache
 
 
-def run_point(b: int, ctx: int, gen, check: bool) -> dict:
-    from vllm.v1.attention.ops.int4_per_token_head import unified_attention_int4
-    from vllm.vllm_flash_attn import flash_attn_varlen_func
-
+def run_point(b: int, ctx: int, gen, check: bool, baselines: bool = True) -> dict:
     int4_bytes = b * ctx * NKV * kv4.record_bytes(D)
     copies = max(1, math.ceil(L2_FLUSH_BYTES / int4_bytes))
     nblocks = b * (ctx // BS) * copies
@@ -120,7 +119,8 @@ def run_point(b: int, ctx: int, gen, check: bool) -> dict:
 
     # int4 cache, NHD like vLLM's Triton backend by default
     kv_cache = torch.empty(nblocks, BS, NKV, kv4.record_bytes(D), dtype=torch.uint8, device="cuda").permute(0, 2, 1, 3)
-    kc, vc, ksc, vsc = vllm_int4_views(kv_cache)
+    if baselines:
+        kc, vc, ksc, vsc = vllm_int4_views(kv_cache)
     fill_int4(kv_cache, tables, ctx, gen)
     splits = kv4.num_splits(b, NKV, q.device)
     row["splits"] = splits
@@ -131,6 +131,10 @@ def run_point(b: int, ctx: int, gen, check: bool) -> dict:
     if check and b * ctx <= 16 * 4096:
         ref = kv4.decode_reference(q, kv_cache, tables[-1], seq_lens, qsl, scale)
         row["rel_err_vs_reference"] = ((ours.float() - ref).norm() / ref.norm()).item()
+    if not baselines:
+        return row
+    from vllm.v1.attention.ops.int4_per_token_head import unified_attention_int4
+    from vllm.vllm_flash_attn import flash_attn_varlen_func
 
     thr, segs = max(1, 128 // NKV), 16
     segm_o = torch.empty(thr, HQ, segs, D, dtype=torch.float32, device="cuda")
@@ -179,19 +183,25 @@ def main(argv=None) -> None:
     p.add_argument("--batches", default="1,16,64,256")
     p.add_argument("--contexts", default="1024,4096,16384")
     p.add_argument("--no-check", action="store_true", help="skip the reference comparison of small points")
+    p.add_argument("--ours-only", action="store_true", help="our kernels alone: no vLLM, no baselines")
     p.add_argument("--out", required=True)
     a = p.parse_args(argv)
     if kernels.unavailable_reason() is not None:
         sys.exit(f"kernels unavailable: {kernels.unavailable_reason()}")
-    import vllm
+    if a.ours_only:
+        vllm_version = None
+    else:
+        import vllm
+        vllm_version = vllm.__version__
 
     gen = torch.Generator(device="cuda").manual_seed(0)
     res = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "cuda": torch.version.cuda,
-           "vllm": vllm.__version__, "python": platform.python_version(),
+           "vllm": vllm_version, "python": platform.python_version(),
            "command": "python -m benchmarks.kv4_attention " + " ".join(argv if argv is not None else sys.argv[1:]),
            "date": time.strftime("%Y-%m-%d"), "shape": {"q_heads": HQ, "kv_heads": NKV, "head_size": D, "block": BS},
            "copy_tb_s": copy_bandwidth(), "read_tb_s": read_bandwidth(), "points": []}
     res["hbm_tb_s"] = max(res["copy_tb_s"], res["read_tb_s"])
+    res["min_split_tiles"] = int(os.environ.get("OSTQUANT_KV4_MIN_TILES", "4"))  # the decode's least split
     try:
         res["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
                                        capture_output=True, text=True).stdout.strip()
@@ -203,7 +213,7 @@ def main(argv=None) -> None:
     for b in map(int, a.batches.split(",")):
         for ctx in map(int, a.contexts.split(",")):
             try:
-                row = run_point(b, ctx, gen, not a.no_check)
+                row = run_point(b, ctx, gen, not a.no_check, baselines=not a.ours_only)
             except torch.OutOfMemoryError as e:
                 print(f"{b} {ctx}: out of memory ({e})")
                 torch.cuda.empty_cache()
@@ -211,15 +221,15 @@ def main(argv=None) -> None:
             us = row["us"]
             row["ostquant_tb_s"] = row["kv_bytes"]["int4"] / us["ostquant_int4"] / 1e6
             row["ostquant_frac_of_hbm"] = row["ostquant_tb_s"] / res["hbm_tb_s"]
-            row["speedup_vs_vllm_int4"] = us["vllm_int4"] / us["ostquant_int4"]
+            row["speedup_vs_vllm_int4"] = us["vllm_int4"] / us["ostquant_int4"] if us.get("vllm_int4") else None
             row["speedup_vs_fa3_fp8"] = us["fa3_fp8"] / us["ostquant_int4"] if us.get("fa3_fp8") else None
             row["speedup_vs_fa3_bf16"] = us["fa3_bf16"] / us["ostquant_int4"] if us.get("fa3_bf16") else None
             res["points"].append(row)
             f = lambda x: f"{x:9.1f}" if x else "        -"  # noqa: E731
-            print(f"{b:4d} {ctx:6d} {f(us['ostquant_int4'])} {f(us['vllm_int4'])} {f(us.get('fa3_bf16'))} "
+            print(f"{b:4d} {ctx:6d} {f(us['ostquant_int4'])} {f(us.get('vllm_int4'))} {f(us.get('fa3_bf16'))} "
                   f"{f(us.get('fa3_fp8'))} {row['ostquant_tb_s']:9.2f} {100 * row['ostquant_frac_of_hbm']:5.0f}% "
-                  f"{row['speedup_vs_vllm_int4']:8.2f} {row['speedup_vs_fa3_fp8'] or 0:6.2f}"
-                  f"  err {row.get('rel_err_vs_reference', -1):.1e} vs-vllm {row['rel_diff_vs_vllm_int4']:.1e}",
+                  f"{row['speedup_vs_vllm_int4'] or 0:8.2f} {row['speedup_vs_fa3_fp8'] or 0:6.2f}"
+                  f"  err {row.get('rel_err_vs_reference', -1):.1e} vs-vllm {row.get('rel_diff_vs_vllm_int4', -1):.1e}",
                   flush=True)
             with open(a.out, "w") as fh:
                 json.dump(res, fh, indent=1)

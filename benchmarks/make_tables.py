@@ -195,10 +195,13 @@ def kernels_midm_table(path: str) -> str:
     """Batches of 16-128 tokens: the run's automatic choice against each kernel family (the best decode kernel,
     kinds 9-12; wgmma with 128-, 64- and 32-token tiles, kinds 5, 13-16) and torch bf16 / fp8."""
     d = json.load(open(path))
-    by = {}
+    by, auto = {}, {}
     for r in d["rows"]:
         if r.get("kind") == "gemm":
             by.setdefault((r["layer"], r["M"], r["N"], r["K"]), {})[r["kernel"]] = r["us"]
+            if r["kernel"] == "ostquant_w4a4":  # older runs: the kinds were added afterwards as dispatch_kinds
+                old = d.get("dispatch_kinds", {}).get(f"{r['layer']},{r['M']}", "?")
+                auto[(r["layer"], r["M"])] = r.get("auto_kind", old)
     f = "ostquant_w4a4_force_"
     wg = [k for k in MIDM_WG_COLS if any(f + MIDM_KINDS[k] in ks for ks in by.values())]  # the kinds this run timed
     out = [f"**Int4 GEMM at 16-128 tokens, µs, {d['gpu']}** ({os.path.basename(path)}; Llama-3-8B layers; "
@@ -211,7 +214,7 @@ def kernels_midm_table(path: str) -> str:
         ours = ks["ostquant_w4a4"]
         dec = [ks[f + MIDM_KINDS[k]] for k in (9, 10, 11, 12) if f + MIDM_KINDS[k] in ks]
         cells = [_fmt(min(dec) if dec else None, 1)] + [_fmt(ks.get(f + MIDM_KINDS[k]), 1) for k in wg]
-        out.append(f"| {layer} {N}x{K} | {M} | {ours:.1f} ({d.get('dispatch_kinds', {}).get(f'{layer},{M}', '?')}) | "
+        out.append(f"| {layer} {N}x{K} | {M} | {ours:.1f} ({auto[(layer, M)]}) | "
                    + " | ".join(cells) + f" | {ks['torch_bf16']:.1f} | {ks['torch_fp8']:.1f} | "
                    f"{ks['torch_bf16'] / ours:.2f}x | {ks['torch_fp8'] / ours:.2f}x |")
     out += [""] + [f"- {n}" for n in d.get("notes", [])] + [f"- command: `{d.get('command')}`"]
@@ -246,6 +249,7 @@ def kernels_hadamard_table(path: str) -> str:
     """The fused Hadamard + 4-bit quantize of down_proj's input, every kernel version, b = 1 and 8 blocks."""
     cols = [("ostquant_quant_a4_had", "H, dispatch"), ("ostquant_quant_a4_had_v3", "H, v3"),
             ("ostquant_quant_a4_had_v4", "H, v4"), ("ostquant_quant_a4_had_v4half", "H, v4 half"),
+            ("ostquant_quant_a4_had_v5", "H, v5"),
             ("ostquant_quant_a4_had8", "I_8 (x) H, dispatch"), ("ostquant_quant_a4_had8_v3", "I_8 (x) H, v3"),
             ("ostquant_quant_a4_had8_v4", "I_8 (x) H, v4"), ("ostquant_quant_a4_had8_v4half", "I_8 (x) H, v4 half"),
             ("ostquant_quant_a4", "no Hadamard"), ("torch_copy", "torch copy")]
@@ -263,6 +267,7 @@ def kernels_largem_table(path: str) -> str:
     cols = [("ostquant_w4a4", "ours W4A4 (dispatch)"), ("ostquant_w4a4_force_wg3", "kind 3"),
             ("ostquant_w4a4_force_wg5", "kind 5"), ("ostquant_w4a4_force_wg6", "kind 6 (pipelined)"),
             ("ostquant_w4a4_force_ws21", "kind 21 (warp-specialized)"),
+            ("ostquant_w4a4_force_wp26_n256", "kind 26 (6 with 256 rows)"),
             ("torch_bf16", "torch bf16"), ("torch_fp8", "torch fp8"), ("torch_int8", "torch int8")]
     cols = [c for c in cols if any(c[0] in ks for ks in by.values())]  # the kernels this run timed
     out = [f"**Large-M GEMM µs, {d['gpu']}** ({os.path.basename(path)}; last column: the dispatch's speedup over "

@@ -19,7 +19,7 @@
 // and the GQA group's queries as the N columns (see decode_kernel); nibbles are widened to bf16 /
 // fp16 in registers by the lop3 magic-number trick (exact). Notes and measurements:
 // benchmarks/NOTES_kv4.md.
-// Splits: the context is cut into ceil(tiles / num_splits) tiles (at least MIN_TILES) per CTA,
+// Splits: the context is cut into ceil(tiles / num_splits) tiles (at least min_tiles) per CTA,
 // computed on the device from seq_lens, so a CUDA graph captured at one length is right at any other.
 #include <cuda_runtime.h>
 #include <cuda_bf16.h>
@@ -31,7 +31,9 @@
 namespace kv4 {
 
 constexpr int NW = 4;          // warps per decode CTA
-constexpr int MIN_TILES = 16;  // 256 tokens: the least context a split is given
+// The least context a split is given, in 16-token tiles: NW (a tile a warp) by default (session 11);
+// ostq_kv4_set_min_tiles / OSTQUANT_KV4_MIN_TILES change it (16 until session 10) for measurements.
+int g_min_tiles = NW;
 
 __device__ __forceinline__ float rha(float x) {  // round half away from zero (numerics._round_half_away)
   return x >= 0.f ? floorf(__fadd_rn(x, 0.5f)) : ceilf(__fsub_rn(x, 0.5f));
@@ -218,16 +220,16 @@ struct DecodeArgs {
   int64_t bt_stride;
   const int32_t* seq_lens;
   const int32_t* query_start;
-  int group, block_size, num_splits;
+  int group, block_size, num_splits, min_tiles;
   float scale_log2;  // softmax scale / D * log2(e)
   const float* signs;
   float* part_o;   // [num_seqs][Hq][num_splits][D]
   float* part_ml;  // [num_seqs][Hq][num_splits][2]
 };
 
-__device__ __forceinline__ int split_tiles(int tiles, int num_splits) {
-  const int chunk = (tiles + num_splits - 1) / num_splits;
-  return chunk > MIN_TILES ? chunk : MIN_TILES;
+__device__ __forceinline__ int split_tiles(const DecodeArgs& a, int tiles) {
+  const int chunk = (tiles + a.num_splits - 1) / a.num_splits;
+  return chunk > a.min_tiles ? chunk : a.min_tiles;
 }
 
 template <int D>
@@ -238,10 +240,9 @@ struct Tile {  // one warp's raw loads for one 16-token tile
 };
 
 template <int D>
-__device__ __forceinline__ void load_tile(Tile<D>& r, const DecodeArgs& a, const int32_t* bt, int kvh, int tile,
-                                          int g, int t) {
+__device__ __forceinline__ void load_tile(Tile<D>& r, const DecodeArgs& a, int64_t blk, int kvh, int tile, int g,
+                                          int t) {
   const int tok0 = tile * 16;
-  const int64_t blk = bt[tok0 / a.block_size];
   const uint8_t* base = a.cache + blk * a.c_blk + kvh * a.c_head + int64_t(tok0 % a.block_size) * a.c_slot;
 #pragma unroll
   for (int n = 0; n < 2; ++n) {
@@ -263,6 +264,8 @@ __device__ __forceinline__ void load_tile(Tile<D>& r, const DecodeArgs& a, const
   }
 }
 
+__device__ __forceinline__ int pd(int d) { return d + (d >> 5); }  // a padding word per 32 (decode_kernel)
+
 __device__ __forceinline__ uint32_t transpose8x8(uint32_t x) {
   uint32_t r;
   asm volatile("movmatrix.sync.aligned.m8n8.trans.b16 %0, %1;" : "=r"(r) : "r"(x));
@@ -282,21 +285,28 @@ __global__ void __launch_bounds__(128, NQ == 1 ? 4 : 3) decode_kernel(const Deco
   if (a.query_start[seq] > tok_q) return;          // padding request of a CUDA graph batch
   const int seq_len = a.seq_lens[seq];
   const int tiles = (seq_len + 15) / 16;
-  const int chunk = split_tiles(tiles, a.num_splits);
+  const int chunk = split_tiles(a, tiles);
   const int t0 = split * chunk, t1 = min(tiles, t0 + chunk);
   if (split > 0 && t0 >= t1) return;
 
-  __shared__ float sq[ROWS][D];  // rotated Q, later the output rows
+  // Rows padded by one word per 32 (dim d at pd(d)) and strides chosen so that every access below
+  // is free of bank conflicts (unpadded, the B-fragment reads of Q were 32-way and the partial
+  // output writes 16-way conflicted: at batch 1 they were half of the kernel's time).
+  __shared__ float sq[ROWS][D + D / 32];  // rotated Q, later the output rows
   __shared__ float sqsum[ROWS];
-  __shared__ float so[NW][ROWS][D];
+  __shared__ float so[NW][ROWS][D + D / 32 + D / 64];
   __shared__ float sm[NW][ROWS], sl[NW][ROWS];
 
-  // this warp's first tile: its loads go out before the Q prologue, so the two memory latencies overlap
-  // (a split of 64 tokens is one tile a warp: the prologue and that tile were the CTA's serial chain)
+  // Block-table entries of this warp's tiles, lane j holding its j-th (then the next 32 in bt_nxt):
+  // a tile's cache loads then wait on no block-table load (in-order issue made each tile cost two
+  // dependent memory latencies: the entry, then the cache).
   const int32_t* bt = a.block_table + seq * a.bt_stride;
+  auto bt_entry = [&](int j) { const int tl = t0 + warp + j * NW; return tl < t1 ? bt[tl * 16 / a.block_size] : 0; };
+  int bt_cur = bt_entry(lane), bt_nxt = bt_entry(32 + lane);
+  // this warp's first tile: its loads go out before the Q prologue, so the two memory latencies overlap
   Tile<D> cur, nxt;
   int tile = t0 + warp;
-  if (tile < t1) load_tile<D>(cur, a, bt, kvh, tile, g, t);
+  if (tile < t1) load_tile<D>(cur, a, __shfl_sync(0xffffffffu, bt_cur, 0), kvh, tile, g, t);
 
   // Q rotated (signs, then the FWHT) and rounded to bf16, one warp a row: the butterflies in registers
   // and shuffles (warp_fwht, the same order as the cache write's), no CTA barrier between the stages
@@ -310,10 +320,10 @@ __global__ void __launch_bounds__(128, NQ == 1 ? 4 : 3) decode_kernel(const Deco
     }
     if (r < G) warp_fwht<D>(x, lane);  // warp-uniform
 #pragma unroll
-    for (int e = 0; e < E; ++e) sq[r][lane * E + e] = bf16_round(x[e]);
+    for (int e = 0; e < E; ++e) sq[r][pd(lane * E + e)] = bf16_round(x[e]);
     __syncwarp();
     float s = 0.f;
-    for (int d = lane; d < D; d += 32) s += sq[r][d];
+    for (int d = lane; d < D; d += 32) s += sq[r][pd(d)];
 #pragma unroll
     for (int o = 16; o; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
     if (lane == 0) sqsum[r] = s;
@@ -330,8 +340,8 @@ __global__ void __launch_bounds__(128, NQ == 1 ? 4 : 3) decode_kernel(const Deco
       const int b = t * (D / 4) + 8 * w, r = c * 8 + g;
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        qb[c][2 * w + h][0] = pack_bf16(sq[r][b + 2 * h], sq[r][b + 2 * h + 4]);
-        qb[c][2 * w + h][1] = pack_bf16(sq[r][b + 2 * h + 1], sq[r][b + 2 * h + 5]);
+        qb[c][2 * w + h][0] = pack_bf16(sq[r][pd(b + 2 * h)], sq[r][pd(b + 2 * h + 4)]);
+        qb[c][2 * w + h][1] = pack_bf16(sq[r][pd(b + 2 * h + 1)], sq[r][pd(b + 2 * h + 5)]);
       }
     }
   float qsum[NQ][2];
@@ -352,8 +362,13 @@ __global__ void __launch_bounds__(128, NQ == 1 ? 4 : 3) decode_kernel(const Deco
 #pragma unroll
     for (int j = 0; j < 2; ++j) m_r[c][j] = -INFINITY, l_r[c][j] = z_r[c][j] = 0.f;
 
-  for (; tile < t1; tile += NW) {
-    if (tile + NW < t1) load_tile<D>(nxt, a, bt, kvh, tile + NW, g, t);
+  for (int j = 1; tile < t1; tile += NW, ++j) {  // j: the warp's index of the next tile
+    if ((j & 31) == 0) {  // warp-uniform
+      bt_cur = bt_nxt;
+      bt_nxt = bt_entry(j + 32 + lane);
+    }
+    const int blk_next = __shfl_sync(0xffffffffu, bt_cur, j & 31);
+    if (tile + NW < t1) load_tile<D>(nxt, a, blk_next, kvh, tile + NW, g, t);
     // S^T for tokens (g, g+8) x queries (2t, 2t+1) of each column tile
     float s[NQ][4];
 #pragma unroll
@@ -445,8 +460,8 @@ __global__ void __launch_bounds__(128, NQ == 1 ? 4 : 3) decode_kernel(const Deco
       const int q = c * 8 + 2 * t + j;
 #pragma unroll
       for (int i = 0; i < MT; ++i) {
-        so[warp][q][g * (D / 8) + i] = acc[c][i][j] - z_r[c][j];
-        so[warp][q][g * (D / 8) + i + MT] = acc[c][i][2 + j] - z_r[c][j];
+        so[warp][q][pd(g * (D / 8) + i)] = acc[c][i][j] - z_r[c][j];
+        so[warp][q][pd(g * (D / 8) + i + MT)] = acc[c][i][2 + j] - z_r[c][j];
       }
       if (g == 0) {
         sm[warp][q] = m_r[c][j];
@@ -465,12 +480,12 @@ __global__ void __launch_bounds__(128, NQ == 1 ? 4 : 3) decode_kernel(const Deco
 #pragma unroll
       for (int w = 0; w < NW; ++w) {
         const float f = exp2f(sm[w][r] - M);
-        O += f * so[w][r][d];
+        O += f * so[w][r][pd(d)];
         L += f * sl[w][r];
       }
     }
     if (single) {
-      sq[r][d] = L > 0.f ? O / L : 0.f;
+      sq[r][pd(d)] = L > 0.f ? O / L : 0.f;
     } else {
       const int64_t idx = (int64_t(seq) * Hq + kvh * G + r) * a.num_splits + split;
       a.part_o[idx * D + d] = O;
@@ -485,7 +500,7 @@ __global__ void __launch_bounds__(128, NQ == 1 ? 4 : 3) decode_kernel(const Deco
   for (int r = warp; r < G; r += NW) {  // undo the rotation, one warp a row
     float x[E];
 #pragma unroll
-    for (int e = 0; e < E; ++e) x[e] = sq[r][lane * E + e];
+    for (int e = 0; e < E; ++e) x[e] = sq[r][pd(lane * E + e)];
     warp_fwht<D>(x, lane);
 #pragma unroll
     for (int e = 0; e < E; ++e) {
@@ -502,7 +517,7 @@ __global__ void __launch_bounds__(D) reduce_kernel(const DecodeArgs a) {
   const int tok_q = a.query_start[seq + 1] - 1;
   if (a.query_start[seq] > tok_q) return;
   const int tiles = (a.seq_lens[seq] + 15) / 16;
-  const int chunk = split_tiles(tiles, a.num_splits);
+  const int chunk = split_tiles(a, tiles);
   const int active = tiles > 0 ? (tiles + chunk - 1) / chunk : 1;
   const int64_t base = (int64_t(seq) * Hq + head) * a.num_splits;
   float M = -INFINITY;
@@ -554,6 +569,8 @@ KV4_API int ostq_kv4_write(const void* key, const void* value, void* cache, cons
   return (int)cudaGetLastError();
 }
 
+KV4_API void ostq_kv4_set_min_tiles(int tiles) { kv4::g_min_tiles = tiles < 1 ? 1 : tiles; }
+
 KV4_API int ostq_kv4_decode(const void* q, long long q_tok, long long q_head, void* out, long long o_tok,
                             long long o_head, const void* cache, long long c_blk, long long c_slot, long long c_head,
                             const int32_t* block_table, long long bt_stride, const int32_t* seq_lens,
@@ -564,7 +581,7 @@ KV4_API int ostq_kv4_decode(const void* q, long long q_tok, long long q_head, vo
   if (group < 1 || group > 16 || block_size % 16 || num_splits < 1) return (int)cudaErrorInvalidValue;
   kv4::DecodeArgs a{static_cast<const __nv_bfloat16*>(q), q_tok, q_head, static_cast<__nv_bfloat16*>(out), o_tok,
                     o_head, static_cast<const uint8_t*>(cache), c_blk, c_slot, c_head, block_table, bt_stride,
-                    seq_lens, query_start, group, block_size, num_splits,
+                    seq_lens, query_start, group, block_size, num_splits, kv4::g_min_tiles,
                     softmax_scale / head_size * 1.4426950408889634f, signs, part_o, part_ml};
   auto s = static_cast<cudaStream_t>(stream);
   const dim3 grid(nkv, num_splits, num_seqs);

@@ -432,7 +432,7 @@ template <bool WGLOBAL, int BMT, int RB = 1>
 struct WgCfg {
   static constexpr int kABytes = BMT * WG_BK;  // 16 / 8 / 4 KB, 1024-aligned
   static constexpr int kStages =
-      BMT == 128 ? (WGLOBAL ? 5 : 4) : (RB > 1 ? 4 : BMT == 64 ? 6 : 8);
+      BMT == 128 ? (WGLOBAL || RB > 1 ? 5 : 4) : (RB > 1 ? 4 : BMT == 64 ? 6 : 8);
   static constexpr int kStage = kABytes + (WGLOBAL ? 0 : RB * WG_WBYTES);
   static constexpr int kSmem = kStage * kStages + 1024;  // + alignment slack
   static constexpr int kRedLd = RB * WG_BN + 4;         // int32 partial tile [BMT][BN + 4]: conflict-free writes
@@ -619,7 +619,7 @@ __device__ __forceinline__ void cluster_reduce_store(const int (&acc)[RB][BMT / 
 // ptxas serialized its wgmmas (C7513) and spilled; this one (session 10) compiles without C7513 and
 // without spills, 128 registers; not yet run on a GPU.
 template <typename OutT, bool WGLOBAL, bool PIPE, int BMT = 128, bool CLUSTER = false, int RB = 1>
-__global__ void __launch_bounds__(WG_THREADS, 2)
+__global__ void __launch_bounds__(WG_THREADS, BMT * RB > 128 ? 1 : 2)  // kind 26: 128 accumulators a thread
     gemm_wgmma_kernel(const int8_t* __restrict__ A, const uint8_t* __restrict__ Wp, Epi epi,
                       OutT* __restrict__ out, int M, int N, int K, int kt_per_split, int* __restrict__ ws,
                       int* __restrict__ counters) {
@@ -1624,7 +1624,8 @@ int launch_mma(const int8_t* A, const uint8_t* Wp, const Epi& epi, OutT* out, in
 //        warp and 32/64 tokens a CTA (batches of 17-256 tokens), 13/14 wgmma with 64/32-token tiles and K
 //        split over a thread-block cluster, 15/16 the same with 256 weight rows a CTA (the activations,
 //        which every CTA reads whole, cost half as much L2 traffic per weight byte), 22-25 = 13-16
-//        pipelined as kind 6 (17-21 were warp-specialized versions, removed in session 10: slower)
+//        pipelined as kind 6, 26 the same with 128 x 256 tiles (17-21 were warp-specialized versions, removed in
+//        session 10: slower)
 struct Plan {
   int kind, splits, BN, BM, splits_units;  // splits_units: k blocks (64 or 128) to split
 };
@@ -1657,9 +1658,10 @@ Plan plan_gemm(int M, int N, int K, int force) {
     case 11: p.BN = 64; p.BM = 32; return p;    // 4 x 32
     case 12: p.BN = 64; p.BM = 64; return p;    // 4 x 64
     case 13: case 14: case 15: case 16:  // wgmma, 64 / 32 tokens, 128 / 256 rows, K split over a cluster
-    case 22: case 23: case 24: case 25: {  // the same, pipelined (as kind 6)
+    case 22: case 23: case 24: case 25:  // the same, pipelined (as kind 6)
+    case 26: {  // pipelined, 128 tokens x 256 rows (prefill: a third less L2 traffic per op than kind 6)
       const int v = p.kind - (p.kind >= 22 ? 22 : 13);  // 0: 64 x 128, 1: 32 x 128, 2: 64 x 256, 3: 32 x 256
-      p.BN = v >= 2 ? 256 : 128; p.BM = (v & 1) ? 32 : 64; p.splits_units = K / 128;
+      p.BN = v >= 2 ? 256 : 128; p.BM = v == 4 ? 128 : (v & 1) ? 32 : 64; p.splits_units = K / 128;
       // as many K splits as fill every SM twice (rounded down: a partial extra wave costs more than
       // it gains), at most a cluster's 8, at least 2 k128 steps each, none empty
       const int tiles = ((N + p.BN - 1) / p.BN) * ((M + p.BM - 1) / p.BM);
@@ -1684,7 +1686,7 @@ Plan plan_gemm(int M, int N, int K, int force) {
   return p;
 }
 
-bool uses_cluster(const Plan& p) { return (p.kind >= 13 && p.kind <= 16) || (p.kind >= 22 && p.kind <= 25); }
+bool uses_cluster(const Plan& p) { return (p.kind >= 13 && p.kind <= 16) || (p.kind >= 22 && p.kind <= 26); }
 
 template <typename OutT, bool WGLOBAL, bool PIPE>
 int launch_wgmma(const int8_t* A, const uint8_t* Wp, const Epi& epi, OutT* out, int M, int N, int K, int splits,
@@ -1780,6 +1782,8 @@ int gemm_dispatch(const int8_t* A, const uint8_t* Wp, const Epi& epi, OutT* out,
       return launch_wgmma_cluster<OutT, 64, 2, true>(A, Wp, epi, out, M, N, K, p.splits, st);
     case 25:
       return launch_wgmma_cluster<OutT, 32, 2, true>(A, Wp, epi, out, M, N, K, p.splits, st);
+    case 26:
+      return launch_wgmma_cluster<OutT, 128, 2, true>(A, Wp, epi, out, M, N, K, p.splits, st);
     default:
       return launch_wgmma<OutT, true, false>(A, Wp, epi, out, M, N, K, p.splits, ws, counters, st);
   }
@@ -1793,7 +1797,7 @@ int launch_had(const __nv_bfloat16* x, int8_t* q, float* scale, float* zero, int
     const int r = try_had4<B>(x, q, scale, zero, M, K, log2p, norm, p, variant, st);
     if (r >= 0) return r;
   }
-  if (variant == 5) {
+  if (variant == 0 || variant == 5) {  // session 11, H100: 1.7x version 3 at b = 1, K = 14336 (M 1-8192)
     const int r = launch_had5<B>(x, q, scale, zero, M, K, log2p, hb, norm, p, st);
     if (r >= 0) return r;
   }
@@ -1849,7 +1853,7 @@ OSTQ_API int ostq_int4_gemm(const void* a_q, const void* a_scale, const void* a_
                             const void* w_scale, int w_scale_half, const void* w_sum, void* out, int out_half,
                             int M, int N, int K, void* workspace, void* counters, int force, void* stream) {
   if (M <= 0) return 0;
-  if (N % 16 || K % 64 || (force > 16 && force < 22) || force > 25) return (int)cudaErrorInvalidValue;
+  if (N % 16 || K % 64 || (force > 16 && force < 22) || force > 26) return (int)cudaErrorInvalidValue;
   Epi e{(const float*)a_scale, (const float*)a_zero, w_scale, (const int*)w_sum, w_scale_half};
   cudaStream_t st = (cudaStream_t)stream;
   if (out_half)
@@ -1863,7 +1867,7 @@ OSTQ_API int ostq_int4_gemm(const void* a_q, const void* a_scale, const void* a_
 // hadamard: 0 none; else the number of diagonal blocks b (a power of two) of I_b (x) H_{K/b}, with
 // hb = ±1 float table [B*B] of H_B (row-major, H_B[i][j]) and log2p = log2(K/(b*B)).
 // variant (Hadamard only): 0 = automatic (version 4 where its butterflies stay within a warp, else
-// version 3: try_had4), 1 = version 2 (constant-memory table), 2 = version 3 (row in shared memory, signs
+// version 5 where it fits, else version 3), 1 = version 2 (constant-memory table), 2 = version 3 (row in shared memory, signs
 // compiled in), 3 / 4 = version 4 (row in registers) with the larger / smaller R, 5 = version 5 (H_B on the
 // tensor cores; K = 512 B, B in {12, 20, 28}); 3, 4 and 5 take version 3 where they do not fit.
 OSTQ_API int ostq_quantize_act(const void* x, void* q, void* scale, void* zero, int M, int K, int bits, int sym,

@@ -147,12 +147,13 @@ def test_auto_kernel_choice():
     assert _auto_force(1, 4096, 4096) == 7
     assert _auto_force(16, 4096, 4096) == 8
     assert _auto_force(16, 57344, 8192) == 0
-    assert _auto_force(2048, 4096, 4096) == 5
-    assert _auto_force(2048, 4096, 14336) == 5 and _auto_force(2048, 8192, 28672) == 3
+    assert _auto_force(2048, 4096, 4096) == 6
+    assert _auto_force(2048, 4096, 14336) == 6 and _auto_force(2048, 8192, 28672) == 3
     # batches of 17-256 tokens (kernels_h100_midm.json): the decode kernel with R weight blocks
-    assert _auto_force(32, 4096, 14336) == 9 and _auto_force(32, 28672, 4096) == 16
-    assert _auto_force(64, 4096, 14336) == 11 and _auto_force(128, 6144, 4096) == 11
-    assert _auto_force(64, 28672, 4096) == 13 and _auto_force(65, 28672, 4096) == 5  # wide layers: wgmma
+    assert _auto_force(32, 4096, 14336) == 9 and _auto_force(32, 28672, 4096) == 25
+    assert _auto_force(64, 4096, 14336) == 11 and _auto_force(128, 4096, 14336) == 11
+    assert _auto_force(64, 6144, 4096) == 11 and _auto_force(96, 6144, 4096) == 22  # 8B qkv
+    assert _auto_force(64, 28672, 4096) == 22 and _auto_force(65, 28672, 4096) == 5  # wide layers: wgmma
     assert _auto_force(256, 4096, 14336) == 12 and _auto_force(256, 4096, 4096) == 12
     assert _auto_force(256, 6144, 4096) == 5
     assert _auto_force(64, 576, 576) == 11  # the decode kernels need K % 64 only

@@ -201,11 +201,14 @@ def _gemm_kernel_ok(a_q: torch.Tensor, w: torch.Tensor, out_dtype: torch.dtype) 
 #   M <= 16: 8 (decode, 16 tokens) for weights < 32 MB, else 0 (mma.sync, split-K over CTAs)
 #   M <= 256: the decode kernel with R weight blocks a warp while it beats wgmma: 9 (R=2, 32
 #     tokens) up to 32 tokens; 11 (R=4, 32 tokens a CTA row) up to 128; 12 (R=4, 64) up to 256 at
-#     N <= 4096 or K >= 8192. Wide layers (N >= 16384, e.g. gate_up) take wgmma: 16 (32-token tiles of
-#     256 rows) up to 32 tokens, 13 (64 tokens, 128 rows) up to 64, then 5 (kernels_h100_midm.json, 8B
-#     gate_up: 28.0 us against the decode kernel's 32.9 at M = 24, 34.0 against kind 5's 36.0 at 64):
-#     they have CTAs enough, and the decode kernel re-reads the activations once per 64 rows.
-#   M > 256, K % 128 == 0: wgmma, 3 (weights global->registers) for K > 16384, else 5 (via smem)
+#     N <= 4096 or K >= 8192. Wide layers (N >= 16384, e.g. gate_up) take the pipelined wgmma: 25
+#     (32-token tiles of 256 rows) up to 32 tokens, 22 (64 tokens, 128 rows) up to 64, then 5
+#     (kernels_h100_midm.json, 8B gate_up: 27.6 us against the decode kernel's 32.9 at M = 24, 32.1
+#     against kind 5's 36.0 at 64): they have CTAs enough, and the decode kernel re-reads the
+#     activations once per 64 rows. 65-128 tokens at 6144 <= N < 16384 (8B qkv): 22 (15.2 us against
+#     kind 11's 18.7 at M = 128; at N = 4096 kind 11 stays ahead).
+#   M > 256, K % 128 == 0: wgmma, 3 (weights global->registers) for K > 16384, else 6 (via smem,
+#     pipelined: 3-5 % ahead of 5 summed over the 8B and 70B layers at M = 2048 and 8192, session 11)
 #   otherwise: -1, the library's own choice (mma.sync tiles)
 SMALL_M_SPLITK_BYTES = 32 << 20
 WIDE_N = 16384
@@ -222,18 +225,20 @@ def _auto_force(m: int, n: int, k: int) -> int:
     if m <= 256:
         wide = n >= WIDE_N and k % 128 == 0
         if m <= 64 and wide:
-            return 16 if m <= 32 else 13
+            return 25 if m <= 32 else 22
         if m <= 32:
             return 9
         if m <= 128:
-            return 5 if wide else 11
+            if wide:
+                return 5
+            return 22 if m > 64 and n >= 6144 and k % 128 == 0 else 11
         if not wide and (n <= 4096 or k >= 8192):
             return 12
         if k % 128 == 0:
             return 5
         return 12
     if k % 128 == 0:  # H100, session 8: kind 3 wins only at K = 28672 (70B down); at K = 8192 kind 5 by 2-11 %
-        return 3 if k > 16384 else 5
+        return 3 if k > 16384 else 6
     return -1
 
 
@@ -242,7 +247,8 @@ def _gemm_cuda(a_q, a_scale, a_zero, w, w_scale, w_sum, out_dtype, force=None, o
     library's heuristic, else a kernel kind (0/1/2/4 mma.sync split-K or tiles, 3/5 wgmma,
     7/8 decode, 9-12 decode with 2/4 weight blocks a warp and 32/64 tokens a CTA, 6 the pipelined
     wgmma, 13/14 wgmma with 64/32-token tiles, K split over a thread-block cluster, 15/16 the same with 256
-    weight rows a CTA, 22-25 = 13-16 pipelined as 6). `out` (tests): [M, N]."""
+    weight rows a CTA, 22-25 = 13-16 pipelined as 6, 26 pipelined with 128-token x 256-row tiles).
+    `out` (tests): [M, N]."""
     n, k = weight_shape(w)
     a2 = a_q.reshape(-1, k).contiguous()
     if a2.data_ptr() % 16:  # 16-B cp.async

@@ -66,6 +66,10 @@ def load():
     lib.ostq_kv4_decode.restype = i
     lib.ostq_kv4_dequant.argtypes = [vp, ll, ll, ll, vp, vp, i, i, i, i, vp, vp, vp, vp]
     lib.ostq_kv4_dequant.restype = i
+    lib.ostq_kv4_set_min_tiles.argtypes = [i]
+    lib.ostq_kv4_set_min_tiles.restype = None
+    if os.environ.get("OSTQUANT_KV4_MIN_TILES"):  # the least 16-token tiles a decode split takes (default 4)
+        lib.ostq_kv4_set_min_tiles(int(os.environ["OSTQUANT_KV4_MIN_TILES"]))
     lib.ostq_error_string.argtypes = [i]
     lib.ostq_error_string.restype = ctypes.c_char_p
     _lib = lib
