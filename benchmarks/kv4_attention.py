@@ -201,7 +201,7 @@ def main(argv=None) -> None:
            "date": time.strftime("%Y-%m-%d"), "shape": {"q_heads": HQ, "kv_heads": NKV, "head_size": D, "block": BS},
            "copy_tb_s": copy_bandwidth(), "read_tb_s": read_bandwidth(), "points": []}
     res["hbm_tb_s"] = max(res["copy_tb_s"], res["read_tb_s"])
-    res["min_split_tiles"] = int(os.environ.get("OSTQUANT_KV4_MIN_TILES", "4"))  # the decode's least split
+    res["min_split_tiles"] = int(os.environ.get("OSTQUANT_KV4_MIN_TILES", "16"))  # the decode's least split
     try:
         res["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
                                        capture_output=True, text=True).stdout.strip()

@@ -149,7 +149,7 @@ MIDM_WG_COLS = {5: "wgmma 5 (128 tokens)", 13: "13 (64, cluster)", 14: "14 (32, 
 def kv4_attention_table(path: str) -> str:
     d = json.load(open(path))
     sh = d["shape"]
-    out = [f"**Decode attention over the KV cache, {d['gpu']}** ({os.path.basename(path)}; vLLM {d['vllm']}, "
+    out = [f"**Decode attention over the KV cache, {d['gpu']}** ({os.path.basename(path)}; vLLM {d['vllm'] or '— (ours only)'}, "
            f"torch {d['torch']}; {sh['q_heads']} query / {sh['kv_heads']} KV heads of {sh['head_size']}, block "
            f"{sh['block']}; every sequence at the full context; µs per call in CUDA graphs over >= 256 MB of "
            f"caches; HBM read ceiling {d['hbm_tb_s']:.2f} TB/s measured in the same run)", "",
@@ -158,15 +158,15 @@ def kv4_attention_table(path: str) -> str:
            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for p in d["points"]:
         us = p["us"]
-        out.append(f"| {p['batch']} | {p['context']} | {us['ostquant_int4']:.1f} | {us['vllm_int4']:.1f} | "
+        out.append(f"| {p['batch']} | {p['context']} | {us['ostquant_int4']:.1f} | {_fmt(us.get('vllm_int4'), 1)} | "
                    f"{_fmt(us.get('fa3_bf16'), 1)} | {_fmt(us.get('fa3_fp8'), 1)} | {p['ostquant_tb_s']:.2f} | "
-                   f"{100 * p['ostquant_frac_of_hbm']:.0f}% | {p['speedup_vs_vllm_int4']:.2f} | "
+                   f"{100 * p['ostquant_frac_of_hbm']:.0f}% | {_fmt(p.get('speedup_vs_vllm_int4'))} | "
                    f"{_fmt(p.get('speedup_vs_fa3_fp8'))} |")
     errs = [p["rel_err_vs_reference"] for p in d["points"] if "rel_err_vs_reference" in p]
     if errs:
         out += ["", f"Ours against the float32 reference of the same cache (points up to 64K tokens): "
                 f"||out - ref|| / ||ref|| <= {max(errs):.1e}."]
-    out.append(f"- command: `{d['command']}`")
+    out += [f"- {n}" for n in d.get("notes", [])] + [f"- command: `{d['command']}`"]
     return "\n".join(out)
 
 
@@ -391,8 +391,9 @@ def all_tables() -> str:
         parts.append(vllm_tp_table(p))
     for p in sorted(glob.glob(os.path.join(res, "e2e_vllm_*.json"))):
         parts.append(e2e_table(p))
-    if os.path.exists(os.path.join(res, "kv4_attention_h100.json")):
-        parts.append(kv4_attention_table(os.path.join(res, "kv4_attention_h100.json")))
+    for name in ("kv4_attention_h100.json", "kv4_attention_h100_ours.json", "kv4_attention_h100_ours_min16.json"):
+        if os.path.exists(os.path.join(res, name)):
+            parts.append(kv4_attention_table(os.path.join(res, name)))
     if os.path.exists(os.path.join(res, "kv4_real_model_h100.json")):
         parts.append(kv4_real_model_table(os.path.join(res, "kv4_real_model_h100.json")))
     for p in sorted(glob.glob(os.path.join(res, "kernels_*.json"))):

@@ -148,7 +148,8 @@ def test_auto_kernel_choice():
     assert _auto_force(16, 4096, 4096) == 8
     assert _auto_force(16, 57344, 8192) == 0
     assert _auto_force(2048, 4096, 4096) == 6
-    assert _auto_force(2048, 4096, 14336) == 6 and _auto_force(2048, 8192, 28672) == 3
+    assert _auto_force(2048, 4096, 14336) == 26 and _auto_force(2048, 8192, 28672) == 26
+    assert _auto_force(8192, 28672, 4096) == 6 and _auto_force(8192, 8192, 8192) == 6
     # batches of 17-256 tokens (kernels_h100_midm.json): the decode kernel with R weight blocks
     assert _auto_force(32, 4096, 14336) == 9 and _auto_force(32, 28672, 4096) == 25
     assert _auto_force(64, 4096, 14336) == 11 and _auto_force(128, 4096, 14336) == 11

@@ -207,8 +207,9 @@ def _gemm_kernel_ok(a_q: torch.Tensor, w: torch.Tensor, out_dtype: torch.dtype) 
 #     against kind 5's 36.0 at 64): they have CTAs enough, and the decode kernel re-reads the
 #     activations once per 64 rows. 65-128 tokens at 6144 <= N < 16384 (8B qkv): 22 (15.2 us against
 #     kind 11's 18.7 at M = 128; at N = 4096 kind 11 stays ahead).
-#   M > 256, K % 128 == 0: wgmma, 3 (weights global->registers) for K > 16384, else 6 (via smem,
-#     pipelined: 3-5 % ahead of 5 summed over the 8B and 70B layers at M = 2048 and 8192, session 11)
+#   M > 256, K % 128 == 0: the pipelined wgmma: 26 (128 x 256 tiles) for K >= 14336 (the down
+#     projections: 8B M = 8192 835 against kind 6's 986 us, 70B 3350 against kind 3's 3752), else 6
+#     (128 x 128 tiles: 3-5 % ahead of 5 summed over the layers; 26 loses at K = 4096), session 11
 #   otherwise: -1, the library's own choice (mma.sync tiles)
 SMALL_M_SPLITK_BYTES = 32 << 20
 WIDE_N = 16384
@@ -237,8 +238,8 @@ def _auto_force(m: int, n: int, k: int) -> int:
         if k % 128 == 0:
             return 5
         return 12
-    if k % 128 == 0:  # H100, session 8: kind 3 wins only at K = 28672 (70B down); at K = 8192 kind 5 by 2-11 %
-        return 3 if k > 16384 else 6
+    if k % 128 == 0:  # H100, session 11 (kernels_h100_largem.json)
+        return 26 if k >= 14336 else 6
     return -1
 
 
