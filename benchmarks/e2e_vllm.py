@@ -194,14 +194,36 @@ def engine_facts(llm) -> dict:
 
 def profile_decode(prompts, timed, a) -> dict:
     """GPU time by kernel over a batch-64 generation (128 in, 128 out), grouped into what the step
-    is made of (kernels replayed from CUDA graphs are recorded by CUPTI too). Needs the engine in
-    this process: VLLM_ENABLE_V1_MULTIPROCESSING=0."""
-    import torch
+    is made of (kernels replayed from CUDA graphs are recorded by CUPTI too), and the same for the
+    decode steps alone: the generation minus a run of the same prompts with one output token (the
+    8,192-token prefill). Needs the engine in this process: VLLM_ENABLE_V1_MULTIPROCESSING=0."""
     from torch.profiler import ProfilerActivity, profile
 
-    b = 64
+    b, out_len = 64, 128
     with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
-        dt, ntok = timed(prompts(b, a.input_len), 128)
+        timed(prompts(b, a.input_len), 1)
+    prefill = _kernel_times(prof)
+    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+        dt, ntok = timed(prompts(b, a.input_len), out_len)
+    per_kernel = _kernel_times(prof)
+    steps = out_len - 1
+    decode = {k: max(0.0, t - prefill.get(k, 0.0)) / steps for k, t in per_kernel.items()}  # µs a step
+    total = sum(per_kernel.values()) or 1.0
+    top = sorted(per_kernel.items(), key=lambda kv: -kv[1])[:15]
+    top_dec = sorted(decode.items(), key=lambda kv: -kv[1])[:15]
+    return {"batch": b, "output_tokens": ntok, "wall_s": dt, "gpu_busy_s": total / 1e6,
+            "fraction_by_category": {c: t / total for c, t in _by_category(per_kernel).items()},
+            "top_kernels_ms": [[k[:120], t / 1e3] for k, t in top],
+            "prefill_gpu_ms": sum(prefill.values()) / 1e3,
+            "decode_step_us": sum(decode.values()),
+            "decode_step_us_by_category": _by_category(decode),
+            "top_decode_kernels_us_per_step": [[k[:120], t] for k, t in top_dec]}
+
+
+def _kernel_times(prof) -> dict:
+    """µs of GPU time per kernel name in a torch profiler run."""
+    import torch
+
     per_kernel = {}
     for e in prof.key_averages():
         t = getattr(e, "self_device_time_total", None)
@@ -209,15 +231,15 @@ def profile_decode(prompts, timed, a) -> dict:
             t = getattr(e, "self_cuda_time_total", 0)
         if t and e.device_type == torch.autograd.DeviceType.CUDA:
             per_kernel[e.key] = per_kernel.get(e.key, 0.0) + t
-    total = sum(per_kernel.values()) or 1.0
+    return per_kernel
+
+
+def _by_category(per_kernel: dict) -> dict:
     cats = {}
     for k, t in per_kernel.items():
         c = kernel_category(k)
         cats[c] = cats.get(c, 0.0) + t
-    top = sorted(per_kernel.items(), key=lambda kv: -kv[1])[:15]
-    return {"batch": b, "output_tokens": ntok, "wall_s": dt, "gpu_busy_s": total / 1e6,
-            "fraction_by_category": {c: t / total for c, t in sorted(cats.items(), key=lambda kv: -kv[1])},
-            "top_kernels_ms": [[k[:120], t / 1e3] for k, t in top]}
+    return dict(sorted(cats.items(), key=lambda kv: -kv[1]))
 
 
 _CATEGORIES = [

@@ -132,6 +132,10 @@ def e2e_table(path: str) -> str:
         prof = p.get("profile", {})
         shares = ", ".join(f"{k} {v:.0%}" for k, v in prof.get("fraction_by_category", {}).items() if v >= 0.01)
         out.append(f"- GPU time of {c} at batch {prof.get('batch')} (torch profiler): {shares}")
+        if "decode_step_us" in prof:
+            per = ", ".join(f"{k} {v:.0f}" for k, v in prof["decode_step_us_by_category"].items() if v >= 5)
+            out.append(f"- its decode steps alone (the run minus its prefill, {prof['prefill_gpu_ms']:.1f} ms): "
+                       f"{prof['decode_step_us']:.0f} µs of GPU time a step: {per}")
     out += [f"- {n}" for n in d.get("notes", [])] + [f"- command: `{c}`" for c in d.get("commands", [])]
     return "\n".join(out)
 

@@ -20,7 +20,8 @@
 // fp16 in registers by the lop3 magic-number trick (exact). Notes and measurements:
 // benchmarks/NOTES_kv4.md.
 // Splits: the context is cut into ceil(tiles / num_splits) tiles (at least min_tiles) per CTA,
-// computed on the device from seq_lens, so a CUDA graph captured at one length is right at any other.
+// computed on the device from seq_lens, so a CUDA graph captured at one length is right at any other;
+// the last split to finish combines them (combine_splits): one kernel a call.
 #include <cuda_runtime.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -31,6 +32,7 @@
 namespace kv4 {
 
 constexpr int NW = 4;          // warps per decode CTA
+#define KV4_MAX_SPLITS 256     // the split combine's weights (G x splits floats) fit in the partial-output buffer
 // The least context a split is given, in 16-token tiles (OSTQUANT_KV4_MIN_TILES / ostq_kv4_set_min_tiles
 // for measurements). H100, session 11, batch 1: 16 (256 tokens) 14.6 µs at 4k context against 4's 19.1
 // (64 splits make the reduce kernel the chain), 4 ahead at 1k (10.5 against 12.1).
@@ -226,6 +228,7 @@ struct DecodeArgs {
   const float* signs;
   float* part_o;   // [num_seqs][Hq][num_splits][D]
   float* part_ml;  // [num_seqs][Hq][num_splits][2]
+  int* counters;   // [num_seqs][nkv] splits finished; zero between launches (the last split resets it)
 };
 
 __device__ __forceinline__ int split_tiles(const DecodeArgs& a, int tiles) {
@@ -273,6 +276,54 @@ __device__ __forceinline__ uint32_t transpose8x8(uint32_t x) {
   return r;
 }
 
+// The split combine for `rows` query heads (rows row0 .. row0 + rows - 1 of the partials) over `active`
+// splits, in the last CTA of a (sequence, kv head): out(r, d) = sum_s f_s o_s[d] / sum_s f_s l_s with
+// f_s = 2^(m_s - max_s m_s). `w` holds rows x active floats of shared memory, `lsum` rows. The
+// partials come from other CTAs: read from L2 (__ldcg), never a stale L1 line.
+template <int D, typename Store>
+__device__ __forceinline__ void combine_splits(const DecodeArgs& a, int row0, int rows, int active, float* w,
+                                               float* lsum, Store&& store) {
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, nthr = blockDim.x;
+  for (int i = tid; i < rows * active; i += nthr) {  // the m of every (row, split), all loads in flight
+    const int r = i / active, s = i % active;
+    w[i] = __ldcg(a.part_ml + (int64_t(row0 + r) * a.num_splits + s) * 2);
+  }
+  __syncthreads();
+  for (int r = warp; r < rows; r += nthr / 32) {  // a warp a row: the max, then the weights, then l
+    float M = -INFINITY;
+    for (int s = lane; s < active; s += 32) M = fmaxf(M, w[r * active + s]);
+#pragma unroll
+    for (int o = 16; o; o >>= 1) M = fmaxf(M, __shfl_xor_sync(0xffffffffu, M, o));
+    float L = 0.f;
+    for (int s = lane; s < active; s += 32) {
+      const float f = M == -INFINITY ? 0.f : exp2f(w[r * active + s] - M);
+      w[r * active + s] = f;
+      L += f * __ldcg(a.part_ml + (int64_t(row0 + r) * a.num_splits + s) * 2 + 1);
+    }
+#pragma unroll
+    for (int o = 16; o; o >>= 1) L += __shfl_xor_sync(0xffffffffu, L, o);
+    if (lane == 0) lsum[r] = L;
+  }
+  __syncthreads();
+  for (int i = tid; i < rows * D; i += nthr) {
+    const int r = i / D, d = i % D;
+    const float* po = a.part_o + int64_t(row0 + r) * a.num_splits * D + d;
+    const float* wr = w + r * active;
+    float O = 0.f;
+    int s = 0;
+    for (; s + 4 <= active; s += 4) {  // four loads in flight before the adds
+      const float o0 = __ldcg(po + (s + 0) * D), o1 = __ldcg(po + (s + 1) * D);
+      const float o2 = __ldcg(po + (s + 2) * D), o3 = __ldcg(po + (s + 3) * D);
+      O += wr[s] * o0;
+      O += wr[s + 1] * o1;
+      O += wr[s + 2] * o2;
+      O += wr[s + 3] * o3;
+    }
+    for (; s < active; ++s) O += wr[s] * __ldcg(po + s * D);
+    store(r, d, lsum[r] > 0.f ? O / lsum[r] : 0.f);
+  }
+}
+
 // Tokens are the M rows of m16n8k16 and the group's queries the N columns (NQ tiles of 8):
 //   S^T = K Q^T  (A = K nibbles -> bf16, B = rotated Q),  O^T += V^T P^T  (A = V nibbles -> fp16,
 //   B = (P * v_scale)^T: the C fragment of S^T in fp16, transposed in registers by movmatrix).
@@ -296,6 +347,7 @@ __global__ void __launch_bounds__(128, NQ == 1 ? 4 : 3) decode_kernel(const Deco
   __shared__ float sq[ROWS][D + D / 32];  // rotated Q, later the output rows
   __shared__ float sqsum[ROWS];
   __shared__ float so[NW][ROWS][D + D / 32 + D / 64];
+  static_assert(NW * (D + D / 32 + D / 64) >= KV4_MAX_SPLITS, "combine_splits' weights must fit in so");
   __shared__ float sm[NW][ROWS], sl[NW][ROWS];
 
   // Block-table entries of this warp's tiles, lane j holding its j-th (then the next 32 in bt_nxt):
@@ -496,7 +548,25 @@ __global__ void __launch_bounds__(128, NQ == 1 ? 4 : 3) decode_kernel(const Deco
       }
     }
   }
-  if (!single) return;
+  // Splits: the last CTA of the (sequence, kv head) to finish combines all splits' partials (a
+  // counter, as splitk_reduce does for the GEMMs) instead of a second kernel: no launch and no
+  // reduce-kernel chain after the last split.
+  if (!single) {
+    __threadfence();
+    __syncthreads();
+    __shared__ int s_last;
+    const int active = (tiles + chunk - 1) / chunk > 0 ? (tiles + chunk - 1) / chunk : 1;
+    int* ctr = a.counters + seq * gridDim.x + kvh;
+    if (tid == 0) {
+      s_last = atomicAdd(ctr, 1) == active - 1;
+      if (s_last) *ctr = 0;  // every active split has counted: ready for the next launch
+    }
+    __syncthreads();
+    if (!s_last) return;
+    __threadfence();
+    combine_splits<D>(a, seq * Hq + kvh * G, G, active, &so[0][0][0], sqsum,
+                      [&](int r, int d, float v) { sq[r][pd(d)] = v; });
+  }
   __syncthreads();
   for (int r = warp; r < G; r += NW) {  // undo the rotation, one warp a row
     float x[E];
@@ -509,39 +579,6 @@ __global__ void __launch_bounds__(128, NQ == 1 ? 4 : 3) decode_kernel(const Deco
       a.out[tok_q * a.o_tok + (kvh * G + r) * a.o_head + d] = __float2bfloat16_rn(x[e] * a.signs[d] / D);
     }
   }
-}
-
-// Combine the splits of one (sequence, query head) and undo the RHT: D threads.
-template <int D>
-__global__ void __launch_bounds__(D) reduce_kernel(const DecodeArgs a) {
-  const int head = blockIdx.x, seq = blockIdx.y, Hq = gridDim.x, d = threadIdx.x;
-  const int tok_q = a.query_start[seq + 1] - 1;
-  if (a.query_start[seq] > tok_q) return;
-  const int tiles = (a.seq_lens[seq] + 15) / 16;
-  const int chunk = split_tiles(a, tiles);
-  const int active = tiles > 0 ? (tiles + chunk - 1) / chunk : 1;
-  const int64_t base = (int64_t(seq) * Hq + head) * a.num_splits;
-  float M = -INFINITY;
-  for (int s = 0; s < active; ++s) M = fmaxf(M, a.part_ml[(base + s) * 2]);
-  float O = 0.f, L = 0.f;
-  if (M != -INFINITY)
-    for (int s = 0; s < active; ++s) {
-      const float f = exp2f(a.part_ml[(base + s) * 2] - M);
-      O += f * a.part_o[(base + s) * D + d];
-      L += f * a.part_ml[(base + s) * 2 + 1];
-    }
-  __shared__ float xs[D];
-  xs[d] = L > 0.f ? O / L : 0.f;
-  __syncthreads();
-  if (d >= 32) return;  // the first warp undoes the rotation
-  constexpr int E = D / 32;
-  float x[E];
-#pragma unroll
-  for (int e = 0; e < E; ++e) x[e] = xs[d * E + e];
-  warp_fwht<D>(x, d);
-#pragma unroll
-  for (int e = 0; e < E; ++e)
-    a.out[tok_q * a.o_tok + head * a.o_head + d * E + e] = __float2bfloat16_rn(x[e] * a.signs[d * E + e] / D);
 }
 
 }  // namespace kv4
@@ -577,24 +614,24 @@ KV4_API int ostq_kv4_decode(const void* q, long long q_tok, long long q_head, vo
                             const int32_t* block_table, long long bt_stride, const int32_t* seq_lens,
                             const int32_t* query_start, int num_seqs, int nkv, int group, int head_size,
                             int block_size, float softmax_scale, const float* signs, float* part_o, float* part_ml,
-                            int num_splits, void* stream) {
+                            int* counters, int num_splits, void* stream) {
   if (num_seqs <= 0) return 0;
-  if (group < 1 || group > 16 || block_size % 16 || num_splits < 1) return (int)cudaErrorInvalidValue;
+  if (group < 1 || group > 16 || block_size % 16 || num_splits < 1 || num_splits > KV4_MAX_SPLITS ||
+      (num_splits > 1 && !counters))
+    return (int)cudaErrorInvalidValue;
   kv4::DecodeArgs a{static_cast<const __nv_bfloat16*>(q), q_tok, q_head, static_cast<__nv_bfloat16*>(out), o_tok,
                     o_head, static_cast<const uint8_t*>(cache), c_blk, c_slot, c_head, block_table, bt_stride,
                     seq_lens, query_start, group, block_size, num_splits, kv4::g_min_tiles,
-                    softmax_scale / head_size * 1.4426950408889634f, signs, part_o, part_ml};
+                    softmax_scale / head_size * 1.4426950408889634f, signs, part_o, part_ml, counters};
   auto s = static_cast<cudaStream_t>(stream);
   const dim3 grid(nkv, num_splits, num_seqs);
   const bool g16 = group > 8;
   if (head_size == 128) {
     if (g16) kv4::decode_kernel<128, 2><<<grid, 128, 0, s>>>(a);
     else kv4::decode_kernel<128, 1><<<grid, 128, 0, s>>>(a);
-    if (num_splits > 1) kv4::reduce_kernel<128><<<dim3(nkv * group, num_seqs), 128, 0, s>>>(a);
   } else if (head_size == 64) {
     if (g16) kv4::decode_kernel<64, 2><<<grid, 128, 0, s>>>(a);
     else kv4::decode_kernel<64, 1><<<grid, 128, 0, s>>>(a);
-    if (num_splits > 1) kv4::reduce_kernel<64><<<dim3(nkv * group, num_seqs), 64, 0, s>>>(a);
   } else {
     return (int)cudaErrorInvalidValue;
   }

@@ -185,15 +185,19 @@ def decode(query: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tenso
             raise ValueError(f"decode: {name} must be int32, got {x.dtype}")
     cb, cs, ch = _cache_strides(kv_cache, d)
     splits = splits or num_splits(num_seqs, nkv, query.device)
-    part_o = part_ml = None
+    part_o = part_ml = counters = None
     if splits > 1:
         part_o = torch.empty(num_seqs * hq * splits * d, dtype=torch.float32, device=query.device)
         part_ml = torch.empty(num_seqs * hq * splits * 2, dtype=torch.float32, device=query.device)
+        # a counter per (sequence, kv head): the GEMMs' split-K counters (zero between kernels, one stream)
+        counters = kernels._counters(query.device)
+        if num_seqs * nkv > counters.numel():
+            raise ValueError(f"decode: {num_seqs} sequences x {nkv} kv heads split {splits} ways need more counters")
     rc = _lib.load().ostq_kv4_decode(_p(query), query.stride(0), query.stride(1), _p(out), out.stride(0),
                                      out.stride(1), _p(kv_cache), cb, cs, ch, _p(block_table), block_table.stride(0),
                                      _p(seq_lens), _p(query_start_loc), num_seqs, nkv, hq // nkv, d, kv_cache.shape[2],
                                      float(softmax_scale), _p(_signs(d, str(query.device))), _p(part_o), _p(part_ml),
-                                     splits, kernels._stream(query.device))
+                                     _p(counters), splits, kernels._stream(query.device))
     _lib.check(rc, "kv4 decode attention")
 
 
@@ -359,6 +363,8 @@ def install(layer, prefix: str = "") -> bool:
         _log_once(f"ostquant: vLLM's own int4 KV attention serves the cache ({why})")
         return False
     impl.__class__ = _kernel_class(type(impl))
-    _signs(impl.head_size, str(torch.device("cuda", torch.cuda.current_device())))  # no copies in graph capture
+    dev = torch.device("cuda", torch.cuda.current_device())
+    _signs(impl.head_size, str(dev))  # made here: no copies or allocations in graph capture
+    kernels._counters(dev)
     _log_once("ostquant: the int4 KV cache is written and decoded by the ostquant Hopper kernels")
     return True

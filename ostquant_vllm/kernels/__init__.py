@@ -11,8 +11,8 @@ Both are torch.library custom ops (torch.ops.ostquant.quantize_act / int4_gemm) 
 implementations, so they trace under torch.compile and replay inside CUDA graphs. The CUDA path
 is a plain shared library loaded with ctypes (build: python -m ostquant_vllm.kernels.build);
 it launches on torch.cuda.current_stream(). OSTQUANT_DISABLE_KERNELS=1 forces the reference.
-The split-K GEMM path keeps per-device tile counters (zeroed once, reset by the kernel), so two
-GEMMs must not run concurrently on different streams of one device.
+The split-K GEMM path and the split KV4 decode keep per-device counters (zeroed once, reset by the
+kernel), so two of these kernels must not run concurrently on different streams of one device.
 
 Inputs that cost nothing extra per call: a_scale / a_zero as quantize_act returns them (fp32),
 w_scale fp32 or fp16, w_sum int32 (precompute at load: levels.sum(1, dtype=int32)).

@@ -62,7 +62,7 @@ def load():
     lib.ostq_kv4_write.argtypes = [vp, vp, vp, vp, i, i, i, ll, ll, ll, ll, ll, ll, ll, i, vp, vp]
     lib.ostq_kv4_write.restype = i
     lib.ostq_kv4_decode.argtypes = [vp, ll, ll, vp, ll, ll, vp, ll, ll, ll, vp, ll, vp, vp, i, i, i, i, i, f, vp,
-                                    vp, vp, i, vp]
+                                    vp, vp, vp, i, vp]
     lib.ostq_kv4_decode.restype = i
     lib.ostq_kv4_dequant.argtypes = [vp, ll, ll, ll, vp, vp, i, i, i, i, vp, vp, vp, vp]
     lib.ostq_kv4_dequant.restype = i

@@ -112,6 +112,42 @@ def test_decode_matches_reference(group, d, lens, splits, layout):
         assert rel < 4e-3 and mx < 3e-2, f"seq {s} (len {lens[s]}): rel {rel:.2e}, max {mx:.2e}"
 
 
+@pytest.mark.parametrize("min_tiles,splits", [(1, 200), (16, 64), (4, 7)])
+def test_split_combine_repeats_and_leaves_counters_zero(min_tiles, splits):
+    # The last split of each (sequence, kv head) combines the others' partials, found by a counter it
+    # resets: back-to-back calls (as in a CUDA graph replay) must give identical rows, every counter
+    # must be zero afterwards, and many splits (one 16-token tile each) must still match the reference.
+    gen = torch.Generator(device=DEV).manual_seed(min_tiles * 1000 + splits)
+    lens, nkv, group, d = [3200, 1, 700, 4096], 8, 4, 128
+    cache, table = paged(lens, nkv, d, 16, "NHD", gen)
+    slots = slots_of(table, lens, 16)
+    k, v = kv_values(slots.numel(), nkv, d, gen)
+    kv4.write_cache(k, v, cache, slots)
+    b = len(lens)
+    q = (torch.randn(b, nkv * group, d, device=DEV, generator=gen) * 2).bfloat16()
+    qsl = torch.arange(b + 1, dtype=torch.int32, device=DEV)
+    seq_lens = torch.tensor(lens, dtype=torch.int32, device=DEV)
+    lib = kernels._lib.load()
+    try:
+        lib.ostq_kv4_set_min_tiles(min_tiles)
+        outs = []
+        for _ in range(3):
+            out = torch.full_like(q, float("nan"))
+            kv4.decode(q, cache, table, seq_lens, qsl, d ** -0.5, out, splits=splits)
+            outs.append(out)
+    finally:
+        lib.ostq_kv4_set_min_tiles(16)
+    ref = kv4.decode_reference(q, cache, table, seq_lens, qsl, d ** -0.5)
+    torch.cuda.synchronize()
+    assert int(kernels._counters(torch.device(DEV)).abs().sum()) == 0, "a split counter was left non-zero"
+    for o in outs[1:]:
+        assert torch.equal(o, outs[0]), "repeated decode calls differ"
+    o = outs[0].float()
+    for s in range(b):
+        rel = ((o[s] - ref[s]).norm() / ref[s].norm()).item()
+        assert rel < 4e-3, f"seq {s} (len {lens[s]}): rel {rel:.2e}"
+
+
 @pytest.mark.parametrize("d,nkv", [(128, 8), (64, 3)])
 def test_dequantize_is_the_fake_quantizer(d, nkv):
     from ostquant_vllm import numerics
