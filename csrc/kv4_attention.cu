@@ -37,6 +37,9 @@ constexpr int NW = 4;          // warps per decode CTA
 // for measurements). H100, session 11, batch 1: 16 (256 tokens) 14.6 µs at 4k context against 4's 19.1
 // (64 splits make the reduce kernel the chain), 4 ahead at 1k (10.5 against 12.1).
 int g_min_tiles = 16;
+// Tiles in flight per warp for Llama-sized groups (<= 8 queries a KV head, D = 128): 1 (4 CTAs an SM) or
+// 2 (3 CTAs an SM, half as many bytes again in flight an SM); OSTQUANT_KV4_PREFETCH / ostq_kv4_set_prefetch.
+int g_prefetch = 1;
 
 __device__ __forceinline__ float rha(float x) {  // round half away from zero (numerics._round_half_away)
   return x >= 0.f ? floorf(__fadd_rn(x, 0.5f)) : ceilf(__fsub_rn(x, 0.5f));
@@ -327,8 +330,9 @@ __device__ __forceinline__ void combine_splits(const DecodeArgs& a, int row0, in
 // Tokens are the M rows of m16n8k16 and the group's queries the N columns (NQ tiles of 8):
 //   S^T = K Q^T  (A = K nibbles -> bf16, B = rotated Q),  O^T += V^T P^T  (A = V nibbles -> fp16,
 //   B = (P * v_scale)^T: the C fragment of S^T in fp16, transposed in registers by movmatrix).
-template <int D, int NQ>
-__global__ void __launch_bounds__(128, NQ == 1 ? 4 : 3) decode_kernel(const DecodeArgs a) {
+// PF: tiles a warp has in flight ahead of the one it computes (loads held in registers).
+template <int D, int NQ, int PF>
+__global__ void __launch_bounds__(128, NQ == 1 && PF == 1 ? 4 : 3) decode_kernel(const DecodeArgs a) {
   constexpr int ROWS = 8 * NQ, KSTEPS = D / 16, MT = D / 16;
   const int kvh = blockIdx.x, split = blockIdx.y, seq = blockIdx.z;
   const int G = a.group, Hq = gridDim.x * G;
@@ -356,10 +360,12 @@ __global__ void __launch_bounds__(128, NQ == 1 ? 4 : 3) decode_kernel(const Deco
   const int32_t* bt = a.block_table + seq * a.bt_stride;
   auto bt_entry = [&](int j) { const int tl = t0 + warp + j * NW; return tl < t1 ? bt[tl * 16 / a.block_size] : 0; };
   int bt_cur = bt_entry(lane), bt_nxt = bt_entry(32 + lane);
-  // this warp's first tile: its loads go out before the Q prologue, so the two memory latencies overlap
-  Tile<D> cur, nxt;
+  // this warp's first PF tiles: their loads go out before the Q prologue, so the memory latencies overlap
+  Tile<D> buf[PF + 1];  // buf[0] computed, buf[1..PF] in flight
   int tile = t0 + warp;
-  if (tile < t1) load_tile<D>(cur, a, __shfl_sync(0xffffffffu, bt_cur, 0), kvh, tile, g, t);
+#pragma unroll
+  for (int p = 0; p < PF; ++p)
+    if (tile + p * NW < t1) load_tile<D>(buf[p], a, __shfl_sync(0xffffffffu, bt_cur, p), kvh, tile + p * NW, g, t);
 
   // Q rotated (signs, then the FWHT) and rounded to bf16, one warp a row: the butterflies in registers
   // and shuffles (warp_fwht, the same order as the cache write's), no CTA barrier between the stages
@@ -415,13 +421,14 @@ __global__ void __launch_bounds__(128, NQ == 1 ? 4 : 3) decode_kernel(const Deco
 #pragma unroll
     for (int j = 0; j < 2; ++j) m_r[c][j] = -INFINITY, l_r[c][j] = z_r[c][j] = 0.f;
 
-  for (int j = 1; tile < t1; tile += NW, ++j) {  // j: the warp's index of the next tile
+  for (int j = PF; tile < t1; tile += NW, ++j) {  // j: the warp's index of the tile loaded now
     if ((j & 31) == 0) {  // warp-uniform
       bt_cur = bt_nxt;
       bt_nxt = bt_entry(j + 32 + lane);
     }
     const int blk_next = __shfl_sync(0xffffffffu, bt_cur, j & 31);
-    if (tile + NW < t1) load_tile<D>(nxt, a, blk_next, kvh, tile + NW, g, t);
+    if (tile + PF * NW < t1) load_tile<D>(buf[PF], a, blk_next, kvh, tile + PF * NW, g, t);
+    const Tile<D>& cur = buf[0];
     // S^T for tokens (g, g+8) x queries (2t, 2t+1) of each column tile
     float s[NQ][4];
 #pragma unroll
@@ -497,7 +504,8 @@ __global__ void __launch_bounds__(128, NQ == 1 ? 4 : 3) decode_kernel(const Deco
     for (int i = 0; i < MT; ++i)
 #pragma unroll
       for (int c = 0; c < NQ; ++c) mma_f16(acc[c][i], vlo[i], vlo[i + MT], vhi[i], vhi[i + MT], pb[c][0], pb[c][1]);
-    cur = nxt;
+#pragma unroll
+    for (int p = 0; p < PF; ++p) buf[p] = buf[p + 1];
   }
 
   // per-warp results -> shared memory (dims put back in order), then the warps combined
@@ -608,6 +616,7 @@ KV4_API int ostq_kv4_write(const void* key, const void* value, void* cache, cons
 }
 
 KV4_API void ostq_kv4_set_min_tiles(int tiles) { kv4::g_min_tiles = tiles < 1 ? 1 : tiles; }
+KV4_API void ostq_kv4_set_prefetch(int tiles) { kv4::g_prefetch = tiles == 2 ? 2 : 1; }
 
 KV4_API int ostq_kv4_decode(const void* q, long long q_tok, long long q_head, void* out, long long o_tok,
                             long long o_head, const void* cache, long long c_blk, long long c_slot, long long c_head,
@@ -627,11 +636,12 @@ KV4_API int ostq_kv4_decode(const void* q, long long q_tok, long long q_head, vo
   const dim3 grid(nkv, num_splits, num_seqs);
   const bool g16 = group > 8;
   if (head_size == 128) {
-    if (g16) kv4::decode_kernel<128, 2><<<grid, 128, 0, s>>>(a);
-    else kv4::decode_kernel<128, 1><<<grid, 128, 0, s>>>(a);
+    if (g16) kv4::decode_kernel<128, 2, 1><<<grid, 128, 0, s>>>(a);
+    else if (kv4::g_prefetch == 2) kv4::decode_kernel<128, 1, 2><<<grid, 128, 0, s>>>(a);
+    else kv4::decode_kernel<128, 1, 1><<<grid, 128, 0, s>>>(a);
   } else if (head_size == 64) {
-    if (g16) kv4::decode_kernel<64, 2><<<grid, 128, 0, s>>>(a);
-    else kv4::decode_kernel<64, 1><<<grid, 128, 0, s>>>(a);
+    if (g16) kv4::decode_kernel<64, 2, 1><<<grid, 128, 0, s>>>(a);
+    else kv4::decode_kernel<64, 1, 1><<<grid, 128, 0, s>>>(a);
   } else {
     return (int)cudaErrorInvalidValue;
   }

@@ -35,7 +35,9 @@ logger = logging.getLogger("ostquant_vllm")
 
 HEAD_SIZES = (64, 128)
 MAX_GROUP = 16          # query heads per KV head the decode kernel takes (m16n8k16 rows)
-CTAS_PER_SM = 4         # decode kernel occupancy (__launch_bounds__(128, 4) for groups <= 8)
+# decode kernel occupancy (__launch_bounds__(128, 4) for groups <= 8; 3 with OSTQUANT_KV4_PREFETCH=2,
+# two tiles in flight a warp: a measurement setting)
+CTAS_PER_SM = 3 if os.environ.get("OSTQUANT_KV4_PREFETCH") == "2" else 4
 MAX_SPLITS = 64
 
 

@@ -70,6 +70,9 @@ def load():
     lib.ostq_kv4_set_min_tiles.restype = None
     if os.environ.get("OSTQUANT_KV4_MIN_TILES"):  # the least 16-token tiles a decode split takes (default 16)
         lib.ostq_kv4_set_min_tiles(int(os.environ["OSTQUANT_KV4_MIN_TILES"]))
+    lib.ostq_kv4_set_prefetch.argtypes = [i]
+    lib.ostq_kv4_set_prefetch.restype = None
+    lib.ostq_kv4_set_prefetch(int(os.environ.get("OSTQUANT_KV4_PREFETCH", "1")))  # tiles in flight a warp
     lib.ostq_error_string.argtypes = [i]
     lib.ostq_error_string.restype = ctypes.c_char_p
     _lib = lib

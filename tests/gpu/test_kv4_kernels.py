@@ -112,6 +112,18 @@ def test_decode_matches_reference(group, d, lens, splits, layout):
         assert rel < 4e-3 and mx < 3e-2, f"seq {s} (len {lens[s]}): rel {rel:.2e}, max {mx:.2e}"
 
 
+@pytest.mark.parametrize("splits", [None, 1, 7])
+@pytest.mark.parametrize("group,d,lens", CASES[:2])
+def test_decode_two_tiles_in_flight_matches_reference(group, d, lens, splits):
+    # OSTQUANT_KV4_PREFETCH=2's kernel (two tiles loaded ahead a warp) computes the same
+    lib = kernels._lib.load()
+    try:
+        lib.ostq_kv4_set_prefetch(2)
+        test_decode_matches_reference(group, d, lens, splits, "NHD")
+    finally:
+        lib.ostq_kv4_set_prefetch(1)
+
+
 @pytest.mark.parametrize("min_tiles,splits", [(1, 200), (16, 64), (4, 7)])
 def test_split_combine_repeats_and_leaves_counters_zero(min_tiles, splits):
     # The last split of each (sequence, kv head) combines the others' partials, found by a counter it
