@@ -27,7 +27,7 @@ kv4)
   SKIP_TESTS=1 KV4_BENCH_TIMEOUT=400 bash benchmarks/gpu_kv4.sh
   ;;
 e2e1)
-  E2E_TIMEOUT=570 bash benchmarks/gpu_e2e.sh --configs bf16,fp8,ostquant_w4a4kv4,ostquant_w4a4_fp8kv 2>&1 \
+  E2E_TIMEOUT=570 bash benchmarks/gpu_e2e.sh --configs ostquant_w4a4kv4,ostquant_w4a4_fp8kv,bf16,fp8 2>&1 \
     | grep -v "^WARNING\|^INFO\|^(EngineCore" | tail -40
   ;;
 e2e2)
