@@ -4,7 +4,7 @@
 # (../shared/gpu, each carrying one chunk) come between PART=ours and the parts that need vLLM:
 #   PART=ours  the KV4 kernel tests (the split combine now in the decode kernel's last CTA; two tiles in
 #              flight a warp), then our decode alone (no vLLM): the default, the least split at 4 tiles,
-#              and OSTQUANT_KV4_PREFETCH=2
+#              and OSTQUANT_KV4_PREFETCH=2 (SHORT=1: not the least split at 4)
 #   PART=kv4   benchmarks/kv4_attention.py against vLLM's int4 path, FA3 bf16 and FA3 FP8
 #   PART=e2e1  benchmarks/e2e_vllm.py: bf16, FP8, ostquant W4A4KV4 and ostquant W4A4 + FP8 KV (issue 7's
 #              same-weights baseline)
@@ -15,12 +15,12 @@ export OUT=${OUT:-/tmp/ostq_out}; mkdir -p "$OUT"
 case "${PART:-ours}" in
 ours)
   . tests/gpu/env.sh
-  timeout 150 python3 -m pytest -q -p no:cacheprovider --tb=short -rf tests/gpu/test_kv4_kernels.py 2>&1 \
+  timeout 120 python3 -m pytest -q -p no:cacheprovider --tb=short -rf tests/gpu/test_kv4_kernels.py 2>&1 \
     | tee "$OUT/tests_kv4.log" | tail -4
-  timeout 90 python3 -m benchmarks.kv4_attention --ours-only --out "$OUT/kv4_attention_ours.json" 2>&1 | tail -13
-  OSTQUANT_KV4_MIN_TILES=4 timeout 40 python3 -m benchmarks.kv4_attention --ours-only --batches 1,16 \
-    --out "$OUT/kv4_attention_ours_min4.json" 2>&1 | tail -7
-  OSTQUANT_KV4_PREFETCH=2 timeout 90 python3 -m benchmarks.kv4_attention --ours-only \
+  timeout 70 python3 -m benchmarks.kv4_attention --ours-only --out "$OUT/kv4_attention_ours.json" 2>&1 | tail -13
+  [ "${SHORT:-0}" = 1 ] || OSTQUANT_KV4_MIN_TILES=4 timeout 40 python3 -m benchmarks.kv4_attention --ours-only \
+    --batches 1,16 --out "$OUT/kv4_attention_ours_min4.json" 2>&1 | tail -7
+  OSTQUANT_KV4_PREFETCH=2 timeout 70 python3 -m benchmarks.kv4_attention --ours-only \
     --out "$OUT/kv4_attention_ours_prefetch2.json" 2>&1 | tail -13
   ;;
 kv4)
