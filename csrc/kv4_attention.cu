@@ -421,14 +421,17 @@ __global__ void __launch_bounds__(128, NQ == 1 && PF == 1 ? 4 : 3) decode_kernel
 #pragma unroll
     for (int j = 0; j < 2; ++j) m_r[c][j] = -INFINITY, l_r[c][j] = z_r[c][j] = 0.f;
 
-  for (int j = PF; tile < t1; tile += NW, ++j) {  // j: the warp's index of the tile loaded now
-    if ((j & 31) == 0) {  // warp-uniform
+  // One tile: the load of the tile PF ahead into `dst`, then `cur`'s math. With two tiles ahead the loop
+  // after it rotates the buffers' roles at compile time: copying a buffer whose load is still in flight
+  // would wait for it, and the second tile ahead would buy nothing.
+  int jn = PF;  // the warp's index of the tile loaded next
+  auto step = [&](const Tile<D>& cur, Tile<D>& dst) {
+    if ((jn & 31) == 0) {  // warp-uniform
       bt_cur = bt_nxt;
-      bt_nxt = bt_entry(j + 32 + lane);
+      bt_nxt = bt_entry(jn + 32 + lane);
     }
-    const int blk_next = __shfl_sync(0xffffffffu, bt_cur, j & 31);
-    if (tile + PF * NW < t1) load_tile<D>(buf[PF], a, blk_next, kvh, tile + PF * NW, g, t);
-    const Tile<D>& cur = buf[0];
+    const int blk_next = __shfl_sync(0xffffffffu, bt_cur, jn & 31);
+    if (tile + PF * NW < t1) load_tile<D>(dst, a, blk_next, kvh, tile + PF * NW, g, t);
     // S^T for tokens (g, g+8) x queries (2t, 2t+1) of each column tile
     float s[NQ][4];
 #pragma unroll
@@ -504,8 +507,20 @@ __global__ void __launch_bounds__(128, NQ == 1 && PF == 1 ? 4 : 3) decode_kernel
     for (int i = 0; i < MT; ++i)
 #pragma unroll
       for (int c = 0; c < NQ; ++c) mma_f16(acc[c][i], vlo[i], vlo[i + MT], vhi[i], vhi[i + MT], pb[c][0], pb[c][1]);
+    tile += NW;
+    ++jn;
+  };
+  if constexpr (PF == 1) {  // the measured default (fewer registers and spills than the rotation at NQ = 2)
+    while (tile < t1) {
+      step(buf[0], buf[1]);
+      buf[0] = buf[1];
+    }
+  } else {
+    while (tile < t1) {
 #pragma unroll
-    for (int p = 0; p < PF; ++p) buf[p] = buf[p + 1];
+      for (int p = 0; p <= PF; ++p)  // buf[p] computed while buf[(p + PF) % (PF + 1)] is loaded
+        if (tile < t1) step(buf[p], buf[(p + PF) % (PF + 1)]);
+    }
   }
 
   // per-warp results -> shared memory (dims put back in order), then the warps combined
