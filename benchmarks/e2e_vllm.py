@@ -363,7 +363,9 @@ def parent_main(a, argv: list[str]) -> None:
                               "prefix_caching": False, "ostquant_hadamard_blocks": hadamard_blocks(a.shape),
                               **({"tp_env": TP_ENV, "tp_pass_config": TP_PASS_CONFIG} if a.tp > 1 else {})}
     result.setdefault("commands", [])
-    result["commands"].append("python -m benchmarks.e2e_vllm " + " ".join(argv))
+    env = " ".join(f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith("OSTQUANT_") and k not in
+                   ("OSTQUANT_CACHE", "OSTQUANT_KERNELS_LIB"))  # measurement settings travel with the command
+    result["commands"].append((env + " " if env else "") + "python -m benchmarks.e2e_vllm " + " ".join(argv))
     cfg_rows = [r for r in result.get("configs", []) if not (a.redo and r["config"] in a.configs.split(","))]
     done = {r["config"] for r in cfg_rows}
     for config in a.configs.split(","):

@@ -336,7 +336,8 @@ def main():
            "units": {"us": "microseconds, min of do_bench median and CUDA-graph replay mean",
                      "weight_tbps": "weight bytes / time, 1e12 B/s",
                      "tops": "2*M*N*K / time, 1e12 ops/s", "tbps": "bytes read+written / time (quantize rows)"},
-           "complete": False, "rows": rows}
+           "complete": False, "rows": rows,
+           "env": {k: v for k, v in os.environ.items() if k.startswith("OSTQUANT_")}}  # measurement settings
     if args.vllm:
         import vllm
         res["vllm"] = vllm.__version__

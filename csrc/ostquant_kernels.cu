@@ -35,6 +35,19 @@ __device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, bool p
   int n = pred ? 16 : 0;  // zero-fill when out of range (src must still be a valid address)
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(n));
 }
+
+// Programmatic dependent launch (OSTQUANT_PDL=1, a measurement setting): a kernel launched with
+// cudaLaunchAttributeProgrammaticStreamSerialization may start while the kernel before it still runs.
+// Every CTA of such a kernel runs pdl_wait() before it reads anything the previous kernel wrote and
+// before any early return (a grid whose CTAs all returned early would complete before its predecessor,
+// and the next, normally launched kernel could read stale data). Without that attribute both are no-ops.
+__device__ __forceinline__ void pdl_wait() { asm volatile("griddepcontrol.wait;" ::: "memory"); }
+// The quantize kernels let the GEMM after them launch at once: its pdl_wait() still waits for all of them.
+__device__ __forceinline__ void pdl_trigger() { asm volatile("griddepcontrol.launch_dependents;" ::: "memory"); }
+// Stream `bytes` (a multiple of 16, 16-B aligned) from global memory into L2 without waiting.
+__device__ __forceinline__ void prefetch_l2(const void* p, uint32_t bytes) {
+  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p), "r"(bytes) : "memory");
+}
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N>
 __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
@@ -291,7 +304,7 @@ struct DecCfg {
 template <int WT, int R, int KW, int STAGES, typename OutT>
 __global__ void __launch_bounds__(KW * 32)
     gemm_dec_kernel(const int8_t* __restrict__ A, const uint8_t* __restrict__ Wp, Epi epi, OutT* __restrict__ out,
-                    int M, int N, int K) {
+                    int M, int N, int K, int pdl) {
   using C = DecCfg<WT, R, KW, STAGES>;
   extern __shared__ __align__(128) uint8_t smem[];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -303,6 +316,11 @@ __global__ void __launch_bounds__(KW * 32)
   const int kb0 = warp * per;
   const int nk = max(0, min(KB, kb0 + per) - kb0);
   const uint32_t sbase = smem_u32(smem) + warp * (STAGES * C::kStage);
+  // The weights do not depend on the previous kernel: under PDL their stream into L2 starts while it runs
+  // (each of this warp's R weight rows is one contiguous run of nk 512-B blocks).
+  if (pdl && lane < R && nk > 0)
+    prefetch_l2(Wp + ((size_t)min(nb0 + lane, NB - 1) * KB + kb0) * 512, (uint32_t)nk * 512);
+  pdl_wait();
 
   auto load = [&](int kt, int slot) {
     const uint32_t sw = sbase + slot * C::kStage;
@@ -403,6 +421,10 @@ cudaError_t raise_smem_limit(Kern kern, int smem, int& limit) {
   return e;
 }
 
+// Programmatic dependent launch of the decode GEMMs (kinds 7-12) after the quantize kernels
+// (OSTQUANT_PDL=1 / ostq_set_pdl; off by default until measured): see pdl_wait.
+int g_pdl = 0;
+
 template <int WT, int R, int KW, int STAGES, typename OutT>
 int launch_dec(const int8_t* A, const uint8_t* Wp, const Epi& epi, OutT* out, int M, int N, int K, cudaStream_t st) {
   auto kern = gemm_dec_kernel<WT, R, KW, STAGES, OutT>;
@@ -410,8 +432,21 @@ int launch_dec(const int8_t* A, const uint8_t* Wp, const Epi& epi, OutT* out, in
   static int smem_set = 0;
   if (const cudaError_t e = raise_smem_limit(kern, smem, smem_set)) return (int)e;
   dim3 grid((N / 16 + R - 1) / R, (M + 8 * WT - 1) / (8 * WT));
-  kern<<<grid, KW * 32, smem, st>>>(A, Wp, epi, out, M, N, K);
-  return (int)cudaGetLastError();
+  if (!g_pdl) {
+    kern<<<grid, KW * 32, smem, st>>>(A, Wp, epi, out, M, N, K, 0);
+    return (int)cudaGetLastError();
+  }
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = grid;
+  cfg.blockDim = dim3(KW * 32);
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = st;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  return (int)cudaLaunchKernelEx(&cfg, kern, A, Wp, epi, out, M, N, K, 1);
 }
 
 // ==========================================================================================
@@ -967,6 +1002,7 @@ template <int THREADS, int VPT>
 __global__ void __launch_bounds__(THREADS) quant_plain_kernel(const __nv_bfloat16* __restrict__ x, int8_t* __restrict__ q,
                                                     float* __restrict__ scale, float* __restrict__ zero, int K,
                                                     QParams p) {
+  pdl_trigger();  // the GEMM after it may launch (under PDL it still waits for this grid)
   const int row = blockIdx.x;
   const uint4* xr = reinterpret_cast<const uint4*>(x + (size_t)row * K);
   const int nv = K / 8;
@@ -1062,6 +1098,7 @@ template <int THREADS, int B>
 __global__ void __launch_bounds__(THREADS) quant_had_kernel(const __nv_bfloat16* __restrict__ x, int8_t* __restrict__ q,
                                                   float* __restrict__ scale, float* __restrict__ zero, int K,
                                                   int log2p, float norm, QParams p) {
+  pdl_trigger();  // the GEMM after it may launch (under PDL it still waits for this grid)
   extern __shared__ float ys[];  // [K]
   const int row = blockIdx.x;
   const int P2 = K / B;  // a-rows of the whole row (blocks * 2^log2p)
@@ -1130,6 +1167,7 @@ template <int THREADS, int B>
 __global__ void __launch_bounds__(THREADS) quant_had3_kernel(const __nv_bfloat16* __restrict__ x, int8_t* __restrict__ q,
                                                    float* __restrict__ scale, float* __restrict__ zero, int K,
                                                    int log2p, float norm, QParams p) {
+  pdl_trigger();  // the GEMM after it may launch (under PDL it still waits for this grid)
   extern __shared__ float ys[];  // [K]
   const int row = blockIdx.x;
   const int P2 = K / B;  // a-rows of the whole row (blocks * 2^log2p)
@@ -1253,6 +1291,7 @@ template <int B, int R>
 __global__ void __launch_bounds__(256) quant_had4_kernel(const __nv_bfloat16* __restrict__ x, int8_t* __restrict__ q,
                                                          float* __restrict__ scale, float* __restrict__ zero, int M,
                                                          int K, int log2p, int tpr, float norm, QParams p) {
+  pdl_trigger();  // the GEMM after it may launch (under PDL it still waits for this grid)
   constexpr int N = R * B;  // values a thread holds
   constexpr int LOG2R = ilog2(R);
   static_assert(N % 8 == 0, "16-B loads and 8-B stores");
@@ -1403,6 +1442,7 @@ __global__ void __launch_bounds__(256, 2) quant_had5_kernel(const __nv_bfloat16*
                                                             float* __restrict__ scale, float* __restrict__ zero,
                                                             const float* __restrict__ hb, int K, int log2p,
                                                             float norm, QParams p) {
+  pdl_trigger();  // the GEMM after it may launch (under PDL it still waits for this grid)
   constexpr int BP = B <= 16 ? 16 : 32, KS = BP / 16, NT = BP / 8, T = 4;
   static_assert(B % 2 == 0 && B <= 32, "even B up to 32 (fragment pairs, two k16 steps)");
   extern __shared__ __align__(16) uint8_t sm5[];  // 4 K bytes: the bf16 row (A), then FP32 values (B), then levels
@@ -1833,6 +1873,7 @@ OSTQ_API int ostq_version() { return 1; }
 OSTQ_API void ostq_set_small(int mode) { g_small_mode = mode ? 1 : 0; }
 OSTQ_API void ostq_set_wgmma_split(int on) { g_wg_split = on ? 1 : 0; }
 OSTQ_API void ostq_set_wgmma(int mode) { g_wgmma_mode = (mode == 3 || mode == 5 || mode == 6) ? mode : 0; }
+OSTQ_API void ostq_set_pdl(int on) { g_pdl = on ? 1 : 0; }  // OSTQUANT_PDL in Python (see pdl_wait)
 
 // Bytes of int32 workspace int4_gemm needs (split-K partials), 0 when none.
 OSTQ_API long long ostq_gemm_workspace_bytes(int M, int N, int K, int force) {

@@ -55,6 +55,9 @@ def load():
     lib.ostq_set_small.argtypes = [i]
     lib.ostq_set_small.restype = None
     lib.ostq_set_small(int(os.environ.get("OSTQUANT_SMALL_M", DEFAULT_SMALL_M)))
+    lib.ostq_set_pdl.argtypes = [i]  # programmatic dependent launch of the decode GEMMs (measurement setting)
+    lib.ostq_set_pdl.restype = None
+    lib.ostq_set_pdl(int(os.environ.get("OSTQUANT_PDL", "0")))
     lib.ostq_set_wgmma_split.argtypes = [i]
     lib.ostq_set_wgmma_split.restype = None
     lib.ostq_set_wgmma_split(int(os.environ.get("OSTQUANT_WGMMA_SPLIT", DEFAULT_WGMMA_SPLIT)))
