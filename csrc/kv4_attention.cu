@@ -35,7 +35,7 @@ constexpr int NW = 4;          // warps per decode CTA
 #define KV4_MAX_SPLITS 256     // the split combine's weights (G x splits floats) fit in the partial-output buffer
 // The least context a split is given, in 16-token tiles (OSTQUANT_KV4_MIN_TILES / ostq_kv4_set_min_tiles
 // for measurements). H100, session 11, batch 1: 16 (256 tokens) 14.6 µs at 4k context against 4's 19.1
-// (64 splits make the reduce kernel the chain), 4 ahead at 1k (10.5 against 12.1).
+// (64 splits made the separate reduce kernel of that time the chain), 4 ahead at 1k (10.5 against 12.1).
 int g_min_tiles = 16;
 // Tiles in flight per warp for Llama-sized groups (<= 8 queries a KV head, D = 128): 1 (4 CTAs an SM) or
 // 2 (3 CTAs an SM, half as many bytes again in flight an SM); OSTQUANT_KV4_PREFETCH / ostq_kv4_set_prefetch.
@@ -578,7 +578,7 @@ __global__ void __launch_bounds__(128, NQ == 1 && PF == 1 ? 4 : 3) decode_kernel
     __threadfence();
     __syncthreads();
     __shared__ int s_last;
-    const int active = (tiles + chunk - 1) / chunk > 0 ? (tiles + chunk - 1) / chunk : 1;
+    const int active = tiles > 0 ? (tiles + chunk - 1) / chunk : 1;  // split 0 runs even for an empty context
     int* ctr = a.counters + seq * gridDim.x + kvh;
     if (tid == 0) {
       s_last = atomicAdd(ctr, 1) == active - 1;
