@@ -197,12 +197,14 @@ def gemm_rows(model, layer, K, N, gen, rows, quick, ms=None, with_vllm=False):
             add(name, fns, N * K // 2)
             if bits == 4:  # the other kernel choices, for the notes and the dispatch
                 if M <= 16:
-                    alts = ((4 if M <= 8 else 0, "splitk_mma"), (7 if M <= 8 else 8, "dec"))
+                    alts = ((4 if M <= 8 else 0, "splitk_mma"), (7 if M <= 8 else 8, "dec"),
+                            (27 if M <= 8 else 28, "dec8w"))  # 8 warps a CTA
                 elif M <= 256:  # the decode kernel with R weight blocks a warp (kinds 9-12) vs wgmma
                     alts = ((3, "wg3"), (5, "wg5"), (9, "dec_r2t32"), (10, "dec_r2t64"), (11, "dec_r4t32"),
                             (12, "dec_r4t64"), (13, "wg13_t64"), (14, "wg14_t32"), (15, "wg15_t64_n256"),
                             (16, "wg16_t32_n256"), (22, "wp22_t64"), (23, "wp23_t32"), (24, "wp24_t64_n256"),
-                            (25, "wp25_t32_n256"))
+                            (25, "wp25_t32_n256"), (29, "dec8w_r2t32"), (30, "dec8w_r2t64"),
+                            (31, "dec8w_r4t32"), (32, "dec8w_r4t64"))  # 29-32: 9-12 with 8 warps a CTA
                 else:  # 6: the pipelined wgmma (a commit group a k32 slice, the next one widened under it),
                     # 26: the same with 128 x 256 tiles (L2-bound at 128 x 128: session 11's Nsight Compute)
                     alts = ((3, "wg3"), (5, "wg5"), (6, "wg6"), (26, "wp26_n256"))
@@ -260,8 +262,8 @@ def gemm_rows(model, layer, K, N, gen, rows, quick, ms=None, with_vllm=False):
 
 # the fused Hadamard kernel's versions (kernels._quant_cuda's `variant`): None = the dispatch's choice,
 # 1 = version 2 (constant-memory table), 2 = version 3, 3 / 4 = version 4 (row in registers) / with half
-# the values a thread, 5 = version 5 (H_B on the tensor cores)
-HAD_VARIANTS = {None: "", 1: "_v2", 2: "_v3", 3: "_v4", 4: "_v4half", 5: "_v5"}
+# the values a thread, 5 = version 5 (H_B on the tensor cores), 6 = version 4 with one a-row a thread
+HAD_VARIANTS = {None: "", 1: "_v2", 2: "_v3", 3: "_v4", 4: "_v4half", 5: "_v5", 6: "_v4r1"}
 
 
 def quant_rows(rows, copy_tbps, gen, quick, hadamard_only=False):
@@ -272,14 +274,14 @@ def quant_rows(rows, copy_tbps, gen, quick, hadamard_only=False):
     else:
         cases = [(4096, 0), (8192, 0), (14336, 0), (28672, 0), (14336, 1), (28672, 1), (1536, 1)]
     for K, had in cases:
-        for M in ([1, 16, 256, 2048, 8192] if not quick else [16, 8192]):
+        for M in ([1, 16, 64, 256, 2048, 8192] if not quick else [16, 8192]):
             nx = copies_for(M * K * 2)
             xs = [torch.randn(M, K, device="cuda", generator=gen).to(torch.bfloat16) for _ in range(nx)]
             nbytes = M * K * 2 + M * K + 8 * M
             if not had:
                 runs = [(4, None)] if hadamard_only else [(4, None), (8, None)]
             else:
-                runs = ([(4, None), (4, 2), (4, 3), (4, 4), (4, 5)] if hadamard_only
+                runs = ([(4, None), (4, 2), (4, 3), (4, 4), (4, 5), (4, 6)] if hadamard_only
                         else [(4, None), (8, None), (4, 2)])
             for bits, variant in runs:
                 if variant is None:

@@ -395,7 +395,7 @@ def all_tables() -> str:
         parts.append(vllm_tp_table(p))
     for p in sorted(glob.glob(os.path.join(res, "e2e_vllm_*.json"))):
         parts.append(e2e_table(p))
-    for name in ("kv4_attention_h100.json", "kv4_attention_h100_ours.json", "kv4_attention_h100_ours_min16.json"):
+    for name in ("kv4_attention_h100.json",):
         if os.path.exists(os.path.join(res, name)):
             parts.append(kv4_attention_table(os.path.join(res, name)))
     if os.path.exists(os.path.join(res, "kv4_real_model_h100.json")):

@@ -1287,22 +1287,25 @@ __device__ __forceinline__ uint32_t pack_bytes(int a, int b, int c, int d) {
   return __byte_perm(__byte_perm(a, b, 0x0040), __byte_perm(c, d, 0x0040), 0x5410);
 }
 
+// R = 1 (variant 6, session 13): B values a thread (8-B loads, 4-B stores) and up to 512 threads a row, for
+// the few-row (decode) case: at b = 8, 8B's 1792-point blocks, R = 2 ran 11.8 us at M = 64 with the SMs
+// waiting on each warp's ~2,200-instruction chain (Nsight Compute: 8.4 cycles an issue, 2 warps a scheduler).
 template <int B, int R>
-__global__ void __launch_bounds__(256) quant_had4_kernel(const __nv_bfloat16* __restrict__ x, int8_t* __restrict__ q,
+__global__ void __launch_bounds__(R == 1 ? 512 : 256) quant_had4_kernel(const __nv_bfloat16* __restrict__ x, int8_t* __restrict__ q,
                                                          float* __restrict__ scale, float* __restrict__ zero, int M,
                                                          int K, int log2p, int tpr, float norm, QParams p) {
   pdl_trigger();  // the GEMM after it may launch (under PDL it still waits for this grid)
   constexpr int N = R * B;  // values a thread holds
   constexpr int LOG2R = ilog2(R);
-  static_assert(N % 8 == 0, "16-B loads and 8-B stores");
+  static_assert(N % 4 == 0, "8-B loads and 4-B stores (16 / 8 where N % 8 == 0)");
   extern __shared__ float xch[];                     // [N][cta threads]: the cross-warp stages only
-  __shared__ float s_mn[8], s_mx[8];
+  __shared__ float s_mn[16], s_mx[16];
   const int t = threadIdx.x & (tpr - 1);             // thread within the row
   const int row = blockIdx.x * (blockDim.x / tpr) + threadIdx.x / tpr;
   const bool active = row < M;
   const size_t off = (size_t)row * K + (size_t)t * N;
   float v[N];
-  if (active) {
+  if (active && N % 8 == 0) {
     const uint4* src = reinterpret_cast<const uint4*>(x + off);
 #pragma unroll
     for (int c = 0; c < N / 8; ++c) {
@@ -1313,6 +1316,19 @@ __global__ void __launch_bounds__(256) quant_had4_kernel(const __nv_bfloat16* __
         const float2 f = __bfloat1622float2(h[e]);
         v[8 * c + 2 * e] = f.x;
         v[8 * c + 2 * e + 1] = f.y;
+      }
+    }
+  } else if (active) {
+    const uint2* src = reinterpret_cast<const uint2*>(x + off);
+#pragma unroll
+    for (int c = 0; c < N / 4; ++c) {
+      const uint2 u = __ldcs(src + c);
+      const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&u);
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const float2 f = __bfloat1622float2(h[e]);
+        v[4 * c + 2 * e] = f.x;
+        v[4 * c + 2 * e + 1] = f.y;
       }
     }
   } else {
@@ -1398,11 +1414,17 @@ __global__ void __launch_bounds__(256) quant_had4_kernel(const __nv_bfloat16* __
   int lv[N];
 #pragma unroll
   for (int i = 0; i < N; ++i) lv[i] = level(v[i]);
-  uint2* dst = reinterpret_cast<uint2*>(q + off);
+  if constexpr (N % 8 == 0) {
+    uint2* dst = reinterpret_cast<uint2*>(q + off);
 #pragma unroll
-  for (int c8 = 0; c8 < N / 8; ++c8) {
-    const int* l = lv + 8 * c8;
-    dst[c8] = make_uint2(pack_bytes(l[0], l[1], l[2], l[3]), pack_bytes(l[4], l[5], l[6], l[7]));
+    for (int c8 = 0; c8 < N / 8; ++c8) {
+      const int* l = lv + 8 * c8;
+      dst[c8] = make_uint2(pack_bytes(l[0], l[1], l[2], l[3]), pack_bytes(l[4], l[5], l[6], l[7]));
+    }
+  } else {
+    uint32_t* dst = reinterpret_cast<uint32_t*>(q + off);
+#pragma unroll
+    for (int c4 = 0; c4 < N / 4; ++c4) dst[c4] = pack_bytes(lv[4 * c4], lv[4 * c4 + 1], lv[4 * c4 + 2], lv[4 * c4 + 3]);
   }
 }
 
@@ -1591,7 +1613,7 @@ int launch_had5(const __nv_bfloat16* x, int8_t* q, float* scale, float* zero, in
 // 2^log2p-point transform spans more than R a-rows x 32 lanes.
 __host__ __device__ constexpr bool had4_cross_warp(int log2p, int log2r) { return log2p > log2r + 5; }
 
-// R: the a-rows a thread holds; threads a row = (K / B) / R, a power of two in [32, 256].
+// R: the a-rows a thread holds; threads a row = (K / B) / R, a power of two in [32, 256] (512 at R = 1).
 template <int B, int R>
 int launch_had4(const __nv_bfloat16* x, int8_t* q, float* scale, float* zero, int M, int K, int log2p, float norm,
                 QParams p, cudaStream_t st) {
@@ -1611,8 +1633,9 @@ int launch_had4(const __nv_bfloat16* x, int8_t* q, float* scale, float* zero, in
 // larger R (4; 32 for B = 1; past B = 28 it spills), else the smaller; 4: the smaller R (2; 16), twice
 // the threads; 0 (the default): the smaller R, else the larger, among those whose butterflies stay
 // within a warp (!had4_cross_warp): the cross-warp shared-memory stage made version 4 2-3x slower
-// than version 3 at b = 1 (H100, session 8), while within a warp it was 1.2-5x faster. -1 where none
-// applies (the caller takes version 3).
+// than version 3 at b = 1 (H100, session 8), while within a warp it was 1.2-5x faster. 6: R = 1 (see
+// quant_had4_kernel; not yet measured, not in the automatic choice). -1 where none applies (the caller
+// takes version 3).
 template <int B>
 int try_had4(const __nv_bfloat16* x, int8_t* q, float* scale, float* zero, int M, int K, int log2p, float norm,
              QParams p, int mode, cudaStream_t st) {
@@ -1621,6 +1644,11 @@ int try_had4(const __nv_bfloat16* x, int8_t* q, float* scale, float* zero, int M
   const int P = K / B;
   auto fits = [&](int r) { return P % r == 0 && P / r >= 32 && P / r <= 256; };
   auto in_warp = [&](int r) { return mode != 0 || !had4_cross_warp(log2p, ilog2(r)); };
+  if (mode == 6) {  // one a-row a thread: up to 512 threads a row, at most one cross-warp butterfly bit
+    if constexpr (B > 1 && B % 4 == 0)
+      if (P >= 32 && P <= 512 && log2p <= 6) return launch_had4<B, 1>(x, q, scale, zero, M, K, log2p, norm, p, st);
+    return -1;
+  }
   if (big_ok && mode == 3 && fits(RBIG)) return launch_had4<B, RBIG>(x, q, scale, zero, M, K, log2p, norm, p, st);
   if (fits(RSMALL) && in_warp(RSMALL)) return launch_had4<B, RSMALL>(x, q, scale, zero, M, K, log2p, norm, p, st);
   if (big_ok && mode == 0 && fits(RBIG) && in_warp(RBIG))
@@ -1665,7 +1693,8 @@ int launch_mma(const int8_t* A, const uint8_t* Wp, const Epi& epi, OutT* out, in
 //        split over a thread-block cluster, 15/16 the same with 256 weight rows a CTA (the activations,
 //        which every CTA reads whole, cost half as much L2 traffic per weight byte), 22-25 = 13-16
 //        pipelined as kind 6, 26 the same with 128 x 256 tiles (17-21 were warp-specialized versions, removed in
-//        session 10: slower)
+//        session 10: slower), 27-32 = 7-12 with 8 warps a CTA splitting K (Nsight Compute, session 13: kind 11
+//        at M = 64 runs one warp a scheduler, which issues every 3.5 cycles; L2 at 66 %)
 struct Plan {
   int kind, splits, BN, BM, splits_units;  // splits_units: k blocks (64 or 128) to split
 };
@@ -1689,7 +1718,7 @@ Plan plan_gemm(int M, int N, int K, int force) {
   else if (M <= 16) p.kind = g_small_mode ? 8 : 0;
   else if (M <= 64) p.kind = 1;
   else p.kind = g_wgmma_mode ? g_wgmma_mode : 2;
-  if ((p.kind == 3 || p.kind == 5 || p.kind == 6 || p.kind >= 13) && K % 128) p.kind = 2;
+  if ((p.kind == 3 || p.kind == 5 || p.kind == 6 || (p.kind >= 13 && p.kind <= 26)) && K % 128) p.kind = 2;
   const int sms = num_sms();
   switch (p.kind) {
     case 7: case 8: p.BN = 16; p.BM = p.kind == 7 ? 8 : 16; return p;  // no split-K
@@ -1697,6 +1726,10 @@ Plan plan_gemm(int M, int N, int K, int force) {
     case 10: p.BN = 32; p.BM = 64; return p;    // 2 x 64
     case 11: p.BN = 64; p.BM = 32; return p;    // 4 x 32
     case 12: p.BN = 64; p.BM = 64; return p;    // 4 x 64
+    case 27: case 28: case 29: case 30: case 31: case 32: {  // 7-12 with 8 warps a CTA
+      static const int bn[6] = {16, 16, 32, 32, 64, 64}, bm[6] = {8, 16, 32, 64, 32, 64};
+      p.BN = bn[p.kind - 27]; p.BM = bm[p.kind - 27]; return p;
+    }
     case 13: case 14: case 15: case 16:  // wgmma, 64 / 32 tokens, 128 / 256 rows, K split over a cluster
     case 22: case 23: case 24: case 25:  // the same, pipelined (as kind 6)
     case 26: {  // pipelined, 128 tokens x 256 rows (prefill: a third less L2 traffic per op than kind 6)
@@ -1796,6 +1829,18 @@ int gemm_dispatch(const int8_t* A, const uint8_t* Wp, const Epi& epi, OutT* out,
       return launch_dec<4, 4, 4, 4, OutT>(A, Wp, epi, out, M, N, K, st);
     case 12:
       return launch_dec<8, 4, 4, 3, OutT>(A, Wp, epi, out, M, N, K, st);
+    case 27:
+      return launch_dec<1, 1, 8, 8, OutT>(A, Wp, epi, out, M, N, K, st);
+    case 28:
+      return launch_dec<2, 1, 8, 8, OutT>(A, Wp, epi, out, M, N, K, st);
+    case 29:
+      return launch_dec<4, 2, 8, 6, OutT>(A, Wp, epi, out, M, N, K, st);
+    case 30:
+      return launch_dec<8, 2, 8, 4, OutT>(A, Wp, epi, out, M, N, K, st);
+    case 31:
+      return launch_dec<4, 4, 8, 4, OutT>(A, Wp, epi, out, M, N, K, st);
+    case 32:
+      return launch_dec<8, 4, 8, 3, OutT>(A, Wp, epi, out, M, N, K, st);
     case 0:
       return launch_mma<4, 1, 1, 2, 6, OutT>(A, Wp, epi, out, M, N, K, p.splits, ws, counters, st);
     case 1:
@@ -1833,7 +1878,7 @@ bool g_hb_loaded[64] = {};
 template <int THREADS, int B>
 int launch_had(const __nv_bfloat16* x, int8_t* q, float* scale, float* zero, int M, int K, int log2p,
                const float* hb, float norm, QParams p, int variant, cudaStream_t st) {
-  if (variant == 0 || variant == 3 || variant == 4) {
+  if (variant == 0 || variant == 3 || variant == 4 || variant == 6) {
     const int r = try_had4<B>(x, q, scale, zero, M, K, log2p, norm, p, variant, st);
     if (r >= 0) return r;
   }
@@ -1888,13 +1933,13 @@ OSTQ_API long long ostq_gemm_counters(int M, int N, int K, int force) {
 }
 
 // out[M,N] = a_scale[m] * w_scale[n] * (a_q[m,:] . w[n,:] - a_zero[m] * w_sum[n])
-// out_half: 0 bf16, 1 fp16. w_scale_half: 0 fp32, 1 fp16. force: -1 auto, 0..16 or 22..25 a kernel kind
+// out_half: 0 bf16, 1 fp16. w_scale_half: 0 fp32, 1 fp16. force: -1 auto, 0..16 or 22..32 a kernel kind
 // (plan_gemm).
 OSTQ_API int ostq_int4_gemm(const void* a_q, const void* a_scale, const void* a_zero, const void* w_prep,
                             const void* w_scale, int w_scale_half, const void* w_sum, void* out, int out_half,
                             int M, int N, int K, void* workspace, void* counters, int force, void* stream) {
   if (M <= 0) return 0;
-  if (N % 16 || K % 64 || (force > 16 && force < 22) || force > 26) return (int)cudaErrorInvalidValue;
+  if (N % 16 || K % 64 || (force > 16 && force < 22) || force > 32) return (int)cudaErrorInvalidValue;
   Epi e{(const float*)a_scale, (const float*)a_zero, w_scale, (const int*)w_sum, w_scale_half};
   cudaStream_t st = (cudaStream_t)stream;
   if (out_half)
@@ -1910,7 +1955,8 @@ OSTQ_API int ostq_int4_gemm(const void* a_q, const void* a_scale, const void* a_
 // variant (Hadamard only): 0 = automatic (version 4 where its butterflies stay within a warp, else
 // version 5 where it fits, else version 3), 1 = version 2 (constant-memory table), 2 = version 3 (row in shared memory, signs
 // compiled in), 3 / 4 = version 4 (row in registers) with the larger / smaller R, 5 = version 5 (H_B on the
-// tensor cores; K = 512 B, B in {12, 20, 28}); 3, 4 and 5 take version 3 where they do not fit.
+// tensor cores; K = 512 B, B in {12, 20, 28}), 6 = version 4 with one a-row a thread (B % 4 == 0, at most 512
+// threads a row and one cross-warp butterfly bit); 3-6 take version 3 where they do not fit.
 OSTQ_API int ostq_quantize_act(const void* x, void* q, void* scale, void* zero, int M, int K, int bits, int sym,
                                float clip, int hadamard, int B, int log2p, const void* hb, int variant,
                                void* stream) {

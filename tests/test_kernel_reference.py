@@ -159,3 +159,15 @@ def test_auto_kernel_choice():
     assert _auto_force(256, 6144, 4096) == 5
     assert _auto_force(64, 576, 576) == 11  # the decode kernels need K % 64 only
     assert _auto_force(512, 576, 576) == -1  # K % 128 at large M: the library's mma tiles
+
+
+def test_auto_kernel_choice_eight_warp_decode(monkeypatch):
+    """OSTQUANT_DEC_WARPS=8 swaps exactly the decode kinds 7-12 for their 8-warp versions 27-32."""
+    from ostquant_vllm import kernels
+    shapes = [(1, 4096, 4096), (16, 4096, 4096), (16, 57344, 8192), (32, 4096, 14336), (64, 4096, 14336),
+              (64, 28672, 4096), (256, 4096, 4096), (2048, 4096, 4096)]
+    plain = [kernels._auto_force(*s) for s in shapes]
+    monkeypatch.setattr(kernels, "DEC_KIND_OFFSET", 20)
+    eight = [kernels._auto_force(*s) for s in shapes]
+    assert eight == [k + 20 if 7 <= k <= 12 else k for k in plain]
+    assert eight[:2] == [27, 28] and eight[4] == 31 and eight[2] == 0 and eight[5] == 22

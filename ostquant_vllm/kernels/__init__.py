@@ -86,7 +86,8 @@ _H_TABLES: dict = {}
 
 # Fused-Hadamard kernel version (csrc ostq_quantize_act): 0 = automatic (version 4, the row in registers, where
 # its butterflies stay within a warp; else version 3), 1 = version 2 (table in constant memory), 2 = version 3
-# (row in shared memory, signs compiled in), 3 / 4 = version 4 with the larger / smaller rows a thread.
+# (row in shared memory, signs compiled in), 3 / 4 = version 4 with the larger / smaller rows a thread, 5 =
+# version 5 (H_B on the tensor cores), 6 = version 4 with one a-row a thread (session 13, not yet measured).
 HAD_VARIANT = int(os.environ.get("OSTQUANT_HAD_VARIANT", "0"))
 
 
@@ -213,12 +214,20 @@ def _gemm_kernel_ok(a_q: torch.Tensor, w: torch.Tensor, out_dtype: torch.dtype) 
 #   otherwise: -1, the library's own choice (mma.sync tiles)
 SMALL_M_SPLITK_BYTES = 32 << 20
 WIDE_N = 16384
+# OSTQUANT_DEC_WARPS=8: the decode kernels (7-12) as their 8-warp versions (27-32; session 13, built, not yet
+# measured), a measurement setting until benchmarks/kernels.py's dec8w rows say where they win
+DEC_KIND_OFFSET = 20 if os.environ.get("OSTQUANT_DEC_WARPS", "4") == "8" else 0
 
 
 def _auto_force(m: int, n: int, k: int) -> int:
     env = os.environ.get("OSTQUANT_GEMM_KIND")
     if env:
         return int(env)
+    kind = _auto_kind(m, n, k)
+    return kind + DEC_KIND_OFFSET if 7 <= kind <= 12 else kind
+
+
+def _auto_kind(m: int, n: int, k: int) -> int:
     if m <= 8:
         return 7
     if m <= 16:
@@ -248,8 +257,8 @@ def _gemm_cuda(a_q, a_scale, a_zero, w, w_scale, w_sum, out_dtype, force=None, o
     library's heuristic, else a kernel kind (0/1/2/4 mma.sync split-K or tiles, 3/5 wgmma,
     7/8 decode, 9-12 decode with 2/4 weight blocks a warp and 32/64 tokens a CTA, 6 the pipelined
     wgmma, 13/14 wgmma with 64/32-token tiles, K split over a thread-block cluster, 15/16 the same with 256
-    weight rows a CTA, 22-25 = 13-16 pipelined as 6, 26 pipelined with 128-token x 256-row tiles).
-    `out` (tests): [M, N]."""
+    weight rows a CTA, 22-25 = 13-16 pipelined as 6, 26 pipelined with 128-token x 256-row tiles, 27-32 =
+    7-12 with 8 warps a CTA). `out` (tests): [M, N]."""
     n, k = weight_shape(w)
     a2 = a_q.reshape(-1, k).contiguous()
     if a2.data_ptr() % 16:  # 16-B cp.async
