@@ -287,34 +287,68 @@ __global__ void __launch_bounds__(WARPS_N* WARPS_M * 32)
   });
 }
 
+// Thread-block cluster helpers (sm_90): this CTA's rank, a barrier over the cluster (release /
+// acquire: shared-memory writes before it are visible to the other CTAs after it), and a 64-bit load
+// from another CTA's shared memory at the address `saddr` has in this CTA's.
+__device__ __forceinline__ uint32_t cluster_rank() {
+  uint32_t r;
+  asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(r));
+  return r;
+}
+__device__ __forceinline__ void cluster_sync() {
+  asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;\n" ::: "memory");
+}
+__device__ __forceinline__ int2 ld_cluster_s32x2(uint32_t saddr, uint32_t rank) {
+  uint32_t remote;
+  int2 v;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(remote) : "r"(saddr), "r"(rank));
+  asm volatile("ld.shared::cluster.v2.s32 {%0, %1}, [%2];\n" : "=r"(v.x), "=r"(v.y) : "r"(remote) : "memory");
+  return v;
+}
+__device__ __forceinline__ int ld_cluster_s32(uint32_t saddr, uint32_t rank) {
+  uint32_t remote;
+  int v;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(remote) : "r"(saddr), "r"(rank));
+  asm volatile("ld.shared::cluster.s32 %0, [%1];\n" : "=r"(v) : "r"(remote) : "memory");
+  return v;
+}
+
 // 1b. GEMM for decode and small batches: one CTA per 16*R weight rows and 8*WT tokens, its KW
 //     warps split K among themselves (each warp a private cp.async pipeline, no CTA barrier in
 //     the loop) and sum in shared memory at the end: no split-K round trip through global memory.
 //     R > 1: each warp multiplies R weight blocks by the same token tiles, so the activations are
 //     read from L2 once per 16*R rows instead of once per 16 (what limits WT = 4/8 at R = 1).
-template <int WT, int R, int KW, int STAGES>
+//     S > 1 (kinds 33, 34; session 13): K is also split over a cluster of S CTAs (blockIdx.z), which add
+//     their sums through distributed shared memory: the CTAs of all 64 tokens (WT = 8) fill the GPU at
+//     N = 4096 without kind 11's second token half, which widens every weight byte again.
+template <int WT, int R, int KW, int STAGES, int S = 1>
 struct DecCfg {
   static constexpr int kAB = WT * 8 * 64;                 // activation bytes per stage (8*WT tokens x 64 B)
   static constexpr int kStage = 512 * R + kAB;            // + R 16-row x k64 weight blocks
   static constexpr int kPipe = KW * STAGES * kStage;
   static constexpr int kRed = KW * 32 * R * WT * 4 * 4;   // int32 partials of every warp, after the loop
-  static constexpr int kSmem = kPipe > kRed ? kPipe : kRed;
+  static constexpr int kFinOff = kPipe > kRed ? kPipe : kRed;
+  static constexpr int kFin = S > 1 ? 32 * R * WT * 4 * 4 : 0;  // the CTA's sums, read by the cluster
+  static constexpr int kSmem = kFinOff + kFin;
 };
 
-template <int WT, int R, int KW, int STAGES, typename OutT>
+template <int WT, int R, int KW, int STAGES, typename OutT, int S = 1>
 __global__ void __launch_bounds__(KW * 32)
     gemm_dec_kernel(const int8_t* __restrict__ A, const uint8_t* __restrict__ Wp, Epi epi, OutT* __restrict__ out,
                     int M, int N, int K, int pdl) {
-  using C = DecCfg<WT, R, KW, STAGES>;
+  using C = DecCfg<WT, R, KW, STAGES, S>;
   extern __shared__ __align__(128) uint8_t smem[];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, t = lane & 3;
   const int nb0 = blockIdx.x * R, m0 = blockIdx.y * (8 * WT);
   const int NB = N / 16;
   const int KB = K / 64;
-  const int per = (KB + KW - 1) / KW;
-  const int kb0 = warp * per;
-  const int nk = max(0, min(KB, kb0 + per) - kb0);
+  // this CTA's k-blocks [kc0, kc1) (all of K when S == 1), then the warps' shares of them
+  const int kcs = (KB + S - 1) / S;
+  const int kc0 = min(KB, (int)blockIdx.z * kcs), kc1 = min(KB, kc0 + kcs);
+  const int per = (kc1 - kc0 + KW - 1) / KW;
+  const int kb0 = kc0 + warp * per;
+  const int nk = max(0, min(kc1, kb0 + per) - kb0);
   const uint32_t sbase = smem_u32(smem) + warp * (STAGES * C::kStage);
   // The weights do not depend on the previous kernel: under PDL their stream into L2 starts while it runs
   // (each of this warp's R weight rows is one contiguous run of nk 512-B blocks).
@@ -393,11 +427,7 @@ __global__ void __launch_bounds__(KW * 32)
 #pragma unroll
       for (int q = 0; q < 4; ++q) red[(warp * kVals + (r * WT + j) * 4 + q) * 32 + lane] = acc[r][j][q];
   __syncthreads();
-  // the warps share the epilogue: warp w finishes values w, w + KW, ... of every lane
-  for (int v = warp; v < kVals; v += KW) {
-    int sum = 0;
-#pragma unroll
-    for (int w = 0; w < KW; ++w) sum += red[(w * kVals + v) * 32 + lane];
+  auto store = [&](int v, int sum) {
     const int r = v / (WT * 4), j = (v / 4) % WT, q = v % 4;
     const int n = (nb0 + r) * 16 + g + ((q & 2) ? 8 : 0);
     const int m = m0 + j * 8 + t * 2 + (q & 1);
@@ -406,6 +436,32 @@ __global__ void __launch_bounds__(KW * 32)
                                      epi.w_sum[n]);
       out[(size_t)m * N + n] = to_out<OutT>(y);
     }
+  };
+  // the warps share the epilogue: warp w finishes values w, w + KW, ... of every lane
+  if constexpr (S == 1) {
+    for (int v = warp; v < kVals; v += KW) {
+      int sum = 0;
+#pragma unroll
+      for (int w = 0; w < KW; ++w) sum += red[(w * kVals + v) * 32 + lane];
+      store(v, sum);
+    }
+  } else {  // the CTA's sums to shared memory; CTA `rank` of the cluster finishes values rank, rank + S, ...
+    int* fin = reinterpret_cast<int*>(smem + C::kFinOff);
+    for (int v = warp; v < kVals; v += KW) {
+      int sum = 0;
+#pragma unroll
+      for (int w = 0; w < KW; ++w) sum += red[(w * kVals + v) * 32 + lane];
+      fin[v * 32 + lane] = sum;
+    }
+    cluster_sync();
+    const int rank = (int)cluster_rank();
+    for (int v = rank + S * warp; v < kVals; v += S * KW) {
+      int sum = 0;  // integer sums: the same in any order
+#pragma unroll
+      for (int c = 0; c < S; ++c) sum += ld_cluster_s32(smem_u32(fin + v * 32 + lane), c);
+      store(v, sum);
+    }
+    cluster_sync();  // no CTA leaves while another still reads its shared memory
   }
 }
 
@@ -421,17 +477,37 @@ cudaError_t raise_smem_limit(Kern kern, int smem, int& limit) {
   return e;
 }
 
+// Launch `kern` on `grid` with thread-block clusters of grid.z CTAs along z (the K splits).
+template <typename Kern, typename... Args>
+int launch_cluster_z(Kern kern, dim3 grid, int threads, int smem, cudaStream_t st, Args... args) {
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = grid;
+  cfg.blockDim = dim3(threads);
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = st;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = 1;
+  attr[0].val.clusterDim.y = 1;
+  attr[0].val.clusterDim.z = grid.z;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  return (int)cudaLaunchKernelEx(&cfg, kern, args...);
+}
+
 // Programmatic dependent launch of the decode GEMMs (kinds 7-12) after the quantize kernels
 // (OSTQUANT_PDL=1 / ostq_set_pdl; off by default until measured): see pdl_wait.
 int g_pdl = 0;
 
-template <int WT, int R, int KW, int STAGES, typename OutT>
+template <int WT, int R, int KW, int STAGES, typename OutT, int S = 1>
 int launch_dec(const int8_t* A, const uint8_t* Wp, const Epi& epi, OutT* out, int M, int N, int K, cudaStream_t st) {
-  auto kern = gemm_dec_kernel<WT, R, KW, STAGES, OutT>;
-  constexpr int smem = DecCfg<WT, R, KW, STAGES>::kSmem;
+  auto kern = gemm_dec_kernel<WT, R, KW, STAGES, OutT, S>;
+  constexpr int smem = DecCfg<WT, R, KW, STAGES, S>::kSmem;
   static int smem_set = 0;
   if (const cudaError_t e = raise_smem_limit(kern, smem, smem_set)) return (int)e;
-  dim3 grid((N / 16 + R - 1) / R, (M + 8 * WT - 1) / (8 * WT));
+  dim3 grid((N / 16 + R - 1) / R, (M + 8 * WT - 1) / (8 * WT), S);
+  if constexpr (S > 1)  // (no PDL here: it lost where measured, session 13)
+    return launch_cluster_z(kern, grid, KW * 32, smem, st, A, Wp, epi, out, M, N, K, 0);
   if (!g_pdl) {
     kern<<<grid, KW * 32, smem, st>>>(A, Wp, epi, out, M, N, K, 0);
     return (int)cudaGetLastError();
@@ -526,25 +602,6 @@ __device__ __forceinline__ void wgmma_s8(int (&d)[NT / 2], const uint32_t (&a)[N
   }
 }
 #undef OSTQ_D8
-
-// Thread-block cluster helpers (sm_90): this CTA's rank, a barrier over the cluster (release /
-// acquire: shared-memory writes before it are visible to the other CTAs after it), and a 64-bit load
-// from another CTA's shared memory at the address `saddr` has in this CTA's.
-__device__ __forceinline__ uint32_t cluster_rank() {
-  uint32_t r;
-  asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(r));
-  return r;
-}
-__device__ __forceinline__ void cluster_sync() {
-  asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;\n" ::: "memory");
-}
-__device__ __forceinline__ int2 ld_cluster_s32x2(uint32_t saddr, uint32_t rank) {
-  uint32_t remote;
-  int2 v;
-  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(remote) : "r"(saddr), "r"(rank));
-  asm volatile("ld.shared::cluster.v2.s32 {%0, %1}, [%2];\n" : "=r"(v.x), "=r"(v.y) : "r"(remote) : "memory");
-  return v;
-}
 
 // One k128 stage of the wgmma kernels into shared memory at sa, threads `first`, first + THREADS, ...:
 // activations (BMT tokens x 128 B, 16-B chunk c of row r at c ^ (r & 7): the SW128 pattern the
@@ -1694,7 +1751,8 @@ int launch_mma(const int8_t* A, const uint8_t* Wp, const Epi& epi, OutT* out, in
 //        which every CTA reads whole, cost half as much L2 traffic per weight byte), 22-25 = 13-16
 //        pipelined as kind 6, 26 the same with 128 x 256 tiles (17-21 were warp-specialized versions, removed in
 //        session 10: slower), 27-32 = 7-12 with 8 warps a CTA splitting K (Nsight Compute, session 13: kind 11
-//        at M = 64 runs one warp a scheduler, which issues every 3.5 cycles; L2 at 66 %)
+//        at M = 64 runs one warp a scheduler, which issues every 3.5 cycles; L2 at 66 %), 33/34 = 12/32 with K
+//        split over a cluster of 2 CTAs (all 64 tokens a CTA, twice the CTAs of 12)
 struct Plan {
   int kind, splits, BN, BM, splits_units;  // splits_units: k blocks (64 or 128) to split
 };
@@ -1730,6 +1788,7 @@ Plan plan_gemm(int M, int N, int K, int force) {
       static const int bn[6] = {16, 16, 32, 32, 64, 64}, bm[6] = {8, 16, 32, 64, 32, 64};
       p.BN = bn[p.kind - 27]; p.BM = bm[p.kind - 27]; return p;
     }
+    case 33: case 34: p.BN = 64; p.BM = 64; return p;  // 12 / 32 with K split over a 2-CTA cluster
     case 13: case 14: case 15: case 16:  // wgmma, 64 / 32 tokens, 128 / 256 rows, K split over a cluster
     case 22: case 23: case 24: case 25:  // the same, pipelined (as kind 6)
     case 26: {  // pipelined, 128 tokens x 256 rows (prefill: a third less L2 traffic per op than kind 6)
@@ -1774,24 +1833,6 @@ int launch_wgmma(const int8_t* A, const uint8_t* Wp, const Epi& epi, OutT* out, 
   dim3 grid((M + 127) / 128, (N + WG_BN - 1) / WG_BN, splits);
   kern<<<grid, WG_THREADS, smem, st>>>(A, Wp, epi, out, M, N, K, per, ws, counters);
   return (int)cudaGetLastError();
-}
-
-// Launch `kern` on `grid` with thread-block clusters of grid.z CTAs along z (the K splits).
-template <typename Kern, typename... Args>
-int launch_cluster_z(Kern kern, dim3 grid, int threads, int smem, cudaStream_t st, Args... args) {
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = grid;
-  cfg.blockDim = dim3(threads);
-  cfg.dynamicSmemBytes = smem;
-  cfg.stream = st;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeClusterDimension;
-  attr[0].val.clusterDim.x = 1;
-  attr[0].val.clusterDim.y = 1;
-  attr[0].val.clusterDim.z = grid.z;
-  cfg.attrs = attr;
-  cfg.numAttrs = 1;
-  return (int)cudaLaunchKernelEx(&cfg, kern, args...);
 }
 
 // Kinds 13-16 (PIPE: 22-25): BMT-token tiles of 128 RB weight rows, K split over a cluster of `splits`
@@ -1841,6 +1882,10 @@ int gemm_dispatch(const int8_t* A, const uint8_t* Wp, const Epi& epi, OutT* out,
       return launch_dec<4, 4, 8, 4, OutT>(A, Wp, epi, out, M, N, K, st);
     case 32:
       return launch_dec<8, 4, 8, 3, OutT>(A, Wp, epi, out, M, N, K, st);
+    case 33:
+      return launch_dec<8, 4, 4, 3, OutT, 2>(A, Wp, epi, out, M, N, K, st);
+    case 34:
+      return launch_dec<8, 4, 8, 3, OutT, 2>(A, Wp, epi, out, M, N, K, st);
     case 0:
       return launch_mma<4, 1, 1, 2, 6, OutT>(A, Wp, epi, out, M, N, K, p.splits, ws, counters, st);
     case 1:
@@ -1933,13 +1978,13 @@ OSTQ_API long long ostq_gemm_counters(int M, int N, int K, int force) {
 }
 
 // out[M,N] = a_scale[m] * w_scale[n] * (a_q[m,:] . w[n,:] - a_zero[m] * w_sum[n])
-// out_half: 0 bf16, 1 fp16. w_scale_half: 0 fp32, 1 fp16. force: -1 auto, 0..16 or 22..32 a kernel kind
+// out_half: 0 bf16, 1 fp16. w_scale_half: 0 fp32, 1 fp16. force: -1 auto, 0..16 or 22..34 a kernel kind
 // (plan_gemm).
 OSTQ_API int ostq_int4_gemm(const void* a_q, const void* a_scale, const void* a_zero, const void* w_prep,
                             const void* w_scale, int w_scale_half, const void* w_sum, void* out, int out_half,
                             int M, int N, int K, void* workspace, void* counters, int force, void* stream) {
   if (M <= 0) return 0;
-  if (N % 16 || K % 64 || (force > 16 && force < 22) || force > 32) return (int)cudaErrorInvalidValue;
+  if (N % 16 || K % 64 || (force > 16 && force < 22) || force > 34) return (int)cudaErrorInvalidValue;
   Epi e{(const float*)a_scale, (const float*)a_zero, w_scale, (const int*)w_sum, w_scale_half};
   cudaStream_t st = (cudaStream_t)stream;
   if (out_half)

@@ -258,7 +258,7 @@ def _gemm_cuda(a_q, a_scale, a_zero, w, w_scale, w_sum, out_dtype, force=None, o
     7/8 decode, 9-12 decode with 2/4 weight blocks a warp and 32/64 tokens a CTA, 6 the pipelined
     wgmma, 13/14 wgmma with 64/32-token tiles, K split over a thread-block cluster, 15/16 the same with 256
     weight rows a CTA, 22-25 = 13-16 pipelined as 6, 26 pipelined with 128-token x 256-row tiles, 27-32 =
-    7-12 with 8 warps a CTA). `out` (tests): [M, N]."""
+    7-12 with 8 warps a CTA, 33/34 = 12/32 with K split over a cluster of 2 CTAs). `out` (tests): [M, N]."""
     n, k = weight_shape(w)
     a2 = a_q.reshape(-1, k).contiguous()
     if a2.data_ptr() % 16:  # 16-B cp.async

@@ -3,8 +3,8 @@
 # its last changes), back to back on one warm machine, each under the 600 s limit. The first carries
 # ostquant_vllm/kernels/_build (later calls find it there); the vLLM bundle's 4 calls (../shared/gpu, each
 # carrying one chunk) go between PART=kern and PART=e2e.
-#   PART=kern  every GPU kernel test (the 8-warp decode kinds 27-32 and Hadamard variant 6 included), then the
-#              8B GEMM rows at 1-128 tokens (the dec8w rows beside kinds 7-12) and the fused Hadamard rows
+#   PART=kern  every GPU kernel test (decode kinds 27-34 and Hadamard variant 6 included), then the
+#              8B GEMM rows at 1-128 tokens (the dec8w and _cl2 rows beside kinds 7-12) and the fused Hadamard rows
 #              (variant 6, "_v4r1", beside the others; M = 64 is batch-64 decode)
 #   PART=e2e   benchmarks/e2e_vllm.py: bf16, FP8 and ostquant W4A4KV4 with the defaults (/tmp/e2e_vllm.json),
 #              then ostquant W4A4KV4 again under $E2E_ENV (default: both new settings) into
