@@ -288,8 +288,8 @@ __global__ void __launch_bounds__(WARPS_N* WARPS_M * 32)
 }
 
 // Thread-block cluster helpers (sm_90): this CTA's rank, a barrier over the cluster (release /
-// acquire: shared-memory writes before it are visible to the other CTAs after it), and a 64-bit load
-// from another CTA's shared memory at the address `saddr` has in this CTA's.
+// acquire: shared-memory writes before it are visible to the other CTAs after it), and 64- and 32-bit
+// loads from another CTA's shared memory at the address `saddr` has in this CTA's.
 __device__ __forceinline__ uint32_t cluster_rank() {
   uint32_t r;
   asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(r));
