@@ -256,9 +256,36 @@ def kernels_hadamard_table(path: str) -> str:
             ("ostquant_quant_a4_had_v5", "H, v5"),
             ("ostquant_quant_a4_had8", "I_8 (x) H, dispatch"), ("ostquant_quant_a4_had8_v3", "I_8 (x) H, v3"),
             ("ostquant_quant_a4_had8_v4", "I_8 (x) H, v4"), ("ostquant_quant_a4_had8_v4half", "I_8 (x) H, v4 half"),
+            ("ostquant_quant_a4_had8_v4r1", "I_8 (x) H, v4 R = 1"), ("ostquant_quant_a4_had8_v5", "I_8 (x) H, v5"),
             ("ostquant_quant_a4", "no Hadamard"), ("torch_copy", "torch copy")]
-    return _quantize_table(path, (1, 2048, 8192), cols, "Fused Hadamard + 4-bit quantize",
-                           "; H = the full H_K, I_8 (x) H = calibration's default blocks")
+    return _quantize_table(path, (1, 64, 2048, 8192), cols, "Fused Hadamard + 4-bit quantize",
+                           "; H = the full H_K, I_8 (x) H = calibration's default blocks; M = 64 is batch-64 decode")
+
+
+def kernels_decode_table(path: str) -> str:
+    """Decode-size GEMMs (8B layers): each decode kind with 4 and with 8 warps a CTA, and K over a 2-CTA cluster."""
+    d = json.load(open(path))
+    by = {}
+    for r in d["rows"]:
+        if r.get("kind", "gemm") == "gemm":
+            by.setdefault((r["layer"], r["N"], r["K"], r["M"]), {})[r["kernel"]] = r
+    f = "ostquant_w4a4_force_"
+    cols = [("dec", "kind 7/8, 4 warps"), ("dec8w", "27/28, 8 warps"), ("dec_r4t32", "kind 11, 4 warps"),
+            ("dec8w_r4t32", "31, 8 warps"), ("dec_r4t64", "kind 12, 4 warps"), ("dec8w_r4t64", "32, 8 warps"),
+            ("dec_r4t64_cl2", "33 (12, 2-CTA cluster)"), ("dec8w_r4t64_cl2", "34 (32, cluster)")]
+    out = [f"**Decode GEMMs with 4 or 8 warps a CTA, µs, {d['gpu']}** ({os.path.basename(path)}; Llama-3-8B layers; "
+           "ours = the automatic choice at the time of the run, its kind in brackets)", "",
+           "| layer N x K | M | ours (kind) | " + " | ".join(c for _, c in cols) + " | torch bf16 | torch fp8 |",
+           "| --- | --- | --- |" + " --- |" * (len(cols) + 2)]
+    for (layer, N, K, M), ks in sorted(by.items(), key=lambda t: (t[0][1] * t[0][2], t[0][3])):
+        ours = ks.get("ostquant_w4a4")
+        if ours is None:
+            continue
+        cells = [_fmt(ks[f + c]["us"], 1) if f + c in ks else "—" for c, _ in cols]
+        out.append(f"| {layer} {N}x{K} | {M} | {ours['us']:.1f} ({ours.get('auto_kind', '?')}) | " + " | ".join(cells)
+                   + f" | {_fmt(ks.get('torch_bf16', {}).get('us'), 1)} | {_fmt(ks.get('torch_fp8', {}).get('us'), 1)} |")
+    out += [""] + [f"- {n}" for n in d.get("notes", [])] + [f"- command: `{d.get('command')}`"]
+    return "\n".join(out)
 
 
 def kernels_largem_table(path: str) -> str:
@@ -403,6 +430,8 @@ def all_tables() -> str:
     for p in sorted(glob.glob(os.path.join(res, "kernels_*.json"))):
         if "midm" in p:
             parts.append(kernels_midm_table(p))
+        elif "decode" in p:
+            parts.append(kernels_decode_table(p))
         elif "largem" in p:
             parts.append(kernels_largem_table(p))
         elif "quant" in p:

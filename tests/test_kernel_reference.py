@@ -144,15 +144,13 @@ def test_available_false_on_cpu():
 
 def test_auto_kernel_choice():
     from ostquant_vllm.kernels import _auto_force
-    assert _auto_force(1, 4096, 4096) == 7
-    assert _auto_force(16, 4096, 4096) == 8
     assert _auto_force(16, 57344, 8192) == 0
     assert _auto_force(2048, 4096, 4096) == 6
     assert _auto_force(2048, 4096, 14336) == 26 and _auto_force(2048, 8192, 28672) == 26
     assert _auto_force(8192, 28672, 4096) == 6 and _auto_force(8192, 8192, 8192) == 6
     # batches of 17-256 tokens (kernels_h100_midm.json): the decode kernel with R weight blocks
     assert _auto_force(32, 4096, 14336) == 9 and _auto_force(32, 28672, 4096) == 25
-    assert _auto_force(64, 4096, 14336) == 11 and _auto_force(128, 4096, 14336) == 11
+    assert _auto_force(128, 4096, 14336) == 11
     assert _auto_force(64, 6144, 4096) == 11 and _auto_force(96, 6144, 4096) == 22  # 8B qkv
     assert _auto_force(64, 28672, 4096) == 22 and _auto_force(65, 28672, 4096) == 5  # wide layers: wgmma
     assert _auto_force(256, 4096, 14336) == 12 and _auto_force(256, 4096, 4096) == 12
@@ -161,13 +159,20 @@ def test_auto_kernel_choice():
     assert _auto_force(512, 576, 576) == -1  # K % 128 at large M: the library's mma tiles
 
 
-def test_auto_kernel_choice_eight_warp_decode(monkeypatch):
-    """OSTQUANT_DEC_WARPS=8 swaps exactly the decode kinds 7-12 for their 8-warp versions 27-32."""
-    from ostquant_vllm import kernels
-    shapes = [(1, 4096, 4096), (16, 4096, 4096), (16, 57344, 8192), (32, 4096, 14336), (64, 4096, 14336),
-              (64, 28672, 4096), (256, 4096, 4096), (2048, 4096, 4096)]
-    plain = [kernels._auto_force(*s) for s in shapes]
-    monkeypatch.setattr(kernels, "DEC_KIND_OFFSET", 20)
-    eight = [kernels._auto_force(*s) for s in shapes]
-    assert eight == [k + 20 if 7 <= k <= 12 else k for k in plain]
-    assert eight[:2] == [27, 28] and eight[4] == 31 and eight[2] == 0 and eight[5] == 22
+def test_auto_kernel_choice_eight_warp_decode():
+    """The 8-warp decode kinds (27-32 = 7-12 + 20) only where kernels_h100_decode.json measured them ahead:
+    M <= 8 at K >= 4096; 9-16 and 33-64 tokens at N <= 4096, K >= 4096 (8B o and down, not qkv)."""
+    from ostquant_vllm.kernels import _auto_force
+    assert [_auto_force(1, n, k) for n, k in ((6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336))] == [27] * 4
+    assert _auto_force(1, 960, 576) == 7  # the default model's small K: not measured, 4 warps
+    assert [_auto_force(16, n, k) for n, k in ((6144, 4096), (4096, 4096), (4096, 14336))] == [8, 28, 28]
+    assert [_auto_force(64, n, k) for n, k in ((6144, 4096), (4096, 4096), (4096, 14336))] == [11, 31, 31]
+    assert _auto_force(32, 4096, 14336) == 9 and _auto_force(128, 4096, 4096) == 11  # not measured
+
+
+def test_auto_hadamard_variant():
+    """Version 5 for blocks of 28 * 64 (8B's down_proj in 8 blocks) up to 256 tokens, else the library's choice."""
+    from ostquant_vllm.kernels import _had_auto_variant
+    assert _had_auto_variant(1, 28, 6) == 5 and _had_auto_variant(256, 28, 6) == 5
+    assert _had_auto_variant(257, 28, 6) == 0 and _had_auto_variant(64, 28, 7) == 0  # 70B's 28 * 128
+    assert _had_auto_variant(64, 12, 4) == 0  # the default model's 1536 / 8 = 12 * 16

@@ -87,8 +87,17 @@ _H_TABLES: dict = {}
 # Fused-Hadamard kernel version (csrc ostq_quantize_act): 0 = automatic (version 4, the row in registers, where
 # its butterflies stay within a warp; else version 3), 1 = version 2 (table in constant memory), 2 = version 3
 # (row in shared memory, signs compiled in), 3 / 4 = version 4 with the larger / smaller rows a thread, 5 =
-# version 5 (H_B on the tensor cores), 6 = version 4 with one a-row a thread (session 13, not yet measured).
+# version 5 (H_B on the tensor cores), 6 = version 4 with one a-row a thread (session 13; slower where it was
+# meant to help, kernels_h100_hadamard.json).
 HAD_VARIANT = int(os.environ.get("OSTQUANT_HAD_VARIANT", "0"))
+
+
+def _had_auto_variant(m: int, b: int, log2p: int) -> int:
+    """Blocks of 28 * 64 (Llama-3-8B's down_proj input in calibration's 8 blocks) up to 256 tokens: version 5,
+    which the library's own choice takes only where version 4 does not fit (kernels_h100_hadamard.json,
+    session 14: 6.4 against 7.5 us at M = 64, 11.3 against 12.9 at 256; 3 % behind from M = 2048 on, and
+    behind at 28 * 128, 70B's blocks)."""
+    return 5 if b == 28 and log2p == 6 and m <= 256 else 0
 
 
 def _had_table(k: int, device: torch.device) -> tuple[int, int, torch.Tensor]:
@@ -153,10 +162,12 @@ def _quant_cuda(x, bits, sym, clip, hadamard, out=None, variant=None):
             b, log2p, table = _had_table(k // hadamard, x.device)
         else:
             b, log2p, table = 1, 0, None
+        if variant is None:
+            variant = HAD_VARIANT or (_had_auto_variant(m, b, log2p) if hadamard else 0)
         rc = _lib.load().ostq_quantize_act(_ptr(x2), _ptr(q), _ptr(s), _ptr(z), m, k, bits, int(sym),
                                            float(clip), int(hadamard), b, log2p,
                                            _ptr(table) if table is not None else None,
-                                           HAD_VARIANT if variant is None else variant, _stream(x.device))
+                                           variant, _stream(x.device))
         _lib.check(rc, "quantize_act")
     return q, s, z
 
@@ -208,30 +219,33 @@ def _gemm_kernel_ok(a_q: torch.Tensor, w: torch.Tensor, out_dtype: torch.dtype) 
 #     against kind 5's 36.0 at 64): they have CTAs enough, and the decode kernel re-reads the
 #     activations once per 64 rows. 65-128 tokens at 6144 <= N < 16384 (8B qkv): 22 (15.2 us against
 #     kind 11's 18.7 at M = 128; at N = 4096 kind 11 stays ahead).
+#   8 warps a CTA (kinds 27-32 = 7-12 with K split over 8 warps; session 14, kernels_h100_decode.json, 8B
+#     layers at M = 1, 16, 64): at K >= 4096 for M <= 8 (M = 1: 0.1-0.4 us less on every layer), and at
+#     N <= 4096, K >= 4096 for 9-16 and 33-64 tokens (down at M = 64: 19.0 against kind 11's 22.2 us, o 8.8
+#     against 9.8; qkv, N = 6144, loses: 16.0 against 12.5 at M = 64, 10.1 against 8.6 at 16). Where
+#     nothing was measured (17-32 and 65-256 tokens, K < 4096) the 4-warp kinds stay.
 #   M > 256, K % 128 == 0: the pipelined wgmma: 26 (128 x 256 tiles) for K >= 14336 (the down
 #     projections: 8B M = 8192 835 against kind 6's 986 us, 70B 3350 against kind 3's 3752), else 6
 #     (128 x 128 tiles: 3-5 % ahead of 5 summed over the layers; 26 loses at K = 4096), session 11
 #   otherwise: -1, the library's own choice (mma.sync tiles)
 SMALL_M_SPLITK_BYTES = 32 << 20
 WIDE_N = 16384
-# OSTQUANT_DEC_WARPS=8: the decode kernels (7-12) as their 8-warp versions (27-32; session 13, built, not yet
-# measured), a measurement setting until benchmarks/kernels.py's dec8w rows say where they win
-DEC_KIND_OFFSET = 20 if os.environ.get("OSTQUANT_DEC_WARPS", "4") == "8" else 0
+EIGHT_WARPS = 20  # kind + EIGHT_WARPS: the decode kind with 8 warps a CTA
 
 
 def _auto_force(m: int, n: int, k: int) -> int:
     env = os.environ.get("OSTQUANT_GEMM_KIND")
-    if env:
-        return int(env)
-    kind = _auto_kind(m, n, k)
-    return kind + DEC_KIND_OFFSET if 7 <= kind <= 12 else kind
+    return int(env) if env else _auto_kind(m, n, k)
 
 
 def _auto_kind(m: int, n: int, k: int) -> int:
+    narrow = n <= 4096 and k >= 4096  # where the decode kernels gain from 8 warps (session 14)
     if m <= 8:
-        return 7
+        return 7 + (EIGHT_WARPS if k >= 4096 else 0)
     if m <= 16:
-        return 0 if n * k // 2 >= SMALL_M_SPLITK_BYTES else 8
+        if n * k // 2 >= SMALL_M_SPLITK_BYTES:
+            return 0
+        return 8 + (EIGHT_WARPS if narrow else 0)
     if m <= 256:
         wide = n >= WIDE_N and k % 128 == 0
         if m <= 64 and wide:
@@ -241,7 +255,9 @@ def _auto_kind(m: int, n: int, k: int) -> int:
         if m <= 128:
             if wide:
                 return 5
-            return 22 if m > 64 and n >= 6144 and k % 128 == 0 else 11
+            if m > 64 and n >= 6144 and k % 128 == 0:
+                return 22
+            return 11 + (EIGHT_WARPS if narrow and m <= 64 else 0)
         if not wide and (n <= 4096 or k >= 8192):
             return 12
         if k % 128 == 0:
