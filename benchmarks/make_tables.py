@@ -263,7 +263,8 @@ def kernels_hadamard_table(path: str) -> str:
 
 
 def kernels_decode_table(path: str) -> str:
-    """Decode-size GEMMs (8B layers): each decode kind with 4 and with 8 warps a CTA, and K over a 2-CTA cluster."""
+    """Decode-size GEMMs (8B layers): each decode kind with 4, 8 (and 16) warps a CTA, K over a 2-CTA cluster, 6 weight
+    blocks a warp: the columns of the kinds the file's run timed."""
     d = json.load(open(path))
     by = {}
     for r in d["rows"]:
@@ -272,8 +273,11 @@ def kernels_decode_table(path: str) -> str:
     f = "ostquant_w4a4_force_"
     cols = [("dec", "kind 7/8, 4 warps"), ("dec8w", "27/28, 8 warps"), ("dec_r4t32", "kind 11, 4 warps"),
             ("dec8w_r4t32", "31, 8 warps"), ("dec_r4t64", "kind 12, 4 warps"), ("dec8w_r4t64", "32, 8 warps"),
-            ("dec_r4t64_cl2", "33 (12, 2-CTA cluster)"), ("dec8w_r4t64_cl2", "34 (32, cluster)")]
-    out = [f"**Decode GEMMs with 4 or 8 warps a CTA, µs, {d['gpu']}** ({os.path.basename(path)}; Llama-3-8B layers; "
+            ("dec_r4t64_cl2", "33 (12, 2-CTA cluster)"), ("dec8w_r4t64_cl2", "34 (32, cluster)"),
+            ("dec_r6t32", "36 (11, 6 blocks a warp)"), ("dec8w_r6t32", "35 (31, 6 blocks a warp)"),
+            ("dec16w_r4t32", "37 (11, 16 warps)")]
+    cols = [c for c in cols if any(f + c[0] in ks for ks in by.values())]  # the kinds this run timed
+    out = [f"**Decode GEMMs by warps a CTA and weight blocks a warp, µs, {d['gpu']}** ({os.path.basename(path)}; Llama-3-8B layers; "
            "ours = the automatic choice at the time of the run, its kind in brackets)", "",
            "| layer N x K | M | ours (kind) | " + " | ".join(c for _, c in cols) + " | torch bf16 | torch fp8 |",
            "| --- | --- | --- |" + " --- |" * (len(cols) + 2)]

@@ -151,7 +151,7 @@ def test_auto_kernel_choice():
     # batches of 17-256 tokens (kernels_h100_midm.json): the decode kernel with R weight blocks
     assert _auto_force(32, 4096, 14336) == 9 and _auto_force(32, 28672, 4096) == 25
     assert _auto_force(128, 4096, 14336) == 11
-    assert _auto_force(64, 6144, 4096) == 11 and _auto_force(96, 6144, 4096) == 22  # 8B qkv
+    assert _auto_force(64, 6144, 4096) == 35 and _auto_force(96, 6144, 4096) == 22  # 8B qkv
     assert _auto_force(64, 28672, 4096) == 22 and _auto_force(65, 28672, 4096) == 5  # wide layers: wgmma
     assert _auto_force(256, 4096, 14336) == 12 and _auto_force(256, 4096, 4096) == 12
     assert _auto_force(256, 6144, 4096) == 5
@@ -166,8 +166,19 @@ def test_auto_kernel_choice_eight_warp_decode():
     assert [_auto_force(1, n, k) for n, k in ((6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336))] == [27] * 4
     assert _auto_force(1, 960, 576) == 7  # the default model's small K: not measured, 4 warps
     assert [_auto_force(16, n, k) for n, k in ((6144, 4096), (4096, 4096), (4096, 14336))] == [8, 28, 28]
-    assert [_auto_force(64, n, k) for n, k in ((6144, 4096), (4096, 4096), (4096, 14336))] == [11, 31, 31]
+    assert [_auto_force(64, n, k) for n, k in ((6144, 4096), (4096, 4096), (4096, 14336))] == [35, 31, 31]
     assert _auto_force(32, 4096, 14336) == 9 and _auto_force(128, 4096, 4096) == 11  # not measured
+
+
+def test_auto_kernel_choice_six_blocks_one_wave():
+    """Kind 35 (6 weight blocks a warp) at 33-64 tokens only where 4 blocks a warp need more than one wave of
+    8-warp CTAs and 6 fit in one (kernels_h100_decode_r6.json: 8B qkv 11.8 against 12.6 us at M = 64)."""
+    from ostquant_vllm.kernels import _auto_kind
+    assert _auto_kind(64, 6144, 4096) == 35 and _auto_kind(33, 6144, 4096) == 35
+    assert _auto_kind(64, 6144, 4096, sms=200) == 11  # 192 CTAs fit one wave: 4 blocks stay
+    assert _auto_kind(64, 6144, 4096, sms=100) == 11  # 6 blocks would not fit either
+    assert _auto_kind(64, 10240, 8192) == 11 and _auto_kind(96, 4096, 4096) == 11  # 70B qkv; 65-128 tokens
+    assert _auto_kind(32, 6144, 4096) == 9 and _auto_kind(64, 1536, 576) == 11  # the default model's K
 
 
 def test_auto_hadamard_variant():

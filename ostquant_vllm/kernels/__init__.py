@@ -224,6 +224,10 @@ def _gemm_kernel_ok(a_q: torch.Tensor, w: torch.Tensor, out_dtype: torch.dtype) 
 #     N <= 4096, K >= 4096 for 9-16 and 33-64 tokens (down at M = 64: 19.0 against kind 11's 22.2 us, o 8.8
 #     against 9.8; qkv, N = 6144, loses: 16.0 against 12.5 at M = 64, 10.1 against 8.6 at 16). Where
 #     nothing was measured (17-32 and 65-256 tokens, K < 4096) the 4-warp kinds stay.
+#   6 weight blocks a warp (kind 35 = 31 with R = 6; session 15, kernels_h100_decode_r6.json) at 33-64 tokens
+#     where 4 blocks need more than one wave of 8-warp CTAs (one an SM) and 6 fit in one: 8B qkv (N = 6144,
+#     192 CTAs against 128 on 132 SMs) 11.8 against kind 11's 12.6 us at M = 64; o and down (128 CTAs with
+#     4 blocks already) lose with 6.
 #   M > 256, K % 128 == 0: the pipelined wgmma: 26 (128 x 256 tiles) for K >= 14336 (the down
 #     projections: 8B M = 8192 835 against kind 6's 986 us, 70B 3350 against kind 3's 3752), else 6
 #     (128 x 128 tiles: 3-5 % ahead of 5 summed over the layers; 26 loses at K = 4096), session 11
@@ -233,12 +237,19 @@ WIDE_N = 16384
 EIGHT_WARPS = 20  # kind + EIGHT_WARPS: the decode kind with 8 warps a CTA
 
 
+@functools.lru_cache(maxsize=None)
+def _num_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
 def _auto_force(m: int, n: int, k: int) -> int:
     env = os.environ.get("OSTQUANT_GEMM_KIND")
-    return int(env) if env else _auto_kind(m, n, k)
+    if env:
+        return int(env)
+    return _auto_kind(m, n, k, _num_sms(torch.cuda.current_device()) if torch.cuda.is_available() else 132)
 
 
-def _auto_kind(m: int, n: int, k: int) -> int:
+def _auto_kind(m: int, n: int, k: int, sms: int = 132) -> int:
     narrow = n <= 4096 and k >= 4096  # where the decode kernels gain from 8 warps (session 14)
     if m <= 8:
         return 7 + (EIGHT_WARPS if k >= 4096 else 0)
@@ -257,6 +268,9 @@ def _auto_kind(m: int, n: int, k: int) -> int:
                 return 5
             if m > 64 and n >= 6144 and k % 128 == 0:
                 return 22
+            halves = (m + 31) // 32  # 32-token CTA rows
+            if 32 < m <= 64 and k >= 4096 and -(-n // 96) * halves <= sms < -(-n // 64) * halves:
+                return 35  # one wave with 6 weight blocks a warp where 4 need more (session 15)
             return 11 + (EIGHT_WARPS if narrow and m <= 64 else 0)
         if not wide and (n <= 4096 or k >= 8192):
             return 12
@@ -274,7 +288,8 @@ def _gemm_cuda(a_q, a_scale, a_zero, w, w_scale, w_sum, out_dtype, force=None, o
     7/8 decode, 9-12 decode with 2/4 weight blocks a warp and 32/64 tokens a CTA, 6 the pipelined
     wgmma, 13/14 wgmma with 64/32-token tiles, K split over a thread-block cluster, 15/16 the same with 256
     weight rows a CTA, 22-25 = 13-16 pipelined as 6, 26 pipelined with 128-token x 256-row tiles, 27-32 =
-    7-12 with 8 warps a CTA, 33/34 = 12/32 with K split over a cluster of 2 CTAs). `out` (tests): [M, N]."""
+    7-12 with 8 warps a CTA, 33/34 = 12/32 with K split over a cluster of 2 CTAs, 35/36 = 31/11 with 6 weight blocks
+    a warp, 37 = 11 with 16 warps a CTA). `out` (tests): [M, N]."""
     n, k = weight_shape(w)
     a2 = a_q.reshape(-1, k).contiguous()
     if a2.data_ptr() % 16:  # 16-B cp.async
