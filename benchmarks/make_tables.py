@@ -275,7 +275,8 @@ def kernels_decode_table(path: str) -> str:
             ("dec8w_r4t32", "31, 8 warps"), ("dec_r4t64", "kind 12, 4 warps"), ("dec8w_r4t64", "32, 8 warps"),
             ("dec_r4t64_cl2", "33 (12, 2-CTA cluster)"), ("dec8w_r4t64_cl2", "34 (32, cluster)"),
             ("dec_r6t32", "36 (11, 6 blocks a warp)"), ("dec8w_r6t32", "35 (31, 6 blocks a warp)"),
-            ("dec16w_r4t32", "37 (11, 16 warps)")]
+            ("dec16w_r4t32", "37 (11, 16 warps)"), ("dec8w_r6t16", "38 (35, 16 tokens a CTA)"),
+            ("dec8w_r4t16", "39 (31, 16 tokens a CTA)")]
     cols = [c for c in cols if any(f + c[0] in ks for ks in by.values())]  # the kinds this run timed
     out = [f"**Decode GEMMs by warps a CTA and weight blocks a warp, µs, {d['gpu']}** ({os.path.basename(path)}; Llama-3-8B layers; "
            "ours = the automatic choice at the time of the run, its kind in brackets)", "",

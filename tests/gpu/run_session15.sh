@@ -2,11 +2,12 @@
 # Device calls, back to back on one warm machine, each under the 600 s limit. The first carries
 # ostquant_vllm/kernels/_build (later calls find it there); the vLLM bundle's 4 calls (../shared/gpu, each
 # carrying one chunk) go between PART=kern and PART=e2e. Session 15 ran PART=kern (then for kinds 35/36)
-# and PART=e2e; for the next session: PART=kern (kind 37), the bundle's 4 calls, PART=e2e, PART=profile.
-#   PART=kern  the GPU kernel tests of kinds 35-37 and the dispatch, the 8B GEMM rows at 16 and 64 tokens
+# and PART=e2e; for the next session: PART=kern (kinds 37-39), the bundle's 4 calls, PART=e2e, PART=profile.
+#   PART=kern  the GPU kernel tests of kinds 35-39 and the dispatch, the 8B GEMM rows at 16 and 64 tokens
 #              (kinds 35/36 "dec8w_r6t32" / "dec_r6t32": 6 weight blocks a warp; 37 "dec16w_r4t32": kind 11
-#              with 16 warps a CTA; beside kinds 11 and 31), then Nsight Compute on the batch-64 qkv and
-#              down GEMMs (benchmarks/gpu_ncu.sh; $OUT/ncu_*.txt)
+#              with 16 warps a CTA; 38/39 "dec8w_r6t16" / "dec8w_r4t16": 35/31 with 16 tokens a CTA; beside
+#              kinds 11 and 31), then Nsight Compute on the batch-64 qkv and down GEMMs
+#              (benchmarks/gpu_ncu.sh; $OUT/ncu_*.txt)
 #   PART=e2e   two kernel tests (the library loads and runs), then benchmarks/e2e_vllm.py: bf16, FP8 and
 #              ostquant W4A4KV4 with the defaults (/tmp/e2e_vllm.json)
 #   PART=profile  the batch-64 decode step of ostquant W4A4KV4 by kernel (into /tmp/e2e_vllm.json's profiles)
@@ -22,11 +23,11 @@ kern)
   # the new kinds at every M and shape, and the dispatch's shapes (the rest of csrc is unchanged since
   # session 14, whose call passed all 257)
   timeout 120 python3 -m pytest -q -p no:cacheprovider --tb=short -rf tests/gpu/test_kernels.py \
-    -k "35 or 36 or 37 or shapes or public_api or deterministic" 2>&1 | tee "$OUT/tests_kernels.log" | tail -4
+    -k "35 or 36 or 37 or 38 or 39 or shapes or public_api or deterministic" 2>&1 | tee "$OUT/tests_kernels.log" | tail -4
   OSTQUANT_BENCH_SKIP_KINDS=3,5,9,10,12,13,14,15,16,22,23,24,25,29,30,32,33,34 timeout 200 \
     python3 benchmarks/kernels.py --models llama3-8b --ms 16,64 --skip-quant --out "$OUT/kernels_r6.json" 2>&1 \
-    | grep -E "ostquant_w4a4 |r4t32|r6t32|failed" | tail -30
-  timeout 200 bash benchmarks/gpu_ncu.sh gemm37_down_m64 gemm35_qkv_m64 gemm31_down_m64 2>&1 | tail -50
+    | grep -E "ostquant_w4a4 |r4t32|r6t32|t16|failed" | tail -40
+  timeout 200 bash benchmarks/gpu_ncu.sh gemm37_down_m64 gemm38_qkv_m64 gemm31_down_m64 2>&1 | tail -50
   ;;
 e2e)
   . tests/gpu/env.sh
