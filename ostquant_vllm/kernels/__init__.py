@@ -242,11 +242,16 @@ def _num_sms(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def _auto_force(m: int, n: int, k: int) -> int:
+def _auto_force(m: int, n: int, k: int, device: torch.device | None = None) -> int:
+    """OSTQUANT_GEMM_KIND, else _auto_kind for the SMs of `device` (default: the current CUDA device, if any)."""
     env = os.environ.get("OSTQUANT_GEMM_KIND")
     if env:
         return int(env)
-    return _auto_kind(m, n, k, _num_sms(torch.cuda.current_device()) if torch.cuda.is_available() else 132)
+    if device is not None:
+        index = device.index
+    else:
+        index = torch.cuda.current_device() if torch.cuda.is_available() else None
+    return _auto_kind(m, n, k, 132 if index is None else _num_sms(index))
 
 
 def _auto_kind(m: int, n: int, k: int, sms: int = 132) -> int:
@@ -296,7 +301,7 @@ def _gemm_cuda(a_q, a_scale, a_zero, w, w_scale, w_sum, out_dtype, force=None, o
         a2 = a2.clone()
     m = a2.shape[0]
     if force is None:
-        force = _auto_force(m, n, k)
+        force = _auto_force(m, n, k, a_q.device)
     if out is None:
         out = torch.empty((m, n), dtype=out_dtype, device=a_q.device)
     if m == 0:
