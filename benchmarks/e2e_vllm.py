@@ -193,13 +193,13 @@ def engine_facts(llm) -> dict:
 
 
 def profile_decode(prompts, timed, a) -> dict:
-    """GPU time by kernel over a batch-64 generation (128 in, 128 out), grouped into what the step
-    is made of (kernels replayed from CUDA graphs are recorded by CUPTI too), and the same for the
+    """GPU time by kernel over a generation at the largest of --batches (128 in, 128 out), grouped into what
+    the step is made of (kernels replayed from CUDA graphs are recorded by CUPTI too), and the same for the
     decode steps alone: the generation minus a run of the same prompts with one output token (the
-    8,192-token prefill). Needs the engine in this process: VLLM_ENABLE_V1_MULTIPROCESSING=0."""
+    prefill). Needs the engine in this process: VLLM_ENABLE_V1_MULTIPROCESSING=0."""
     from torch.profiler import ProfilerActivity, profile
 
-    b, out_len = 64, 128
+    b, out_len = max(int(x) for x in a.batches.split(",")), 128
     with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
         timed(prompts(b, a.input_len), 1)
     prefill = _kernel_times(prof)
@@ -356,7 +356,7 @@ def parent_main(a, argv: list[str]) -> None:
                          f"this run is --tp {a.tp}: ratios need one TP degree (use another --out)")
     result.update({"gpu": ver["gpu"], "vllm": ver["vllm"], "versions": ver, "shape": a.shape,
                    "tensor_parallel_size": a.tp})
-    if not a.profile:  # a profile run (--batches 64) leaves the measurement settings as they are
+    if not a.profile:  # a profile run (--batches 64 or 256) leaves the measurement settings as they are
         result["settings"] = {"input_len": a.input_len, "output_len": a.output_len, "batches": a.batches,
                               "prefill_len": a.prefill_len, "gpu_memory_utilization": a.gpu_memory_utilization,
                               "cuda_graphs": not a.eager and ver["gpu"] != "cpu", "load_format": "dummy",
@@ -392,8 +392,9 @@ def parent_main(a, argv: list[str]) -> None:
             result.setdefault("failures", []).append({"config": config, "exit": proc.returncode,
                                                       "log_tail": text[-3000:]})
             continue
-        if a.profile:
-            result.setdefault("profiles", {})[config] = rows[0]
+        if a.profile:  # batch 64 under the config's name (the files before), other batches beside it
+            b = rows[0]["profile"]["batch"]
+            result.setdefault("profiles", {})[config if b == 64 else f"{config} batch {b}"] = rows[0]
             save(a.out, result, cfg_rows)
             continue
         row = {**rows[0], **parse_log(text), "wall_s": time.time() - t0}
@@ -447,7 +448,9 @@ def main(argv=None) -> None:
     p.add_argument("--prefill-repeats", type=int, default=5)
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--eager", action="store_true", help="no torch.compile / CUDA graphs")
-    p.add_argument("--profile", action="store_true", help="instead of measuring: GPU time shares by kernel of a batch-64 decode")
+    p.add_argument("--profile", action="store_true",
+                   help="instead of measuring: GPU time shares by kernel of a decode at the largest of --batches "
+                        "(pass --batches 64 or 256)")
     p.add_argument("--work", default="", help="folder for the config-only model folders")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--config", help=argparse.SUPPRESS)

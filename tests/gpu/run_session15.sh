@@ -10,7 +10,9 @@
 #              (benchmarks/gpu_ncu.sh; $OUT/ncu_*.txt)
 #   PART=e2e   two kernel tests (the library loads and runs), then benchmarks/e2e_vllm.py: bf16, FP8 and
 #              ostquant W4A4KV4 with the defaults (/tmp/e2e_vllm.json)
-#   PART=profile  the batch-64 decode step of ostquant W4A4KV4 by kernel (into /tmp/e2e_vllm.json's profiles)
+#   PART=profile  the batch-64 decode step of ostquant W4A4KV4 by kernel (into /tmp/e2e_vllm.json's profiles);
+#              PROFILE_BATCH=256 PROFILE_CONFIGS=ostquant_w4a4kv4,fp8 E2E_TIMEOUT=400: where batch 256 loses to FP8
+#              (the prefill's share: the "prefill_gpu_ms" of each)
 #   PART=tuned ostquant W4A4KV4 again under the settings in $E2E_ENV into $OUT/e2e_vllm_$TAG.json, e.g.
 #              E2E_ENV="OSTQUANT_HAD_VARIANT=4" TAG=t1 PART=tuned bash tests/gpu/run_session15.sh
 set -uo pipefail
@@ -37,8 +39,8 @@ e2e)
     | grep -v "^WARNING\|^INFO\|^(EngineCore" | grep -E "\[e2e\]|rror" | tail -20
   ;;
 profile)
-  E2E_TIMEOUT=160 bash benchmarks/gpu_e2e.sh --configs ostquant_w4a4kv4 --profile --batches 64 2>&1 \
-    | grep -v "^WARNING\|^INFO\|^(EngineCore" | tail -30
+  E2E_TIMEOUT=${E2E_TIMEOUT:-160} bash benchmarks/gpu_e2e.sh --configs ${PROFILE_CONFIGS:-ostquant_w4a4kv4} --profile \
+    --batches "${PROFILE_BATCH:-64}" 2>&1 | grep -v "^WARNING\|^INFO\|^(EngineCore" | tail -30
   ;;
 tuned)
   env ${E2E_ENV:?set E2E_ENV} E2E_TIMEOUT=${E2E_TIMEOUT:-300} bash benchmarks/gpu_e2e.sh --configs ostquant_w4a4kv4 \
