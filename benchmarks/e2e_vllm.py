@@ -13,9 +13,11 @@ Timing is vLLM's own throughput / latency benchmarks' (`vllm bench throughput|la
 It runs in-process for every batch size of a config (one engine start a config, not one a
 measurement): decode = batch B of 128-token prompts, 256 generated tokens each (the prefill of the
 B prompts is inside the time, as in `vllm bench throughput`); prefill = one 2048-token prompt,
-1 output token, median of 5, prefix caching off (so a repeat is a real prefill). Every config runs
-in its own process (a clean GPU), with the same memory share, so "KV-cache tokens" (vLLM's own
-count, from its log) compare the room each leaves. The parent merges rows into --out after every
+1 output token, median of 5, prefix caching off (so a repeat is a real prefill). Beside each decode
+run, a 1-token run of the same batch: "decode_steps_tok_s" = B * (output - 1) / (the run's median s
+- the 1-token run's), the decode steps without the prompts' prefill (the bar reads decode_tok_s).
+Every config runs in its own process (a clean GPU), with the same memory share, so "KV-cache
+tokens" (vLLM's own count, from its log) compare the room each leaves. The parent merges rows into --out after every
 config: a later call with --resume skips finished configs.
 """
 from __future__ import annotations
@@ -161,12 +163,19 @@ def run_config(a) -> dict:
         return {"config": a.config, "profile": profile_decode(prompts, timed, a), **engine_facts(llm)}
     row = {"config": a.config, "engine_args": dict(kw), "engine_start_s": start_s, "decode": []}
     for b in batches:
-        runs = []
+        runs, secs, first = [], [], []
         for _ in range(a.repeats if b <= 16 else max(1, a.repeats - 1)):
             dt, ntok = timed(prompts(b, a.input_len), a.output_len)
             runs.append(ntok / dt)
-        row["decode"].append({"batch": b, "decode_tok_s": statistics.median(runs), "runs_tok_s": runs})
-        print(f"[e2e] {a.config} batch {b}: {statistics.median(runs):.1f} output tok/s", flush=True)
+            secs.append(dt)
+            first.append(timed(prompts(b, a.input_len), 1)[0])  # the same batch's prefill and first token
+        # the decode steps alone: the run less a 1-token run of the same batch (its B prompts' prefill)
+        steps_s = statistics.median(secs) - statistics.median(first)
+        step_tok_s = b * (a.output_len - 1) / steps_s if steps_s > 0 else None
+        row["decode"].append({"batch": b, "decode_tok_s": statistics.median(runs), "runs_tok_s": runs,
+                              "decode_steps_tok_s": step_tok_s, "first_token_runs_s": first})
+        print(f"[e2e] {a.config} batch {b}: {statistics.median(runs):.1f} output tok/s "
+              f"(decode steps alone {step_tok_s or float('nan'):.1f})", flush=True)
     lat = [timed(prompts(1, a.prefill_len), 1)[0] * 1e3 for _ in range(a.prefill_repeats + 1)][1:]
     row["prefill_ms"] = statistics.median(lat)
     row["prefill_runs_ms"] = lat
@@ -331,10 +340,13 @@ def ratios(cfg_rows: list[dict]) -> dict:
         for base in bases:
             if base not in by or base == r["config"]:
                 continue
-            bd = {d["batch"]: d["decode_tok_s"] for d in by[base].get("decode", [])}
+            bd = {d["batch"]: d for d in by[base].get("decode", [])}
             for d in r.get("decode", []):
                 if d["batch"] in bd:
-                    rr[f"decode_vs_{base}_b{d['batch']}"] = d["decode_tok_s"] / bd[d["batch"]]
+                    rr[f"decode_vs_{base}_b{d['batch']}"] = d["decode_tok_s"] / bd[d["batch"]]["decode_tok_s"]
+                    if d.get("decode_steps_tok_s") and bd[d["batch"]].get("decode_steps_tok_s"):
+                        rr[f"decode_steps_vs_{base}_b{d['batch']}"] = (d["decode_steps_tok_s"]
+                                                                       / bd[d["batch"]]["decode_steps_tok_s"])
             if r.get("kv_cache_tokens") and by[base].get("kv_cache_tokens"):
                 rr[f"kv_tokens_vs_{base}"] = r["kv_cache_tokens"] / by[base]["kv_cache_tokens"]
             if r.get("prefill_ms") and by[base].get("prefill_ms"):

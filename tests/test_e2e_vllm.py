@@ -37,11 +37,14 @@ def test_configs():
 
 
 def test_ratios_against_the_same_run():
-    rows = [{"config": "bf16", "decode": [{"batch": 64, "decode_tok_s": 100.0}], "kv_cache_tokens": 10},
+    rows = [{"config": "bf16", "decode": [{"batch": 64, "decode_tok_s": 100.0, "decode_steps_tok_s": 120.0}],
+             "kv_cache_tokens": 10},
             {"config": "fp8", "decode": [{"batch": 64, "decode_tok_s": 150.0}], "kv_cache_tokens": 20},
-            {"config": "ostquant_w4a4kv4", "decode": [{"batch": 64, "decode_tok_s": 210.0}], "kv_cache_tokens": 40}]
+            {"config": "ostquant_w4a4kv4", "decode": [{"batch": 64, "decode_tok_s": 210.0, "decode_steps_tok_s": 300.0}],
+             "kv_cache_tokens": 40}]
     r = e2e_vllm.ratios(rows)["ostquant_w4a4kv4"]
     assert r["decode_vs_bf16_b64"] == pytest.approx(2.1) and r["decode_vs_fp8_b64"] == pytest.approx(1.4)
+    assert r["decode_steps_vs_bf16_b64"] == pytest.approx(2.5) and "decode_steps_vs_fp8_b64" not in r  # fp8 has none
     assert r["kv_tokens_vs_fp8"] == pytest.approx(2.0)
     assert [x["config"] for x in e2e_vllm.flat_rows(rows)] == ["bf16", "fp8", "ostquant_w4a4kv4"]
 
@@ -59,6 +62,9 @@ def test_cpu_run_with_dummy_int4_weights(tmp_path):
     assert {r["config"] for r in d["configs"]} == {"bf16", "ostquant_w4a4kv4"} and not d.get("failures")
     for r in d["rows"]:
         assert r["decode_tok_s"] > 0 and r["prefill_ms_2048"] > 0 and r["kv_cache_tokens"] > 0
+    for c in d["configs"]:
+        for x in c["decode"]:
+            assert x["decode_steps_tok_s"] > 0 and len(x["first_token_runs_s"]) == len(x["runs_tok_s"]), x
     ost = next(r for r in d["configs"] if r["config"] == "ostquant_w4a4kv4")
     # the plugin's int4 layers really ran (dummy nibbles, reference path on the CPU) with KV4 emulated
     calls = ost["ostquant_linear_calls"]

@@ -181,6 +181,18 @@ def test_auto_kernel_choice_six_blocks_one_wave():
     assert _auto_kind(32, 6144, 4096) == 9 and _auto_kind(64, 1536, 576) == 11  # the default model's K
 
 
+def test_kind_map_setting(monkeypatch):
+    """OSTQUANT_KIND_MAP replaces the automatic choice, per shape where it names one; a bad entry names itself."""
+    from ostquant_vllm.kernels import _auto_force
+    monkeypatch.setenv("OSTQUANT_KIND_MAP", "35:38, 31@4096x14336:37")
+    assert _auto_force(64, 6144, 4096) == 38  # 35 -> 38 at any shape
+    assert _auto_force(64, 4096, 14336) == 37 and _auto_force(64, 4096, 4096) == 31  # down only
+    assert _auto_force(1, 6144, 4096) == 27  # other choices stay
+    monkeypatch.setenv("OSTQUANT_KIND_MAP", "31@4096:37")
+    with pytest.raises(ValueError, match="31@4096:37"):
+        _auto_force(64, 4096, 4096)
+
+
 def test_auto_hadamard_variant():
     """Version 5 for blocks of 28 * 64 (8B's down_proj in 8 blocks) up to 256 tokens, else the library's choice."""
     from ostquant_vllm.kernels import _had_auto_variant

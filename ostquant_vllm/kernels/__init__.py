@@ -242,8 +242,27 @@ def _num_sms(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
+@functools.lru_cache(maxsize=None)
+def _kind_map(spec: str) -> dict:
+    """OSTQUANT_KIND_MAP (a measurement setting): "from[@NxK]:to,..." replaces the automatic choice
+    `from` by `to`, for every shape or only for N x K; e.g. "35:38,31@4096x14336:37"."""
+    out = {}
+    for item in filter(None, spec.replace(" ", "").split(",")):
+        try:
+            src, dst = item.split(":")
+            kind, _, shape = src.partition("@")
+            key = (int(kind), tuple(int(v) for v in shape.split("x")) if shape else None)
+            if key[1] is not None and len(key[1]) != 2:
+                raise ValueError
+            out[key] = int(dst)
+        except ValueError:
+            raise ValueError(f"OSTQUANT_KIND_MAP: bad entry {item!r} (want from[@NxK]:to)") from None
+    return out
+
+
 def _auto_force(m: int, n: int, k: int, device: torch.device | None = None) -> int:
-    """OSTQUANT_GEMM_KIND, else _auto_kind for the SMs of `device` (default: the current CUDA device, if any)."""
+    """OSTQUANT_GEMM_KIND, else _auto_kind for the SMs of `device` (default: the current CUDA device, if
+    any), remapped by OSTQUANT_KIND_MAP."""
     env = os.environ.get("OSTQUANT_GEMM_KIND")
     if env:
         return int(env)
@@ -251,7 +270,9 @@ def _auto_force(m: int, n: int, k: int, device: torch.device | None = None) -> i
         index = device.index
     else:
         index = torch.cuda.current_device() if torch.cuda.is_available() else None
-    return _auto_kind(m, n, k, 132 if index is None else _num_sms(index))
+    kind = _auto_kind(m, n, k, 132 if index is None else _num_sms(index))
+    remap = _kind_map(os.environ.get("OSTQUANT_KIND_MAP", ""))
+    return remap.get((kind, (n, k)), remap.get((kind, None), kind))
 
 
 def _auto_kind(m: int, n: int, k: int, sms: int = 132) -> int:
