@@ -203,14 +203,14 @@ def engine_facts(llm) -> dict:
 
 def profile_decode(prompts, timed, a) -> dict:
     """GPU time by kernel over a generation at the largest of --batches (128 in, 128 out), grouped into what
-    the step is made of (kernels replayed from CUDA graphs are recorded by CUPTI too), and the same for the
-    decode steps alone: the generation minus a run of the same prompts with one output token (the
-    prefill). Needs the engine in this process: VLLM_ENABLE_V1_MULTIPROCESSING=0."""
+    the step is made of (kernels replayed from CUDA graphs are recorded by CUPTI too), the same for the
+    prefill (a run of the same prompts with one output token) and for the decode steps alone (the
+    generation minus that run). Needs the engine in this process: VLLM_ENABLE_V1_MULTIPROCESSING=0."""
     from torch.profiler import ProfilerActivity, profile
 
     b, out_len = max(int(x) for x in a.batches.split(",")), 128
     with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
-        timed(prompts(b, a.input_len), 1)
+        prefill_wall_s = timed(prompts(b, a.input_len), 1)[0]
     prefill = _kernel_times(prof)
     with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
         dt, ntok = timed(prompts(b, a.input_len), out_len)
@@ -220,10 +220,14 @@ def profile_decode(prompts, timed, a) -> dict:
     total = sum(per_kernel.values()) or 1.0
     top = sorted(per_kernel.items(), key=lambda kv: -kv[1])[:15]
     top_dec = sorted(decode.items(), key=lambda kv: -kv[1])[:15]
+    top_pre = sorted(prefill.items(), key=lambda kv: -kv[1])[:15]
     return {"batch": b, "output_tokens": ntok, "wall_s": dt, "gpu_busy_s": total / 1e6,
             "fraction_by_category": {c: t / total for c, t in _by_category(per_kernel).items()},
             "top_kernels_ms": [[k[:120], t / 1e3] for k, t in top],
-            "prefill_gpu_ms": sum(prefill.values()) / 1e3,
+            # wall minus GPU time: the prefill's host work and syncs (the profiler's own overhead included)
+            "prefill_gpu_ms": sum(prefill.values()) / 1e3, "prefill_wall_ms": prefill_wall_s * 1e3,
+            "prefill_ms_by_category": {c: t / 1e3 for c, t in _by_category(prefill).items()},
+            "top_prefill_kernels_ms": [[k[:120], t / 1e3] for k, t in top_pre],
             "decode_step_us": sum(decode.values()),
             "decode_step_us_by_category": _by_category(decode),
             "top_decode_kernels_us_per_step": [[k[:120], t] for k, t in top_dec]}

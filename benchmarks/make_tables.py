@@ -125,6 +125,17 @@ def e2e_table(path: str) -> str:
             vs = [f"batch {b} {rr[f'decode_vs_fp8_b{b}']:.2f}x" for b in batches if f"decode_vs_fp8_b{b}" in rr]
             if r["config"].startswith("ostquant") and vs:
                 out.append(f"- {E2E_LABELS.get(r['config'], r['config'])} against FP8 (decode): {', '.join(vs)}")
+    for r in d["configs"]:  # runs since session 16: the decode steps without the prompts' prefill
+        rr = rat.get(r["config"], {})
+        steps = []
+        for x in r["decode"]:
+            if x.get("decode_steps_tok_s"):
+                vs = [f"{rr[k]:.2f}x {lab}" for lab, k in (("bf16", f"decode_steps_vs_bf16_b{x['batch']}"),
+                                                           ("FP8", f"decode_steps_vs_fp8_b{x['batch']}")) if k in rr]
+                steps.append(f"batch {x['batch']} {x['decode_steps_tok_s']:,.0f}" + (f" ({', '.join(vs)})" if vs else ""))
+        if steps:
+            out.append(f"- {E2E_LABELS.get(r['config'], r['config'])}, the decode steps alone (each run less a "
+                       f"1-token run of the same batch): {'; '.join(steps)}")
     if tp > 1:
         out.append(f"- all-reduce: vLLM's custom all-reduce and NCCL; FlashInfer's all-reduce + RMSNorm fusion off for "
                    f"every config (its default backend uses NVLink multicast, which the lent machines forbid)")
@@ -136,6 +147,10 @@ def e2e_table(path: str) -> str:
             per = ", ".join(f"{k} {v:.0f}" for k, v in prof["decode_step_us_by_category"].items() if v >= 5)
             out.append(f"- its decode steps alone (the run minus its prefill, {prof['prefill_gpu_ms']:.1f} ms): "
                        f"{prof['decode_step_us']:.0f} µs of GPU time a step: {per}")
+        if "prefill_ms_by_category" in prof:
+            per = ", ".join(f"{k} {v:.1f}" for k, v in prof["prefill_ms_by_category"].items() if v >= 0.1)
+            out.append(f"- its prefill ({prof['batch']} prompts, {prof['prefill_wall_ms']:.0f} ms wall under the profiler), "
+                       f"ms of GPU time: {per}")
     out += [f"- {n}" for n in d.get("notes", [])] + [f"- command: `{c}`" for c in d.get("commands", [])]
     return "\n".join(out)
 

@@ -1744,13 +1744,9 @@ int launch_mma(const int8_t* A, const uint8_t* Wp, const Epi& epi, OutT* out, in
 //        at M = 64 runs one warp a scheduler, which issues every 3.5 cycles; L2 at 66 %), 33/34 = 12/32 with K
 //        split over a cluster of 2 CTAs (all 64 tokens a CTA, twice the CTAs of 12), 35/36 = 31/11 with 6 weight
 //        blocks a warp (session 15: 8B qkv's 384 row blocks in 64 CTA columns, so its 64 tokens make 128 CTAs,
-//        one wave of one 8-warp CTA an SM, as o and down with 4 blocks; kind 31 needs 1.45 waves there), 37 = 11
-//        with 16 warps a CTA (session 15, Nsight Compute on kind 31 at 8B down, M = 64: 2 warps a scheduler, an
-//        issue every 2.5 cycles, L2 at 62 %, DRAM at 48 %: latency, not bandwidth; its 128 CTAs leave an SM one
-//        CTA, so only more warps a CTA add warps; 3 stages and <= 128 registers a thread to fit), 38/39 = 35/31
-//        with 16-token CTA rows (twice the CTAs, few enough registers and 3 stages for 2 CTAs an SM: 16 warps an
-//        SM at the cost of widening each weight once per 16 tokens and more L2 traffic; for qkv and o, whose L2
-//        has room: 38 % / ~40 % at 64 tokens)
+//        one wave of one 8-warp CTA an SM, as o and down with 4 blocks; kind 31 needs 1.45 waves there). Removed
+//        in session 16, no faster than their bases at 64 tokens: 37 = 11 with 16 warps a CTA, 38/39 = 35/31
+//        with 16-token CTA rows (benchmarks/results/kernels_h100_decode_16w.json)
 struct Plan {
   int kind, splits, BN, BM, splits_units;  // splits_units: k blocks (64 or 128) to split
 };
@@ -1788,8 +1784,6 @@ Plan plan_gemm(int M, int N, int K, int force) {
     }
     case 33: case 34: p.BN = 64; p.BM = 64; return p;  // 12 / 32 with K split over a 2-CTA cluster
     case 35: case 36: p.BN = 96; p.BM = 32; return p;  // 6 weight blocks x 32 tokens, 8 / 4 warps
-    case 37: p.BN = 64; p.BM = 32; return p;            // 11 with 16 warps a CTA
-    case 38: case 39: p.BN = p.kind == 38 ? 96 : 64; p.BM = 16; return p;  // 6 / 4 blocks x 16 tokens, 8 warps
     case 13: case 14: case 15: case 16:  // wgmma, 64 / 32 tokens, 128 / 256 rows, K split over a cluster
     case 22: case 23: case 24: case 25:  // the same, pipelined (as kind 6)
     case 26: {  // pipelined, 128 tokens x 256 rows (prefill: a third less L2 traffic per op than kind 6)
@@ -1891,12 +1885,6 @@ int gemm_dispatch(const int8_t* A, const uint8_t* Wp, const Epi& epi, OutT* out,
       return launch_dec<4, 6, 8, 4, OutT>(A, Wp, epi, out, M, N, K, st);
     case 36:
       return launch_dec<4, 6, 4, 4, OutT>(A, Wp, epi, out, M, N, K, st);
-    case 37:
-      return launch_dec<4, 4, 16, 3, OutT>(A, Wp, epi, out, M, N, K, st);
-    case 38:
-      return launch_dec<2, 6, 8, 3, OutT>(A, Wp, epi, out, M, N, K, st);
-    case 39:
-      return launch_dec<2, 4, 8, 3, OutT>(A, Wp, epi, out, M, N, K, st);
     case 0:
       return launch_mma<4, 1, 1, 2, 6, OutT>(A, Wp, epi, out, M, N, K, p.splits, ws, counters, st);
     case 1:
@@ -1989,13 +1977,13 @@ OSTQ_API long long ostq_gemm_counters(int M, int N, int K, int force) {
 }
 
 // out[M,N] = a_scale[m] * w_scale[n] * (a_q[m,:] . w[n,:] - a_zero[m] * w_sum[n])
-// out_half: 0 bf16, 1 fp16. w_scale_half: 0 fp32, 1 fp16. force: -1 auto, 0..16 or 22..39 a kernel kind
+// out_half: 0 bf16, 1 fp16. w_scale_half: 0 fp32, 1 fp16. force: -1 auto, 0..16 or 22..36 a kernel kind
 // (plan_gemm).
 OSTQ_API int ostq_int4_gemm(const void* a_q, const void* a_scale, const void* a_zero, const void* w_prep,
                             const void* w_scale, int w_scale_half, const void* w_sum, void* out, int out_half,
                             int M, int N, int K, void* workspace, void* counters, int force, void* stream) {
   if (M <= 0) return 0;
-  if (N % 16 || K % 64 || (force > 16 && force < 22) || force > 39) return (int)cudaErrorInvalidValue;
+  if (N % 16 || K % 64 || (force > 16 && force < 22) || force > 36) return (int)cudaErrorInvalidValue;
   Epi e{(const float*)a_scale, (const float*)a_zero, w_scale, (const int*)w_sum, w_scale_half};
   cudaStream_t st = (cudaStream_t)stream;
   if (out_half)

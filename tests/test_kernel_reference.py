@@ -184,12 +184,12 @@ def test_auto_kernel_choice_six_blocks_one_wave():
 def test_kind_map_setting(monkeypatch):
     """OSTQUANT_KIND_MAP replaces the automatic choice, per shape where it names one; a bad entry names itself."""
     from ostquant_vllm.kernels import _auto_force
-    monkeypatch.setenv("OSTQUANT_KIND_MAP", "35:38, 31@4096x14336:37")
-    assert _auto_force(64, 6144, 4096) == 38  # 35 -> 38 at any shape
-    assert _auto_force(64, 4096, 14336) == 37 and _auto_force(64, 4096, 4096) == 31  # down only
+    monkeypatch.setenv("OSTQUANT_KIND_MAP", "35:11, 31@4096x14336:24")
+    assert _auto_force(64, 6144, 4096) == 11  # 35 -> 11 at any shape
+    assert _auto_force(64, 4096, 14336) == 24 and _auto_force(64, 4096, 4096) == 31  # down only
     assert _auto_force(1, 6144, 4096) == 27  # other choices stay
-    monkeypatch.setenv("OSTQUANT_KIND_MAP", "31@4096:37")
-    with pytest.raises(ValueError, match="31@4096:37"):
+    monkeypatch.setenv("OSTQUANT_KIND_MAP", "31@4096:24")
+    with pytest.raises(ValueError, match="31@4096:24"):
         _auto_force(64, 4096, 4096)
 
 
