@@ -17,8 +17,8 @@ B prompts is inside the time, as in `vllm bench throughput`); prefill = one 2048
 run, a 1-token run of the same batch: "decode_steps_tok_s" = B * (output - 1) / (the run's median s
 - the 1-token run's), the decode steps without the prompts' prefill (the bar reads decode_tok_s).
 Every config runs in its own process (a clean GPU), with the same memory share, so "KV-cache
-tokens" (vLLM's own count, from its log) compare the room each leaves. The parent merges rows into --out after every
-config: a later call with --resume skips finished configs.
+tokens" (vLLM's own count, from its log) compare the room each leaves. The parent merges rows into
+--out after every config: a later call with --resume skips finished configs.
 """
 from __future__ import annotations
 
@@ -346,11 +346,12 @@ def ratios(cfg_rows: list[dict]) -> dict:
                 continue
             bd = {d["batch"]: d for d in by[base].get("decode", [])}
             for d in r.get("decode", []):
-                if d["batch"] in bd:
-                    rr[f"decode_vs_{base}_b{d['batch']}"] = d["decode_tok_s"] / bd[d["batch"]]["decode_tok_s"]
-                    if d.get("decode_steps_tok_s") and bd[d["batch"]].get("decode_steps_tok_s"):
-                        rr[f"decode_steps_vs_{base}_b{d['batch']}"] = (d["decode_steps_tok_s"]
-                                                                       / bd[d["batch"]]["decode_steps_tok_s"])
+                ref = bd.get(d["batch"])
+                if ref is None:
+                    continue
+                rr[f"decode_vs_{base}_b{d['batch']}"] = d["decode_tok_s"] / ref["decode_tok_s"]
+                if d.get("decode_steps_tok_s") and ref.get("decode_steps_tok_s"):
+                    rr[f"decode_steps_vs_{base}_b{d['batch']}"] = d["decode_steps_tok_s"] / ref["decode_steps_tok_s"]
             if r.get("kv_cache_tokens") and by[base].get("kv_cache_tokens"):
                 rr[f"kv_tokens_vs_{base}"] = r["kv_cache_tokens"] / by[base]["kv_cache_tokens"]
             if r.get("prefill_ms") and by[base].get("prefill_ms"):
