@@ -15,8 +15,13 @@ SECTIONS="--section SpeedOfLight --section MemoryWorkloadAnalysis --section Comp
   --section SourceCounters"  # SourceCounters: the SASS lines where the warps stall (session 10: guessing failed twice)
 python3 benchmarks/ncu_cases.py --list | while read -r case regex; do
   if [ $# -gt 0 ] && [[ " $* " != *" $case "* ]]; then continue; fi
-  timeout 120 "$NCU" --clock-control none --kernel-name "regex:$regex" --launch-skip 3 --launch-count 1 \
-    $SECTIONS python3 benchmarks/ncu_cases.py --case "$case" > "$OUT/ncu_$case.txt" 2>&1 < /dev/null
+  run_case() {
+    timeout 120 "$NCU" --clock-control none --kernel-name "regex:$regex" --launch-skip 3 --launch-count 1 \
+      $SECTIONS "$@" python3 benchmarks/ncu_cases.py --case "$case" > "$OUT/ncu_$case.txt" 2>&1 < /dev/null
+  }
+  # NCU_DETAILS=1: the sections' bodies too (ComputeWorkloadAnalysis: the utilization of each pipe, the
+  # tensor pipe's among them); without it if this ncu does not know the option
+  if [ -n "${NCU_DETAILS:-}" ]; then run_case --print-details all || run_case; else run_case; fi
   echo "$case rc=$? -> ncu_$case.txt"
   grep -E "Duration|DRAM Throughput|Memory Throughput|Compute \(SM\) Throughput|Achieved Occupancy|Registers Per|No Eligible|Stall" \
     "$OUT/ncu_$case.txt" | head -12

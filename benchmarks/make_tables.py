@@ -142,7 +142,8 @@ def e2e_table(path: str) -> str:
     for c, p in d.get("profiles", {}).items():
         prof = p.get("profile", {})
         shares = ", ".join(f"{k} {v:.0%}" for k, v in prof.get("fraction_by_category", {}).items() if v >= 0.01)
-        out.append(f"- GPU time of {c} at batch {prof.get('batch')} (torch profiler): {shares}")
+        where = c if "batch" in c else f"{c} at batch {prof.get('batch')}"
+        out.append(f"- GPU time of {where} (torch profiler): {shares}")
         if "decode_step_us" in prof:
             per = ", ".join(f"{k} {v:.0f}" for k, v in prof["decode_step_us_by_category"].items() if v >= 5)
             out.append(f"- its decode steps alone (the run minus its prefill, {prof['prefill_gpu_ms']:.1f} ms): "
@@ -425,6 +426,53 @@ def cpu_default_table(path: str) -> str:
                         for e in d.get("experiments", [])])
 
 
+def kernels_vllm_table(path: str) -> str:
+    """Ours against vLLM's own low-bit GEMMs (benchmarks/kernels.py --vllm), every layer and M of one run."""
+    d = json.load(open(path))
+    by = {}
+    for r in d["rows"]:
+        if r.get("kind", "gemm") == "gemm":
+            by.setdefault((r["model"], r["layer"], r["N"], r["K"], r["M"]), {})[r["kernel"]] = r
+    cols = [("vllm_cutlass_w4a8_fp8", "vLLM CUTLASS W4A8 (fp8 act.)"), ("vllm_machete_w4a16", "vLLM Machete W4A16"),
+            ("vllm_cutlass_w8a8_int8", "vLLM CUTLASS W8A8 int8"), ("torch_fp8", "torch fp8"), ("torch_bf16", "torch bf16")]
+    four_bit = ("vllm_cutlass_w4a8_fp8", "vllm_machete_w4a16")
+    out = [f"**Ours against vLLM {d.get('vllm', '?')}'s GEMM kernels, µs, {d['gpu']}** ({os.path.basename(path)}; copy "
+           f"bandwidth {d['hbm_copy_tbps']:.2f} TB/s; ours: the automatic kind in brackets, TB/s on int4 weight bytes after it; "
+           "last column: the faster of vLLM's two 4-bit kernels over ours W4A4)", "",
+           "| layer N x K | M | ours W4A4 (kind) | ours W4A8 | " + " | ".join(c for _, c in cols) + " | speedup |",
+           "| --- | --- | --- | --- |" + " --- |" * (len(cols) + 1)]
+    for (model, layer, N, K, M), ks in sorted(by.items(), key=lambda t: (t[0][0], t[0][2] * t[0][3], t[0][4])):
+        ours = ks.get("ostquant_w4a4")
+        if ours is None:
+            continue
+        w8 = ks.get("ostquant_w4a8")
+        cells = [_fmt(ks[k]["us"], 1) if k in ks else "—" for k, _ in cols]
+        best = min((ks[k]["us"] for k in four_bit if k in ks), default=float("nan"))
+        out.append(f"| {model} {layer} {N}x{K} | {M} | {ours['us']:.1f} ({ours.get('auto_kind', '?')}; "
+                   f"{ours['weight_tbps']:.2f}) | {_fmt(w8['us'] if w8 else None, 1)} | " + " | ".join(cells)
+                   + f" | {best / ours['us']:.2f}x |")
+    out += [""] + [f"- {n}" for n in d.get("notes", [])] + [f"- command: `{c}`" for c in d.get("commands", [])]
+    return "\n".join(out)
+
+
+def mma_probe_table(path: str) -> str:
+    d = json.load(open(path))
+    ws = sorted({r["warps_per_cta"] for r in d["rows"]})
+    cps = sorted({r["ctas_per_sm"] for r in d["rows"]})
+    out = [f"**int8 mma.sync rate without memory traffic, TOP/s, {d['gpu']}** ({os.path.basename(path)}; m16n8k32, "
+           f"8 accumulators a warp; rows: CTAs an SM x warps a CTA)", "",
+           "| widening between the mma | CTAs/SM | " + " | ".join(f"{w} warps" for w in ws) + " |",
+           "| --- | --- |" + " --- |" * len(ws)]
+    for widen in (0, 1):
+        for c in cps:
+            cells = [next((f"{r['tops']:,.0f}" for r in d["rows"] if (r["widen"], r["ctas_per_sm"], r["warps_per_cta"])
+                           == (widen, c, w)), "—") for w in ws]
+            what = "the decode kernels' (2 widen a round of 8 mma)" if widen else "none"
+            out.append(f"| {what} | {c} | " + " | ".join(cells) + " |")
+    out += [""] + [f"- {n}" for n in d.get("notes", [])] + [f"- command: `{d.get('command')}`"]
+    return "\n".join(out)
+
+
 def all_tables() -> str:
     parts = []
     res = os.path.join(HERE, "results")
@@ -447,8 +495,12 @@ def all_tables() -> str:
             parts.append(kv4_attention_table(os.path.join(res, name)))
     if os.path.exists(os.path.join(res, "kv4_real_model_h100.json")):
         parts.append(kv4_real_model_table(os.path.join(res, "kv4_real_model_h100.json")))
+    for p in sorted(glob.glob(os.path.join(res, "mma_probe_*.json"))):
+        parts.append(mma_probe_table(p))
     for p in sorted(glob.glob(os.path.join(res, "kernels_*.json"))):
-        if "midm" in p:
+        if "vllm" in p:
+            parts.append(kernels_vllm_table(p))
+        elif "midm" in p:
             parts.append(kernels_midm_table(p))
         elif "decode" in p:
             parts.append(kernels_decode_table(p))

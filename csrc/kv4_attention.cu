@@ -232,6 +232,7 @@ struct DecodeArgs {
   float* part_o;   // [num_seqs][Hq][num_splits][D]
   float* part_ml;  // [num_seqs][Hq][num_splits][2]
   int* counters;   // [num_seqs][nkv] splits finished; zero between launches (the last split resets it)
+  int skip_multi;  // 1: requests with several query tokens are left to the prefill path (no work, no writes)
 };
 
 __device__ __forceinline__ int split_tiles(const DecodeArgs& a, int tiles) {
@@ -339,6 +340,7 @@ __global__ void __launch_bounds__(128, NQ == 1 && PF == 1 ? 4 : 3) decode_kernel
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
   const int tok_q = a.query_start[seq + 1] - 1;  // the request's last query token
   if (a.query_start[seq] > tok_q) return;          // padding request of a CUDA graph batch
+  if (a.skip_multi && a.query_start[seq] < tok_q) return;  // all its splits leave: its counter stays 0
   const int seq_len = a.seq_lens[seq];
   const int tiles = (seq_len + 15) / 16;
   const int chunk = split_tiles(a, tiles);
@@ -638,7 +640,7 @@ KV4_API int ostq_kv4_decode(const void* q, long long q_tok, long long q_head, vo
                             const int32_t* block_table, long long bt_stride, const int32_t* seq_lens,
                             const int32_t* query_start, int num_seqs, int nkv, int group, int head_size,
                             int block_size, float softmax_scale, const float* signs, float* part_o, float* part_ml,
-                            int* counters, int num_splits, void* stream) {
+                            int* counters, int num_splits, int skip_multi, void* stream) {
   if (num_seqs <= 0) return 0;
   if (group < 1 || group > 16 || block_size % 16 || num_splits < 1 || num_splits > KV4_MAX_SPLITS ||
       (num_splits > 1 && !counters))
@@ -646,7 +648,8 @@ KV4_API int ostq_kv4_decode(const void* q, long long q_tok, long long q_head, vo
   kv4::DecodeArgs a{static_cast<const __nv_bfloat16*>(q), q_tok, q_head, static_cast<__nv_bfloat16*>(out), o_tok,
                     o_head, static_cast<const uint8_t*>(cache), c_blk, c_slot, c_head, block_table, bt_stride,
                     seq_lens, query_start, group, block_size, num_splits, kv4::g_min_tiles,
-                    softmax_scale / head_size * 1.4426950408889634f, signs, part_o, part_ml, counters};
+                    softmax_scale / head_size * 1.4426950408889634f, signs, part_o, part_ml, counters,
+                    skip_multi};
   auto s = static_cast<cudaStream_t>(stream);
   const dim3 grid(nkv, num_splits, num_seqs);
   const bool g16 = group > 8;

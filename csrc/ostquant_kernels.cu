@@ -186,26 +186,41 @@ __global__ void __launch_bounds__(WARPS_N* WARPS_M * 32)
   const int NB = N / 16;
   const uint32_t sbase = smem_u32(smem);
 
+  // This thread's 16-B chunks of a stage: weights (BN/16 row blocks x 512 B, contiguous per row block) and
+  // activations (BM rows x 64 B, chunk c of row r stored at chunk c ^ ((r >> 1) & 3)). Sources at the
+  // split's first k block, computed once; a stage adds its k offset (as in gemm_dec_kernel).
+  constexpr int kWC = C::kWBytes / 16, kAC = C::kABytes / 16;
+  constexpr int kWI = (kWC + C::kThreads - 1) / C::kThreads, kAI = (kAC + C::kThreads - 1) / C::kThreads;
+  // (byte offsets from Wp and A: a layer's weights and activations stay under 4 GB)
+  uint32_t woff[kWI];
+  bool wok[kWI];
+#pragma unroll
+  for (int i = 0; i < kWI; ++i) {
+    const int c = tid + i * C::kThreads;
+    const int nb = n0 / 16 + (c >> 5);
+    wok[i] = nb < NB;
+    woff[i] = ((uint32_t)(wok[i] ? nb : 0) * KB + kb0) * 512u + (c & 31) * 16;
+  }
+  uint32_t aoff[kAI], adst[kAI];
+  bool aok[kAI];
+#pragma unroll
+  for (int i = 0; i < kAI; ++i) {
+    const int c = tid + i * C::kThreads;
+    const int r = c >> 2, ch = c & 3;
+    aok[i] = m0 + r < M;
+    aoff[i] = (uint32_t)(aok[i] ? m0 + r : 0) * K + kb0 * 64u + ch * 16;
+    adst[i] = C::kWBytes + r * 64 + ((ch ^ ((r >> 1) & 3)) << 4);
+  }
   auto load_stage = [&](int kt, int slot) {
-    const int kb = kb0 + kt;
     const uint32_t sw = sbase + slot * C::kStageBytes;
-    const uint32_t sa = sw + C::kWBytes;
-    // weights: BN/16 row blocks x 512 B, contiguous per row block
-    for (int c = tid; c < C::kWBytes / 16; c += C::kThreads) {
-      const int rb = c >> 5, part = c & 31;
-      const int nb = n0 / 16 + rb;
-      const bool ok = nb < NB;
-      const uint8_t* src = Wp + ((size_t)(ok ? nb : 0) * KB + kb) * 512 + part * 16;
-      cp_async16(sw + c * 16, src, ok);
-    }
-    // activations: BM rows x 64 B, 16-B chunk c of row r stored at chunk c ^ ((r >> 1) & 3)
-    for (int c = tid; c < C::kABytes / 16; c += C::kThreads) {
-      const int r = c >> 2, ch = c & 3;
-      const int m = m0 + r;
-      const bool ok = m < M;
-      const int8_t* src = A + (size_t)(ok ? m : 0) * K + (size_t)kb * 64 + ch * 16;
-      cp_async16(sa + r * 64 + ((ch ^ ((r >> 1) & 3)) << 4), src, ok);
-    }
+#pragma unroll
+    for (int i = 0; i < kWI; ++i)
+      if (kWC % C::kThreads == 0 || tid + i * C::kThreads < kWC)
+        cp_async16(sw + (tid + i * C::kThreads) * 16, Wp + (woff[i] + kt * 512u), wok[i]);
+#pragma unroll
+    for (int i = 0; i < kAI; ++i)
+      if (kAC % C::kThreads == 0 || tid + i * C::kThreads < kAC)
+        cp_async16(sw + adst[i], A + (aoff[i] + kt * 64u), aok[i]);
   };
 
   int acc[WR][WT][4];
@@ -357,22 +372,30 @@ __global__ void __launch_bounds__(KW * 32)
     prefetch_l2(Wp + ((size_t)min(nb0 + lane, NB - 1) * KB + kb0) * 512, (uint32_t)nk * 512);
   pdl_wait();
 
+  // This lane's copy sources (at the warp's first k block) and destinations, computed once; a stage adds
+  // its k offset (session 17: computed whole per stage, this address arithmetic was ~75 of the loop's 194
+  // instructions a k step in kind 31's SASS, 32 of them the mma).
+  const uint8_t* wsrc[R];
+#pragma unroll
+  for (int r = 0; r < R; ++r)  // a last CTA past N re-reads a valid block (not stored)
+    wsrc[r] = Wp + ((size_t)min(nb0 + r, NB - 1) * KB + kb0) * 512 + lane * 16;
+  const int8_t* asrc[WT];
+  uint32_t adst[WT];
+  bool aok[WT];
+#pragma unroll
+  for (int it = 0; it < WT; ++it) {
+    const int c = lane + it * 32;
+    const int rr = c >> 2, ch = c & 3;
+    aok[it] = m0 + rr < M;
+    asrc[it] = A + (size_t)(aok[it] ? m0 + rr : 0) * K + (size_t)kb0 * 64 + ch * 16;
+    adst[it] = 512 * R + rr * 64 + ((ch ^ ((rr >> 1) & 3)) << 4);
+  }
   auto load = [&](int kt, int slot) {
     const uint32_t sw = sbase + slot * C::kStage;
 #pragma unroll
-    for (int r = 0; r < R; ++r) {
-      const int nb = min(nb0 + r, NB - 1);  // a last CTA past N re-reads a valid block (not stored)
-      cp_async16(sw + r * 512 + lane * 16, Wp + ((size_t)nb * KB + kb0 + kt) * 512 + lane * 16, true);
-    }
+    for (int r = 0; r < R; ++r) cp_async16(sw + r * 512 + lane * 16, wsrc[r] + (uint32_t)kt * 512u, true);
 #pragma unroll
-    for (int it = 0; it < WT; ++it) {
-      const int c = lane + it * 32;
-      const int rr = c >> 2, ch = c & 3;
-      const int m = m0 + rr;
-      const bool ok = m < M;
-      const int8_t* src = A + (size_t)(ok ? m : 0) * K + (size_t)(kb0 + kt) * 64 + ch * 16;
-      cp_async16(sw + 512 * R + rr * 64 + ((ch ^ ((rr >> 1) & 3)) << 4), src, ok);
-    }
+    for (int it = 0; it < WT; ++it) cp_async16(sw + adst[it], asrc[it] + (uint32_t)kt * 64u, aok[it]);
   };
   int acc[R][WT][4];
 #pragma unroll
@@ -1770,7 +1793,8 @@ Plan plan_gemm(int M, int N, int K, int force) {
   else if (M <= 16) p.kind = g_small_mode ? 8 : 0;
   else if (M <= 64) p.kind = 1;
   else p.kind = g_wgmma_mode ? g_wgmma_mode : 2;
-  if ((p.kind == 3 || p.kind == 5 || p.kind == 6 || (p.kind >= 13 && p.kind <= 26)) && K % 128) p.kind = 2;
+  if ((p.kind == 3 || p.kind == 5 || p.kind == 6 || (p.kind >= 13 && p.kind <= 26) || p.kind == 37) && K % 128)
+    p.kind = 2;
   const int sms = num_sms();
   switch (p.kind) {
     case 7: case 8: p.BN = 16; p.BM = p.kind == 7 ? 8 : 16; return p;  // no split-K
@@ -1786,9 +1810,13 @@ Plan plan_gemm(int M, int N, int K, int force) {
     case 35: case 36: p.BN = 96; p.BM = 32; return p;  // 6 weight blocks x 32 tokens, 8 / 4 warps
     case 13: case 14: case 15: case 16:  // wgmma, 64 / 32 tokens, 128 / 256 rows, K split over a cluster
     case 22: case 23: case 24: case 25:  // the same, pipelined (as kind 6)
-    case 26: {  // pipelined, 128 tokens x 256 rows (prefill: a third less L2 traffic per op than kind 6)
-      const int v = p.kind - (p.kind >= 22 ? 22 : 13);  // 0: 64 x 128, 1: 32 x 128, 2: 64 x 256, 3: 32 x 256
-      p.BN = v >= 2 ? 256 : 128; p.BM = v == 4 ? 128 : (v & 1) ? 32 : 64; p.splits_units = K / 128;
+    case 26:    // pipelined, 128 tokens x 256 rows (prefill: a third less L2 traffic per op than kind 6)
+    case 37: {  // kind 6's 128 x 128 tiles, K split over a cluster (129-256 tokens: too few tiles for the SMs)
+      // tokens x weight rows a CTA: 13/22 64 x 128, 14/23 32 x 128, 15/24 64 x 256, 16/25 32 x 256, 26 128 x 256,
+      // 37 128 x 128
+      const int v = p.kind == 37 ? 5 : p.kind - (p.kind >= 22 ? 22 : 13);
+      p.BN = v == 2 || v == 3 || v == 4 ? 256 : 128; p.BM = v >= 4 ? 128 : (v & 1) ? 32 : 64;
+      p.splits_units = K / 128;
       // as many K splits as fill every SM twice (rounded down: a partial extra wave costs more than
       // it gains), at most a cluster's 8, at least 2 k128 steps each, none empty
       const int tiles = ((N + p.BN - 1) / p.BN) * ((M + p.BM - 1) / p.BM);
@@ -1813,7 +1841,9 @@ Plan plan_gemm(int M, int N, int K, int force) {
   return p;
 }
 
-bool uses_cluster(const Plan& p) { return (p.kind >= 13 && p.kind <= 16) || (p.kind >= 22 && p.kind <= 26); }
+bool uses_cluster(const Plan& p) {
+  return (p.kind >= 13 && p.kind <= 16) || (p.kind >= 22 && p.kind <= 26) || p.kind == 37;
+}
 
 template <typename OutT, bool WGLOBAL, bool PIPE>
 int launch_wgmma(const int8_t* A, const uint8_t* Wp, const Epi& epi, OutT* out, int M, int N, int K, int splits,
@@ -1913,6 +1943,8 @@ int gemm_dispatch(const int8_t* A, const uint8_t* Wp, const Epi& epi, OutT* out,
       return launch_wgmma_cluster<OutT, 32, 2, true>(A, Wp, epi, out, M, N, K, p.splits, st);
     case 26:
       return launch_wgmma_cluster<OutT, 128, 2, true>(A, Wp, epi, out, M, N, K, p.splits, st);
+    case 37:
+      return launch_wgmma_cluster<OutT, 128, 1, true>(A, Wp, epi, out, M, N, K, p.splits, st);
     default:
       return launch_wgmma<OutT, true, false>(A, Wp, epi, out, M, N, K, p.splits, ws, counters, st);
   }
@@ -1951,12 +1983,51 @@ int launch_had(const __nv_bfloat16* x, int8_t* q, float* scale, float* zero, int
   return (int)cudaGetLastError();
 }
 
+// ------------------------------------------------------------------------------------------
+// Measurement (benchmarks/mma_probe.py): the int8 mma.sync rate of this GPU without memory traffic.
+// Each warp runs `iters` rounds of 8 m16n8k32 mma.sync on 8 accumulators; with WIDEN, each round
+// first widens two fresh weight word pairs, each feeding 4 of the mma (the decode kernels' ratio at
+// R = 4 weight blocks and WT = 4 token tiles a warp), so the mma wait on integer work as they do there.
+// ------------------------------------------------------------------------------------------
+template <bool WIDEN>
+__global__ void probe_mma_kernel(int iters, int* sink) {
+  int acc[8][4] = {};
+  uint32_t w0 = 0x12345679u * (threadIdx.x + 1), w1 = w0 ^ 0x9abcdef1u;
+  uint32_t a[2][4];
+  widen(w0, w1, a[0]);
+  widen(w1, w0, a[1]);
+  const uint32_t b0 = w0 * 3u, b1 = w1 * 5u;
+  for (int i = 0; i < iters; ++i) {
+#pragma unroll
+    for (int u = 0; u < 2; ++u) {
+      if (WIDEN) {
+        w0 += 0x01010101u;
+        w1 ^= w0;
+        widen(w0, w1, a[u]);
+      }
+#pragma unroll
+      for (int j = 0; j < 4; ++j) mma_s8(acc[u * 4 + j], a[u], b0, b1);
+    }
+  }
+  int x = 0;
+#pragma unroll
+  for (int j = 0; j < 8; ++j) x ^= acc[j][0] ^ acc[j][1] ^ acc[j][2] ^ acc[j][3];
+  if (x == 0x7fffffff) *sink = x;  // never in practice: keeps the mma from being removed
+}
+
 }  // namespace
 
 // ==========================================================================================
 // C ABI
 // ==========================================================================================
-OSTQ_API int ostq_version() { return 1; }
+OSTQ_API int ostq_version() { return 2; }  // kernels/_lib.py ABI_VERSION
+// benchmarks/mma_probe.py: `blocks` CTAs of `threads`, each warp 8 * iters mma.sync m16n8k32 s8.
+OSTQ_API int ostq_probe_mma(int widen, int blocks, int threads, int iters, int* sink, void* stream) {
+  auto st = static_cast<cudaStream_t>(stream);
+  if (widen) probe_mma_kernel<true><<<blocks, threads, 0, st>>>(iters, sink);
+  else probe_mma_kernel<false><<<blocks, threads, 0, st>>>(iters, sink);
+  return (int)cudaGetLastError();
+}
 // The kernel the automatic choice takes for M > 64: 3 (wgmma, weights via registers, default),
 // 5 (wgmma, weights via shared memory) or 0 (no wgmma: mma.sync 128x128). OSTQUANT_WGMMA in Python.
 OSTQ_API void ostq_set_small(int mode) { g_small_mode = mode ? 1 : 0; }
@@ -1977,13 +2048,13 @@ OSTQ_API long long ostq_gemm_counters(int M, int N, int K, int force) {
 }
 
 // out[M,N] = a_scale[m] * w_scale[n] * (a_q[m,:] . w[n,:] - a_zero[m] * w_sum[n])
-// out_half: 0 bf16, 1 fp16. w_scale_half: 0 fp32, 1 fp16. force: -1 auto, 0..16 or 22..36 a kernel kind
+// out_half: 0 bf16, 1 fp16. w_scale_half: 0 fp32, 1 fp16. force: -1 auto, 0..16 or 22..37 a kernel kind
 // (plan_gemm).
 OSTQ_API int ostq_int4_gemm(const void* a_q, const void* a_scale, const void* a_zero, const void* w_prep,
                             const void* w_scale, int w_scale_half, const void* w_sum, void* out, int out_half,
                             int M, int N, int K, void* workspace, void* counters, int force, void* stream) {
   if (M <= 0) return 0;
-  if (N % 16 || K % 64 || (force > 16 && force < 22) || force > 36) return (int)cudaErrorInvalidValue;
+  if (N % 16 || K % 64 || (force > 16 && force < 22) || force > 37) return (int)cudaErrorInvalidValue;
   Epi e{(const float*)a_scale, (const float*)a_zero, w_scale, (const int*)w_sum, w_scale_half};
   cudaStream_t st = (cudaStream_t)stream;
   if (out_half)

@@ -174,9 +174,11 @@ def num_splits(num_seqs: int, num_kv_heads: int, device: torch.device) -> int:
 
 
 def decode(query: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor,
-           query_start_loc: torch.Tensor, softmax_scale: float, out: torch.Tensor, splits: int | None = None) -> None:
+           query_start_loc: torch.Tensor, softmax_scale: float, out: torch.Tensor, splits: int | None = None,
+           skip_multi: bool = False) -> None:
     """Decode attention into out [T, Hq, D] (bf16): the last query token of each request attends to
-    its seq_lens cached tokens (its own K/V already written). Rows of other tokens are untouched."""
+    its seq_lens cached tokens (its own K/V already written). Rows of other tokens are untouched.
+    `skip_multi`: requests with several query tokens are skipped too (the prefill path computes them)."""
     _, hq, d = query.shape
     nkv = kv_cache.shape[1]
     num_seqs = query_start_loc.shape[0] - 1
@@ -199,7 +201,7 @@ def decode(query: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tenso
                                      out.stride(1), _p(kv_cache), cb, cs, ch, _p(block_table), block_table.stride(0),
                                      _p(seq_lens), _p(query_start_loc), num_seqs, nkv, hq // nkv, d, kv_cache.shape[2],
                                      float(softmax_scale), _p(_signs(d, str(query.device))), _p(part_o), _p(part_ml),
-                                     _p(counters), splits, kernels._stream(query.device))
+                                     _p(counters), splits, int(skip_multi), kernels._stream(query.device))
     _lib.check(rc, "kv4 decode attention")
 
 
@@ -228,16 +230,24 @@ class PrefillPlan:
 
     def __init__(self, query_start_loc: torch.Tensor, seq_lens: torch.Tensor, block_table: torch.Tensor,
                  block_size: int):
-        qsl, sl = query_start_loc.tolist(), seq_lens.tolist()
+        # A real request fits its block table row (max_model_len); vLLM's warm-up runs can schedule one
+        # that does not (--max-num-seqs 1: all max_num_batched_tokens in one request) and discard the
+        # output: such a request attends to what its row covers, so nothing is read past the table.
+        cap = block_table.shape[1] * block_size
+        qsl, sl = query_start_loc.tolist(), [min(n, cap) for n in seq_lens.tolist()]
         reqs = [s for s in range(len(sl)) if qsl[s + 1] - qsl[s] > 1]
+        qlens = [qsl[s + 1] - qsl[s] for s in reqs]
         nblk = [-(-sl[s] // block_size) for s in reqs]
-        self.max_q = max(qsl[s + 1] - qsl[s] for s in reqs) if reqs else 0
-        self.max_k = max(sl[s] for s in reqs) if reqs else 0
+        self.max_q, self.max_k = max(qlens, default=0), max((sl[s] for s in reqs), default=0)
         width = max(nblk, default=1)
         dev = block_table.device
-        rows = [list(range(qsl[s], qsl[s + 1])) for s in reqs]
-        self.q_rows = torch.tensor([r for rr in rows for r in rr], dtype=torch.long).to(dev)
-        self.cu_q = torch.tensor([0] + [len(r) for r in rows], dtype=torch.int32).cumsum(0, dtype=torch.int32).to(dev)
+        # the usual batch (vLLM puts decodes first): the prefill rows are one range, read and written in
+        # place; otherwise q_rows lists them (gathered before FlashAttention, scattered after)
+        consecutive = bool(reqs) and reqs == list(range(reqs[0], reqs[-1] + 1))
+        self.q_range = (qsl[reqs[0]], qsl[reqs[-1] + 1]) if consecutive else None
+        self.q_rows = None if consecutive else torch.tensor(
+            [r for s in reqs for r in range(qsl[s], qsl[s + 1])], dtype=torch.long).to(dev)
+        self.cu_q = torch.tensor([0] + qlens, dtype=torch.int32).cumsum(0, dtype=torch.int32).to(dev)
         self.seqused = torch.tensor([sl[s] for s in reqs], dtype=torch.int32).to(dev)
         table, src_r, src_c, valid, used = torch.zeros(len(reqs), width, dtype=torch.int32), [], [], [], 0
         for i, (s, n) in enumerate(zip(reqs, nblk)):
@@ -279,10 +289,13 @@ def prefill(query: torch.Tensor, kv_cache: torch.Tensor, plan: PrefillPlan, soft
     if plan.num_requests == 0:
         return
     k, v = dequantize_blocks(kv_cache, plan.src_blocks, query.shape[-1], plan.valid)
-    o = _flash_attn()(query.index_select(0, plan.q_rows), k, v, max_seqlen_q=plan.max_q, cu_seqlens_q=plan.cu_q,
-                      max_seqlen_k=plan.max_k, seqused_k=plan.seqused, softmax_scale=softmax_scale, causal=True,
-                      block_table=plan.table, fa_version=3)
-    out.index_copy_(0, plan.q_rows, o.to(out.dtype))
+    args = dict(max_seqlen_q=plan.max_q, cu_seqlens_q=plan.cu_q, max_seqlen_k=plan.max_k, seqused_k=plan.seqused,
+                softmax_scale=softmax_scale, causal=True, block_table=plan.table, fa_version=3)
+    if plan.q_range is not None:
+        a, b = plan.q_range
+        _flash_attn()(query[a:b], k, v, out=out[a:b], **args)
+    else:
+        out.index_copy_(0, plan.q_rows, _flash_attn()(query.index_select(0, plan.q_rows), k, v, **args))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -318,11 +331,11 @@ def _kernel_class(base: type) -> type:
             n = attn_metadata.num_actual_tokens
             out = output[:n].view(n, self.num_heads, self.head_size)
             q = query[:n]
-            # every request's last token (all of a decode batch); then the other tokens of requests
-            # with several (prefill, chunked prefill), whose last rows are recomputed with them
+            # the requests with one query token (all of a decode batch); then every token of the
+            # requests with several (prefill, chunked prefill)
             count("kv4_decode")
             decode(q, kv_cache, attn_metadata.block_table, attn_metadata.seq_lens, attn_metadata.query_start_loc,
-                   self.scale, out)
+                   self.scale, out, skip_multi=mixed)
             if mixed:
                 count("kv4_prefill")
                 prefill(q, kv_cache, prefill_plan(attn_metadata, kv_cache.shape[2]), self.scale, out)

@@ -112,11 +112,18 @@ def test_prefill_plan_compacts_the_multi_token_requests():
     table = torch.arange(4 * 5, dtype=torch.int32).view(4, 5) + 100
     plan = kv4.PrefillPlan(qsl, seq_lens, table, 16)
     assert plan.num_requests == 2 and plan.max_q == 33 and plan.max_k == 40
-    assert plan.q_rows.tolist() == list(range(1, 6)) + list(range(7, 40))
+    assert plan.q_range is None and plan.q_rows.tolist() == list(range(1, 6)) + list(range(7, 40))
     assert plan.cu_q.tolist() == [0, 5, 38] and plan.seqused.tolist() == [40, 33]
     assert plan.src_blocks.tolist() == [105, 106, 107, 115, 116, 117]   # 3 blocks of request 1, 3 of request 3
     assert plan.table.tolist() == [[0, 1, 2], [3, 4, 5]]
     assert plan.valid.tolist() == [16, 16, 8, 16, 16, 1]
+    # decodes first, as vLLM orders a batch: the prefill rows are one range, no gather
+    plan = kv4.PrefillPlan(torch.tensor([0, 1, 2, 7, 40], dtype=torch.int32), seq_lens, table, 16)
+    assert plan.q_range == (2, 40) and plan.q_rows is None and plan.cu_q.tolist() == [0, 5, 38]
+    # a warm-up request longer than its block table row attends within the row (no index past it)
+    plan = kv4.PrefillPlan(torch.tensor([0, 1, 2, 7, 200], dtype=torch.int32),
+                           torch.tensor([20, 40, 5, 300], dtype=torch.int32), table, 16)
+    assert plan.seqused.tolist() == [5, 80] and plan.max_k == 80 and plan.src_blocks.tolist()[-5:] == list(range(115, 120))
 
 
 def test_attention_reference_last_rows_are_decode():
@@ -131,7 +138,8 @@ def test_attention_reference_last_rows_are_decode():
     assert not torch.allclose(full[4], full[5])  # causal: the earlier token sees fewer keys
 
 
-def test_impl_dispatch_on_the_reference(monkeypatch):
+@pytest.mark.parametrize("qlens", [[1, 7, 1, 20], [1, 1, 7, 20]])  # prefill rows gathered / one range
+def test_impl_dispatch_on_the_reference(monkeypatch, qlens):
     """The attention impl subclass routes decode-only steps to the decode kernel, mixed steps to
     decode + prefill (one plan per step for all layers) and everything else to vLLM's forward;
     with the kernels replaced by the PyTorch reference, a mixed step equals attention_reference."""
@@ -154,15 +162,19 @@ def test_impl_dispatch_on_the_reference(monkeypatch):
         def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping):
             self.calls.append("vllm_write")
 
-    def decode_ref(q, kv, bt, sl, qsl, scale, out, splits=None):
+    def decode_ref(q, kv, bt, sl, qsl, scale, out, splits=None, skip_multi=False):
+        skips.append(skip_multi)
         last = (qsl[1:] - 1).long()
+        if skip_multi:
+            last = last[qsl[1:] - qsl[:-1] == 1]
         out[last] = kv4.decode_reference(q, kv, bt, sl, qsl, scale)[last].to(out.dtype)
 
     def prefill_ref(q, kv, plan, scale, out):
         full = kv4.attention_reference(q, kv, plan_src["bt"], plan_src["sl"], plan_src["qsl"], scale)
-        out[plan.q_rows] = full[plan.q_rows].to(out.dtype)
+        rows = plan.q_rows if plan.q_range is None else torch.arange(*plan.q_range)
+        out[rows] = full[rows].to(out.dtype)
 
-    plans = []
+    plans, skips = [], []
     monkeypatch.setattr(kv4, "write_cache", kv4.write_cache_reference)
     monkeypatch.setattr(kv4, "decode", decode_ref)
     monkeypatch.setattr(kv4, "prefill", prefill_ref)
@@ -172,7 +184,7 @@ def test_impl_dispatch_on_the_reference(monkeypatch):
 
     gen = torch.Generator().manual_seed(11)
     nkv, d, bs = 2, 64, 16
-    qlens, ctx = [1, 7, 1, 20], [30, 0, 5, 40]
+    ctx = [30, 0, 5, 40]
     lens = [c + q for c, q in zip(ctx, qlens)]
     cache = paged_cache(16, nkv, bs, d)
     table = torch.randperm(16, generator=gen).int().view(4, 4)
@@ -198,11 +210,12 @@ def test_impl_dispatch_on_the_reference(monkeypatch):
     got = out[:sum(qlens)].view(-1, 6, d).float()
     assert (got - ref).abs().max() <= 1e-2 * ref.abs().max() and out[sum(qlens):].isnan().all()
     assert len(plans) == 1 and "vllm_forward" not in impl.calls and "vllm_write" not in impl.calls
+    assert skips == [True, True]  # a mixed step's decode leaves the prefill rows to prefill()
     # decode-only step: no plan; fp8 output fusion and profiling runs: vLLM's own forward
     meta1 = SimpleNamespace(max_query_len=1, num_actual_tokens=4, block_table=table, seq_lens=sl,
                             query_start_loc=torch.arange(5, dtype=torch.int32))
     impl.forward(None, q[:4], None, None, cache, meta1, out)
-    assert len(plans) == 1
+    assert len(plans) == 1 and skips[-1] is False
     impl.forward(None, q, None, None, cache, meta, out, output_scale=torch.ones(1))
     impl.forward(None, q, None, None, cache, None, out)
     assert impl.calls.count("vllm_forward") == 2

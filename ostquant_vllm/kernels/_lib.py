@@ -7,6 +7,7 @@ from pathlib import Path
 
 BUILD_DIR = Path(__file__).resolve().parent / "_build"
 LIB_NAME = "libostquant_kernels.so"
+ABI_VERSION = 2  # csrc's ostq_version(): raised whenever an entry point's arguments change
 
 _lib = None
 _err: str | None = None
@@ -35,6 +36,10 @@ def load():
         return None
     vp, i, f, ll = ctypes.c_void_p, ctypes.c_int, ctypes.c_float, ctypes.c_longlong
     lib.ostq_version.restype = i
+    if lib.ostq_version() != ABI_VERSION:  # a library built from other sources would misread the arguments
+        _err = (f"{p} has ABI {lib.ostq_version()}, this package needs {ABI_VERSION}: rebuild it "
+                "(python -m ostquant_vllm.kernels.build)")
+        return None
     lib.ostq_gemm_workspace_bytes.argtypes = [i, i, i, i]
     lib.ostq_gemm_workspace_bytes.restype = ll
     lib.ostq_gemm_counters.argtypes = [i, i, i, i]
@@ -65,7 +70,7 @@ def load():
     lib.ostq_kv4_write.argtypes = [vp, vp, vp, vp, i, i, i, ll, ll, ll, ll, ll, ll, ll, i, vp, vp]
     lib.ostq_kv4_write.restype = i
     lib.ostq_kv4_decode.argtypes = [vp, ll, ll, vp, ll, ll, vp, ll, ll, ll, vp, ll, vp, vp, i, i, i, i, i, f, vp,
-                                    vp, vp, vp, i, vp]
+                                    vp, vp, vp, i, i, vp]
     lib.ostq_kv4_decode.restype = i
     lib.ostq_kv4_dequant.argtypes = [vp, ll, ll, ll, vp, vp, i, i, i, i, vp, vp, vp, vp]
     lib.ostq_kv4_dequant.restype = i
@@ -76,6 +81,8 @@ def load():
     lib.ostq_kv4_set_prefetch.argtypes = [i]
     lib.ostq_kv4_set_prefetch.restype = None
     lib.ostq_kv4_set_prefetch(int(os.environ.get("OSTQUANT_KV4_PREFETCH", "1")))  # tiles in flight a warp
+    lib.ostq_probe_mma.argtypes = [i, i, i, i, vp, vp]  # a measurement (benchmarks/mma_probe.py)
+    lib.ostq_probe_mma.restype = i
     lib.ostq_error_string.argtypes = [i]
     lib.ostq_error_string.restype = ctypes.c_char_p
     _lib = lib

@@ -198,7 +198,15 @@ def test_mixed_batch_matches_reference(qlens):
     scale = d ** -0.5
     kv4.decode(q, cache, table, seq_lens, qsl, scale, out)
     dec = out.clone()
-    kv4.prefill(q, cache, kv4.PrefillPlan(qsl, seq_lens, table, 16), scale, out)
+    # what a mixed step runs: the decode kernel on the one-token requests only, then the prefill path
+    out = torch.full_like(q, float("nan"))
+    kv4.decode(q, cache, table, seq_lens, qsl, scale, out, skip_multi=True)
+    single = torch.tensor([qsl[s + 1] - 1 for s in range(len(qlens)) if qlens[s] == 1], device=DEV)
+    assert torch.equal(out[single], dec[single])
+    assert out.isnan().sum().item() == (sum(qlens) - len(single)) * out[0].numel()  # nothing else written
+    plan = kv4.PrefillPlan(qsl, seq_lens, table, 16)
+    assert (plan.q_range is not None) == (qlens == [1, 5, 37, 1])  # rows in place / gathered
+    kv4.prefill(q, cache, plan, scale, out)
     torch.cuda.synchronize()
     assert not out.isnan().any()
     # decode kernel: every request's last token, against the rotated-basis reference

@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# Device calls, back to back on one warm machine, each under the 600 s limit. The first carries
+# ostquant_vllm/kernels/_build (later calls find it there); the vLLM bundle's 4 calls (../shared/gpu, each
+# carrying one chunk) go between PART=kern and the vLLM parts. Session 17 ran PART=kern, the bundle's 4 calls,
+# PART=vllmk (both models), PART=profile with PROFILE_BATCH=256 PROFILE_CONFIGS=ostquant_w4a4kv4,fp8, then PART=e2e.
+# Next (the decode/split-K mma loaders without per-stage address arithmetic, not yet run on a GPU): PART=kern,
+# the bundle's 4 calls, PART=e2e.
+#   PART=kern  every GPU kernel test (tests/gpu/test_kernels.py, test_kv4_kernels.py), the dispatch's GEMM rows at
+#              1, 16, 64 and 256 tokens on the 8B and 70B layers ($OUT/kernels_dispatch.json: compare with the
+#              ostquant rows of results/kernels_h100_vllm.json), the int8 mma.sync rate (benchmarks/mma_probe.py
+#              -> $OUT/mma_probe.json), then Nsight Compute with the sections' bodies on the batch-64 down GEMM
+#              (benchmarks/gpu_ncu.sh; $OUT/ncu_*.txt; SKIP_NCU=1 leaves it out)
+#   PART=vllmk the mixed-batch KV4 tests with vLLM's FlashAttention, then benchmarks/kernels.py --vllm: ours
+#              against torch bf16 / fp8 / int8 and vLLM's CUTLASS W8A8-int8, Machete W4A16 and CUTLASS W4A8
+#              on $VLLMK_MODELS (default llama3-8b) at $VLLMK_MS tokens ($OUT/kernels_vllm_<models>.json)
+#   PART=e2e   two kernel tests (the library loads and runs), then benchmarks/e2e_vllm.py: bf16, FP8 and
+#              ostquant W4A4KV4 with the defaults, or under the settings in $E2E_ENV (/tmp/e2e_vllm.json)
+#   PART=profile  GPU time by kernel of ostquant W4A4KV4 at batch $PROFILE_BATCH (default 64): the decode
+#              steps and the prefill apart (into /tmp/e2e_vllm.json's profiles); PROFILE_CONFIGS adds others
+#   PART=tuned ostquant W4A4KV4 again under the settings in $E2E_ENV into $OUT/e2e_vllm_$TAG.json, e.g.
+#              E2E_ENV="OSTQUANT_KIND_MAP=35:11" TAG=t1 PART=tuned bash tests/gpu/run_session17.sh
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+export OUT=${OUT:-/tmp/ostq_out}; mkdir -p "$OUT"
+case "${PART:-kern}" in
+kern)
+  . tests/gpu/env.sh
+  nvidia-smi --query-gpu=name,driver_version,clocks.sm --format=csv,noheader
+  timeout 300 python3 -m pytest -q -p no:cacheprovider --tb=short -rf tests/gpu/test_kernels.py \
+    tests/gpu/test_kv4_kernels.py 2>&1 | tee "$OUT/tests_kernels.log" | tail -4
+  OSTQUANT_BENCH_SKIP_KINDS=$(seq -s, 0 36) timeout 240 python3 benchmarks/kernels.py --skip-quant --ms 1,16,64,256 \
+    --out "$OUT/kernels_dispatch.json" 2>&1 | grep -E "ostquant_w4a4 |failed" | tail -40
+  timeout 120 python3 benchmarks/mma_probe.py --out "$OUT/mma_probe.json" 2>&1 | tail -20
+  [ -n "${SKIP_NCU:-}" ] || NCU_DETAILS=1 timeout 200 bash benchmarks/gpu_ncu.sh gemm31_down_m64 2>&1 | tail -20
+  ;;
+vllmk)
+  . benchmarks/gpu_vllm_env.sh || exit 1
+  . tests/gpu/env.sh
+  timeout 60 python3 -m pytest -q -p no:cacheprovider --tb=short -rf tests/gpu/test_kv4_kernels.py -k mixed 2>&1 | tail -3
+  OSTQUANT_BENCH_SKIP_KINDS=$(seq -s, 0 36) timeout 500 python3 benchmarks/kernels.py --vllm --skip-quant \
+    --models "${VLLMK_MODELS:-llama3-8b}" --ms "${VLLMK_MS:-1,16,64,256,2048,8192}" \
+    --out "$OUT/kernels_vllm_${VLLMK_MODELS:-llama3-8b}.json" 2>&1 | grep -E "vllm|failed|wrote|copy" | tail -40
+  ;;
+e2e)
+  . tests/gpu/env.sh
+  timeout 60 python3 -m pytest -q -p no:cacheprovider --tb=short -rf tests/gpu/test_kernels.py \
+    -k "public_api or deterministic" 2>&1 | tail -2
+  env ${E2E_ENV:-} E2E_TIMEOUT=400 bash benchmarks/gpu_e2e.sh --configs bf16,fp8,ostquant_w4a4kv4 2>&1 \
+    | grep -v "^WARNING\|^INFO\|^(EngineCore" | grep -E "\[e2e\]|rror" | tail -20
+  ;;
+profile)
+  env ${E2E_ENV:-} E2E_TIMEOUT=${E2E_TIMEOUT:-160} bash benchmarks/gpu_e2e.sh --configs ${PROFILE_CONFIGS:-ostquant_w4a4kv4} --profile \
+    --batches "${PROFILE_BATCH:-64}" 2>&1 | grep -v "^WARNING\|^INFO\|^(EngineCore" | tail -30
+  ;;
+tuned)
+  env ${E2E_ENV:?set E2E_ENV} E2E_TIMEOUT=${E2E_TIMEOUT:-300} bash benchmarks/gpu_e2e.sh --configs ostquant_w4a4kv4 \
+    --out "/tmp/e2e_vllm_${TAG:?set TAG}.json" 2>&1 \
+    | grep -v "^WARNING\|^INFO\|^(EngineCore" | grep -E "\[e2e\]|rror" | tail -8
+  cp "/tmp/e2e_vllm_$TAG.json" "$OUT/" 2>/dev/null
+  ;;
+esac
