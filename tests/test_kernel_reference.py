@@ -142,6 +142,22 @@ def test_available_false_on_cpu():
         assert kernels.unavailable_reason()
 
 
+def test_library_of_another_abi_is_refused(monkeypatch):
+    """A kernel library built from other sources would misread the arguments: load() refuses it by name."""
+    from types import SimpleNamespace
+
+    from ostquant_vllm.kernels import _lib
+
+    def ostq_version():  # the entry point of a library built before the arguments changed
+        return 1
+
+    monkeypatch.setattr(_lib.ctypes, "CDLL", lambda path: SimpleNamespace(ostq_version=ostq_version))
+    monkeypatch.setattr(_lib, "_lib", None)
+    monkeypatch.setattr(_lib, "_err", None)
+    assert _lib.load() is None
+    assert "ABI 1" in _lib.load_error() and f"needs {_lib.ABI_VERSION}" in _lib.load_error() and "rebuild" in _lib.load_error()
+
+
 def test_auto_kernel_choice():
     from ostquant_vllm.kernels import _auto_force
     assert _auto_force(16, 57344, 8192) == 0
