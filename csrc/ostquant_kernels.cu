@@ -2048,12 +2048,21 @@ OSTQ_API long long ostq_gemm_counters(int M, int N, int K, int force) {
 }
 
 // out[M,N] = a_scale[m] * w_scale[n] * (a_q[m,:] . w[n,:] - a_zero[m] * w_sum[n])
-// out_half: 0 bf16, 1 fp16. w_scale_half: 0 fp32, 1 fp16. force: -1 auto, 0..16 or 22..37 a kernel kind
+// out_half: 0 bf16, 1 fp16. w_scale_half: 0 fp32, 1 fp16. force: -1 auto, 0..16, 22..37 or 40 a kernel kind
 // (plan_gemm).
+// csrc/cutlass_gemm.cu (kind 40): bf16 out, fp32 weight scales, K % 128 == 0, else cudaErrorNotSupported
+extern "C" int ostq_cutlass_gemm(const void* w, const void* a, void* d, int M, int N, int K, const float* a_scale,
+                                 const float* a_zero, const float* w_scale, const int* w_sum, void* stream);
+
 OSTQ_API int ostq_int4_gemm(const void* a_q, const void* a_scale, const void* a_zero, const void* w_prep,
                             const void* w_scale, int w_scale_half, const void* w_sum, void* out, int out_half,
                             int M, int N, int K, void* workspace, void* counters, int force, void* stream) {
   if (M <= 0) return 0;
+  if (force == 40) {
+    if (out_half || w_scale_half) return (int)cudaErrorNotSupported;
+    return ostq_cutlass_gemm(w_prep, a_q, out, M, N, K, (const float*)a_scale, (const float*)a_zero,
+                             (const float*)w_scale, (const int*)w_sum, stream);
+  }
   if (N % 16 || K % 64 || (force > 16 && force < 22) || force > 37) return (int)cudaErrorInvalidValue;
   Epi e{(const float*)a_scale, (const float*)a_zero, w_scale, (const int*)w_sum, w_scale_half};
   cudaStream_t st = (cudaStream_t)stream;

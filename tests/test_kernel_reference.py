@@ -158,6 +158,17 @@ def test_library_of_another_abi_is_refused(monkeypatch):
     assert "ABI 1" in _lib.load_error() and f"needs {_lib.ABI_VERSION}" in _lib.load_error() and "rebuild" in _lib.load_error()
 
 
+def test_build_needs_cutlass_headers_and_says_where_to_get_them(monkeypatch):
+    import sys
+
+    from ostquant_vllm.kernels import build
+
+    monkeypatch.setitem(sys.modules, "cutlass_library", None)  # not installed
+    with pytest.raises(SystemExit, match=r"pip install nvidia-cutlass==4\.2\.0\.0"):
+        build.build_command("nvcc", build.BUILD_DIR / build.LIB_NAME)
+    assert any(p.name == "cutlass_gemm.cu" for p in build.SOURCES)
+
+
 def test_auto_kernel_choice():
     from ostquant_vllm.kernels import _auto_force
     assert _auto_force(16, 57344, 8192) == 0

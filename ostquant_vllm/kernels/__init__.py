@@ -315,7 +315,8 @@ def _gemm_cuda(a_q, a_scale, a_zero, w, w_scale, w_sum, out_dtype, force=None, o
     wgmma, 13/14 wgmma with 64/32-token tiles, K split over a thread-block cluster, 15/16 the same with 256
     weight rows a CTA, 22-25 = 13-16 pipelined as 6, 26 pipelined with 128-token x 256-row tiles, 27-32 =
     7-12 with 8 warps a CTA, 33/34 = 12/32 with K split over a cluster of 2 CTAs, 35/36 = 31/11 with 6 weight blocks
-    a warp, 37 = 6 with K split over a cluster). `out` (tests): [M, N]."""
+    a warp, 37 = 6 with K split over a cluster, 40 CUTLASS's mixed-input mainloop: bf16 out, fp32 w_scale,
+    K % 128 == 0). `out` (tests): [M, N]."""
     n, k = weight_shape(w)
     a2 = a_q.reshape(-1, k).contiguous()
     if a2.data_ptr() % 16:  # 16-B cp.async

@@ -1,7 +1,8 @@
 """Build the Hopper kernels: python -m ostquant_vllm.kernels.build [--nvcc PATH] [--debug]
 
 Writes ostquant_vllm/kernels/_build/libostquant_kernels.so (git-ignored): a plain shared library
-(cudart linked statically, no torch headers) for sm_90a; needs nvcc >= 12.3, no GPU.
+(cudart linked statically, no torch headers) for sm_90a; needs nvcc >= 12.3 and CUTLASS's headers (the
+nvidia-cutlass wheel: pip install -e '.[build]'), no GPU.
 """
 from __future__ import annotations
 
@@ -15,7 +16,23 @@ from pathlib import Path
 from ._lib import BUILD_DIR, LIB_NAME
 
 CSRC = Path(__file__).resolve().parents[2] / "csrc"
-SOURCES = (CSRC / "ostquant_kernels.cu", CSRC / "kv4_attention.cu")  # GEMM + quantize; 4-bit KV attention
+# GEMM + quantize; 4-bit KV attention; the CUTLASS mainloop on our weight layout (kind 40)
+SOURCES = (CSRC / "ostquant_kernels.cu", CSRC / "kv4_attention.cu", CSRC / "cutlass_gemm.cu")
+
+
+def cutlass_include_dirs() -> list[Path]:
+    """CUTLASS's include folders from the nvidia-cutlass wheel (its cutlass_library package holds the sources)."""
+    try:
+        import cutlass_library
+    except ImportError:
+        raise SystemExit("the kernels need CUTLASS's headers: pip install nvidia-cutlass==4.2.0.0 "
+                         "(or pip install -e '.[build]')") from None
+    root = Path(cutlass_library.__file__).resolve().parent / "source"
+    dirs = [root / "include", root / "tools" / "util" / "include"]
+    missing = [d for d in dirs if not (d / "cutlass").is_dir()]
+    if missing:
+        raise SystemExit(f"nvidia-cutlass is installed but lacks {missing[0]}: reinstall nvidia-cutlass==4.2.0.0")
+    return dirs
 
 
 HAD_B = (12, 20, 28, 36, 52, 60)
@@ -51,8 +68,10 @@ def write_hadamard_header(path: Path) -> None:
 
 
 def build_command(nvcc: str, out: Path, debug: bool = False) -> list[str]:
+    # NDEBUG: CUTLASS's device asserts are calls, and a call inside its mainloop serializes the wgmmas (C7510)
     return [nvcc, "-O3", "-std=c++17", "-gencode=arch=compute_90a,code=sm_90a", "-shared", "-Xcompiler", "-fPIC",
-            "-cudart", "static", "-Xptxas", "-v", f"-I{out.parent}", *(["-lineinfo"] if debug else []),
+            "-cudart", "static", "-Xptxas", "-v", "-DNDEBUG", "--expt-relaxed-constexpr", f"-I{out.parent}",
+            *(f"-I{d}" for d in cutlass_include_dirs()), *(["-lineinfo"] if debug else []),
             "-o", str(out), *map(str, SOURCES)]
 
 

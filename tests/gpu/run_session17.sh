@@ -3,13 +3,15 @@
 # ostquant_vllm/kernels/_build (later calls find it there); the vLLM bundle's 4 calls (../shared/gpu, each
 # carrying one chunk) go between PART=kern and the vLLM parts. Session 17 ran PART=kern, the bundle's 4 calls,
 # PART=vllmk (both models), PART=profile with PROFILE_BATCH=256 PROFILE_CONFIGS=ostquant_w4a4kv4,fp8, then PART=e2e.
-# Next (the decode/split-K mma loaders without per-stage address arithmetic, not yet run on a GPU): PART=kern,
-# the bundle's 4 calls, PART=e2e.
+# Next (the decode/split-K mma loaders without per-stage address arithmetic, kinds 37 and 40, not yet run on a GPU):
+# PART=kern, PART=largem, the bundle's 4 calls, PART=e2e.
 #   PART=kern  every GPU kernel test (tests/gpu/test_kernels.py, test_kv4_kernels.py), the dispatch's GEMM rows at
 #              1, 16, 64 and 256 tokens on the 8B and 70B layers ($OUT/kernels_dispatch.json: compare with the
 #              ostquant rows of results/kernels_h100_vllm.json), the int8 mma.sync rate (benchmarks/mma_probe.py
 #              -> $OUT/mma_probe.json), then Nsight Compute with the sections' bodies on the batch-64 down GEMM
 #              (benchmarks/gpu_ncu.sh; $OUT/ncu_*.txt; SKIP_NCU=1 leaves it out)
+#   PART=largem the 8B and 70B GEMM rows at 256, 2048 and 8192 tokens with the wgmma alternates (kinds 3, 5, 6, 26, 37
+#              and 40, CUTLASS's mainloop on our layout; $OUT/kernels_largem.json)
 #   PART=vllmk the mixed-batch KV4 tests with vLLM's FlashAttention, then benchmarks/kernels.py --vllm: ours
 #              against torch bf16 / fp8 / int8 and vLLM's CUTLASS W8A8-int8, Machete W4A16 and CUTLASS W4A8
 #              on $VLLMK_MODELS (default llama3-8b) at $VLLMK_MS tokens ($OUT/kernels_vllm_<models>.json)
@@ -32,6 +34,11 @@ kern)
     --out "$OUT/kernels_dispatch.json" 2>&1 | grep -E "ostquant_w4a4 |failed" | tail -40
   timeout 120 python3 benchmarks/mma_probe.py --out "$OUT/mma_probe.json" 2>&1 | tail -20
   [ -n "${SKIP_NCU:-}" ] || NCU_DETAILS=1 timeout 200 bash benchmarks/gpu_ncu.sh gemm31_down_m64 2>&1 | tail -20
+  ;;
+largem)
+  . tests/gpu/env.sh
+  OSTQUANT_BENCH_SKIP_KINDS=$(seq -s, 7 25),$(seq -s, 27 36) timeout 560 python3 benchmarks/kernels.py --skip-quant --ms 256,2048,8192 \
+    --out "$OUT/kernels_largem.json" 2>&1 | grep -E "ostquant_w4a4 |wg6|wp26|wp37|cutlass40|torch_fp8|failed" | tail -60
   ;;
 vllmk)
   . benchmarks/gpu_vllm_env.sh || exit 1

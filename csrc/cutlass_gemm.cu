@@ -1,0 +1,115 @@
+// Kind 40: CUTLASS 3's SM90 mixed-input GEMM (TMA, warp-specialized cooperative schedule, int4 weights widened to
+// int8 in registers, int8 wgmma with A from registers) on our prepared int4 layout, with our epilogue as a visitor
+// tree. vLLM's CUTLASS W4A8 (the same mainloop, int4 -> fp8) runs 1,150-1,460 TOP/s at 2048-8192 tokens on the H100
+// where our own wgmma kinds 6/26 run ~950 (benchmarks/results/kernels_h100_vllm.json). Headers: the nvidia-cutlass
+// wheel (build.py finds them). bf16 output, fp32 weight scales, K % 128 == 0; anything else: cudaErrorNotSupported.
+#include <cuda_runtime.h>
+#include "cutlass/cutlass.h"
+#include "cutlass/numeric_conversion.h"
+
+// Our prepared nibbles: byte j of a word holds (row g, k j) in its high nibble and (row g + 8, k j) in its low one
+// (layout.py). CuTe is told the K-major order (i0 + 4 h): bytes travel whole (TMA, shared memory) and a thread
+// gets back the same 32-bit words in the same registers, so the converter, which knows the true order, widens them
+// with our two ops a word (to 16 w; the epilogue shifts the int32 sum back). The only converter of this kind in
+// this translation unit.
+namespace cutlass {
+template <>
+struct NumericArrayConverter<int8_t, int4b_t, 8, FloatRoundStyle::round_to_nearest> {
+  using result_type = Array<int8_t, 8>;
+  using source_type = Array<int4b_t, 8>;
+  CUTLASS_HOST_DEVICE static result_type convert(source_type const& s) {
+    unsigned const w = reinterpret_cast<unsigned const&>(s);
+    unsigned out[2] = {w & 0xF0F0F0F0u, (w << 4) & 0xF0F0F0F0u};
+    return reinterpret_cast<result_type const&>(out);
+  }
+  CUTLASS_HOST_DEVICE result_type operator()(source_type const& s) const { return convert(s); }
+};
+}  // namespace cutlass
+
+#include "cute/tensor.hpp"
+#include "cutlass/epilogue/collective/collective_builder.hpp"
+#include "cutlass/gemm/collective/collective_builder.hpp"
+#include "cutlass/gemm/device/gemm_universal_adapter.h"
+#include "cutlass/gemm/dispatch_policy.hpp"
+#include "cutlass/gemm/kernel/gemm_universal.hpp"
+#include "cutlass/util/packed_stride.hpp"
+
+using namespace cute;
+
+// A = weights [N_out, K] (GEMM M = output channels), int4, our prepared layout in nibbles:
+//   m % 16 = g + 8 h, k % 64 = i0 + 4 t + 16 wsel + 32 s; offset = ((m/16) K/64 + k/64) 1024 + (4 g + t) 32 + 16 s
+//   + 8 wsel + 4 h + i0
+using LayoutA = Layout<Shape<Shape<_8, _2, int>, Shape<_4, _4, _2, _2, int>, int>,
+                       Stride<Stride<_128, _4, int64_t>, Stride<_1, _32, _8, _16, _1024>, int64_t>>;
+using ElementA = cutlass::int4b_t;
+using ElementB = int8_t;                       // activations [M_tok, K], K-major: B column-major
+using LayoutB = cutlass::layout::ColumnMajor;
+using ElementD = cutlass::bfloat16_t;
+using LayoutD = cutlass::layout::ColumnMajor;  // D[n_out, m_tok] column-major = out[m_tok][n_out]
+using TileShape = Shape<_128, _128, _128>;
+using ClusterShape = Shape<_1, _1, _1>;
+
+// Epilogue (visitor tree), in CUTLASS's view: rows = output channels n, columns = tokens m:
+//   D = (a_scale[m] * w_scale[n]) * float((acc >> 4) - a_zero[m] * w_sum[n]) -> bf16 (ours: epilogue_value)
+template <class T>
+struct ShiftRight4 {
+  CUTLASS_HOST_DEVICE T operator()(T const& x) const {
+    T y;
+    CUTLASS_PRAGMA_UNROLL
+    for (int i = 0; i < T::kElements; ++i) y[i] = x[i] >> 4;
+    return y;
+  }
+};
+namespace fus = cutlass::epilogue::fusion;
+using RN = cutlass::FloatRoundStyle;
+using WSum = fus::Sm90ColBroadcast<0, TileShape, int32_t, int32_t, Stride<_1, _0, int64_t>, 4>;
+using WScale = fus::Sm90ColBroadcast<0, TileShape, float, float, Stride<_1, _0, int64_t>, 4>;
+using AZero = fus::Sm90RowBroadcast<0, TileShape, float, int32_t, Stride<_0, _1, int64_t>, 1>;
+using AScale = fus::Sm90RowBroadcast<0, TileShape, float, float, Stride<_0, _1, int64_t>, 1>;
+using Acc16 = fus::Sm90EVT<fus::Sm90Compute<ShiftRight4, int32_t, int32_t, RN::round_to_nearest>, fus::Sm90AccFetch>;
+using ZW = fus::Sm90EVT<fus::Sm90Compute<cutlass::multiplies, int32_t, int32_t, RN::round_to_nearest>, AZero, WSum>;
+using V = fus::Sm90EVT<fus::Sm90Compute<cutlass::minus, float, int32_t, RN::round_to_nearest>, Acc16, ZW>;
+using S = fus::Sm90EVT<fus::Sm90Compute<cutlass::multiplies, float, float, RN::round_to_nearest>, AScale, WScale>;
+using Out = fus::Sm90EVT<fus::Sm90Compute<cutlass::multiplies, ElementD, float, RN::round_to_nearest>, S, V>;
+
+using CollectiveEpilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
+    cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape, ClusterShape,
+    cutlass::epilogue::collective::EpilogueTileAuto, int32_t, float, void, LayoutD, 8, ElementD, LayoutD, 8,
+    cutlass::epilogue::TmaWarpSpecializedCooperative, Out>::CollectiveOp;
+
+using CollectiveMainloop = typename cutlass::gemm::collective::CollectiveBuilder<
+    cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, ElementA, LayoutA, 32, ElementB, LayoutB, 16, int32_t,
+    TileShape, ClusterShape,
+    cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(sizeof(typename CollectiveEpilogue::SharedStorage))>,
+    cutlass::gemm::KernelTmaWarpSpecializedCooperative>::CollectiveOp;
+
+using GemmKernel = cutlass::gemm::kernel::GemmUniversal<Shape<int, int, int, int>, CollectiveMainloop, CollectiveEpilogue>;
+using Gemm = cutlass::gemm::device::GemmUniversalAdapter<GemmKernel>;
+
+
+extern "C" int ostq_cutlass_gemm(const void* w, const void* a, void* d, int M, int N, int K, const float* a_scale,
+                                 const float* a_zero, const float* w_scale, const int* w_sum, void* stream) {
+  if (N % 16 || K % 128) return (int)cudaErrorNotSupported;
+  // CUTLASS's GEMM: rows = our N (weights, A), columns = our M (tokens, B), D column-major = out[M][N] row-major
+  LayoutA la = make_layout(make_shape(make_shape(_8{}, _2{}, N / 16), make_shape(_4{}, _4{}, _2{}, _2{}, K / 64), 1),
+                           make_stride(make_stride(_128{}, _4{}, (int64_t)K * 16),
+                                       make_stride(_1{}, _32{}, _8{}, _16{}, _1024{}), (int64_t)N * K));
+  using StrideB = typename GemmKernel::StrideB;
+  using StrideD = typename GemmKernel::StrideD;
+  StrideB sb = cutlass::make_cute_packed_stride(StrideB{}, make_shape(M, K, 1));
+  StrideD sd = cutlass::make_cute_packed_stride(StrideD{}, make_shape(N, M, 1));
+  typename Out::Arguments evt{{{a_scale, 0.f, {}}, {w_scale, 0.f, {}}, {}},                // as * ws
+                              {{{}, {}}, {{a_zero, 0.f, {}}, {w_sum, 0, {}}, {}}, {}},   // (acc >> 4) - az * wsum
+                              {}};
+  typename Gemm::Arguments args{cutlass::gemm::GemmUniversalMode::kGemm,
+                                {N, M, K, 1},
+                                {static_cast<const ElementA*>(w), la, static_cast<const ElementB*>(a), sb},
+                                {evt, nullptr, sd, static_cast<ElementD*>(d), sd}};
+  if (Gemm::get_workspace_size(args) != 0) return (int)cudaErrorNotSupported;
+  Gemm gemm;
+  if (gemm.can_implement(args) != cutlass::Status::kSuccess) return (int)cudaErrorNotSupported;
+  const auto st = static_cast<cudaStream_t>(stream);
+  if (gemm.initialize(args, nullptr, st) != cutlass::Status::kSuccess) return (int)cudaErrorInvalidValue;
+  if (gemm.run(st) != cutlass::Status::kSuccess) return (int)cudaErrorLaunchFailure;
+  return (int)cudaGetLastError();
+}
