@@ -191,24 +191,24 @@ __global__ void __launch_bounds__(WARPS_N* WARPS_M * 32)
   // split's first k block, computed once; a stage adds its k offset (as in gemm_dec_kernel).
   constexpr int kWC = C::kWBytes / 16, kAC = C::kABytes / 16;
   constexpr int kWI = (kWC + C::kThreads - 1) / C::kThreads, kAI = (kAC + C::kThreads - 1) / C::kThreads;
-  // (byte offsets from Wp and A: a layer's weights and activations stay under 4 GB)
-  uint32_t woff[kWI];
+  const uint8_t* wsrc[kWI];
   bool wok[kWI];
 #pragma unroll
   for (int i = 0; i < kWI; ++i) {
     const int c = tid + i * C::kThreads;
     const int nb = n0 / 16 + (c >> 5);
     wok[i] = nb < NB;
-    woff[i] = ((uint32_t)(wok[i] ? nb : 0) * KB + kb0) * 512u + (c & 31) * 16;
+    wsrc[i] = Wp + ((size_t)(wok[i] ? nb : 0) * KB + kb0) * 512 + (c & 31) * 16;
   }
-  uint32_t aoff[kAI], adst[kAI];
+  const int8_t* asrc[kAI];
+  uint32_t adst[kAI];
   bool aok[kAI];
 #pragma unroll
   for (int i = 0; i < kAI; ++i) {
     const int c = tid + i * C::kThreads;
     const int r = c >> 2, ch = c & 3;
     aok[i] = m0 + r < M;
-    aoff[i] = (uint32_t)(aok[i] ? m0 + r : 0) * K + kb0 * 64u + ch * 16;
+    asrc[i] = A + (size_t)(aok[i] ? m0 + r : 0) * K + (size_t)kb0 * 64 + ch * 16;
     adst[i] = C::kWBytes + r * 64 + ((ch ^ ((r >> 1) & 3)) << 4);
   }
   auto load_stage = [&](int kt, int slot) {
@@ -216,11 +216,11 @@ __global__ void __launch_bounds__(WARPS_N* WARPS_M * 32)
 #pragma unroll
     for (int i = 0; i < kWI; ++i)
       if (kWC % C::kThreads == 0 || tid + i * C::kThreads < kWC)
-        cp_async16(sw + (tid + i * C::kThreads) * 16, Wp + (woff[i] + kt * 512u), wok[i]);
+        cp_async16(sw + (tid + i * C::kThreads) * 16, wsrc[i] + (uint32_t)kt * 512u, wok[i]);
 #pragma unroll
     for (int i = 0; i < kAI; ++i)
       if (kAC % C::kThreads == 0 || tid + i * C::kThreads < kAC)
-        cp_async16(sw + adst[i], A + (aoff[i] + kt * 64u), aok[i]);
+        cp_async16(sw + adst[i], asrc[i] + (uint32_t)kt * 64u, aok[i]);
   };
 
   int acc[WR][WT][4];
