@@ -1,17 +1,20 @@
-"""The accuracy ordering on the real default model at W4A4KV4, with a budget that fits CI:
-OSTQuant < QuaRot-style < RTN perplexity (RTN weights for all three, to stay fast).
+"""The accuracy ordering on the real default model at W4A4KV4, with a budget that fits CI (RTN weights for
+all three methods, to stay fast): float < QuaRot-style < RTN / 10 perplexity, and OSTQuant's training and
+fusion keep QuaRot's accuracy.
 
-4-bit activations with SmolLM2's down_proj outliers (|x| up to ~500) break RTN without transforms;
-QuaRot's rotations fix most of it; OSTQuant's learned rotations and scales must then beat QuaRot on
-held-out text after 8 training steps of 2 windows (from 4). On a budget this small OSTQuant starts from QuaRot's random
-Hadamards (`init="hadamard"`): from WOMI it needs far more steps to pass them (measured here: 137 vs
-QuaRot's 89; on the H100 with the full recipe both starts end at 33.8 against QuaRot's 37.1,
-benchmarks/results/accuracy_SmolLM2-135M-Instruct.json). The full-size H_down (hadamard_blocks=1), as
-that table: with calibration's TP-splittable default of 8 blocks, 4 steps of 2 windows are too few for
-the training loss to fall reliably (measured: 0.659 -> 0.665); the full recipe still separates them
-(the table's experiment lines). Budgets this small are chaotic: on an Intel CI machine, 4 steps on 2 windows
-(the earlier budget, which passed on AMD) gave OSTQuant 128.7 against QuaRot's 85.6; 8 steps on 4 windows
-gave 78.4 there."""
+4-bit activations with SmolLM2's down_proj outliers (|x| up to ~500) break RTN without transforms; QuaRot's
+rotations fix most of it. OSTQuant here starts from QuaRot's random Hadamards (`init="hadamard"`, the full-size
+H_down as the accuracy table) and trains 8 steps of 2 windows (from 4). Held-out perplexity on 16 windows.
+
+What this budget can show, measured on the dev machine (AMD EPYC, 1 thread): 8 steps move the held-out
+perplexity less than QuaRot's own seed-to-seed spread. QuaRot gave 123.4 / 109.4 / 105.5 at seeds 0 / 1 / 2;
+OSTQuant from those starts 118.5 at seed 0 (official learning rates) and 110.7-110.8 at seed 2 (1.05x, with
+the rotations' learning rate at 0.05 or a full batch of 4 windows); with 2 evaluation windows seed 0 gave
+82.13 against 82.20 (the earlier bar, 0.95x QuaRot, passed on one CI machine and failed on the next).
+So CI asserts only that the learned transforms stay near their QuaRot start (a broken fusion, export of
+the scales or diverging training lands far above); that OSTQuant beats QuaRot is measured where the recipe
+runs in full (the accuracy table: 29.7 / 29.8 / 28.8 against 37.1 / 35.8 / 36.6 over 3 seeds,
+benchmarks/results/accuracy_SmolLM2-135M-Instruct.json)."""
 import torch
 
 from calibrate.pipeline import CalibConfig, calibrate
@@ -21,16 +24,18 @@ from calibrate.train import TrainConfig
 def _ppl(method):
     cfg = CalibConfig(method=method, preset="w4a4kv4", weight_quant="rtn", calib_windows=2, calib_seqlen=256,
                       train=TrainConfig(steps=8, batch=2, micro_batch=1), train_windows=4, train_seqlen=256,
-                      init="hadamard", hadamard_blocks=1, eval_windows=2, eval_seqlen=256, eval_float=method == "rtn", qsur=False,
-                      device="cpu")
+                      init="hadamard", hadamard_blocks=1, eval_windows=16, eval_seqlen=256, eval_float=method == "rtn",
+                      qsur=False, device="cpu")
     return calibrate(cfg)
 
 
-def test_ostquant_beats_quarot_beats_rtn_at_w4a4kv4_on_real_model():
+def test_quarot_beats_rtn_and_ostquant_keeps_it_at_w4a4kv4_on_real_model():
     torch.set_num_threads(1)
     rtn = _ppl("rtn")
     quarot = _ppl("quarot")
     ost = _ppl("ostquant")
-    assert ost["train"]["losses"][-1] < ost["train"]["losses"][0]
-    assert rtn["ppl_float"] < ost["ppl"] < 0.95 * quarot["ppl"] < quarot["ppl"] < rtn["ppl"] / 10, (
-        rtn["ppl_float"], ost["ppl"], quarot["ppl"], rtn["ppl"])
+    losses = ost["train"]["losses"]
+    assert all(0 < x < 10 for x in losses) and losses[-1] < losses[0], losses
+    assert ost["train"]["orthogonality_error"] < 1e-3
+    assert rtn["ppl_float"] < quarot["ppl"] < rtn["ppl"] / 10, (rtn["ppl_float"], quarot["ppl"], rtn["ppl"])
+    assert rtn["ppl_float"] < ost["ppl"] < 1.1 * quarot["ppl"], (rtn["ppl_float"], ost["ppl"], quarot["ppl"])
