@@ -11,6 +11,9 @@ perplexity less than QuaRot's own seed-to-seed spread. QuaRot gave 123.4 / 109.4
 OSTQuant from those starts 118.5 at seed 0 (official learning rates) and 110.7-110.8 at seed 2 (1.05x, with
 the rotations' learning rate at 0.05 or a full batch of 4 windows); with 2 evaluation windows seed 0 gave
 82.13 against 82.20 (the earlier bar, 0.95x QuaRot, passed on one CI machine and failed on the next).
+Nor does the KL-Top objective fall measurably: at seed 0 its mean over the first epoch (2 steps, all 4
+windows) was 0.564, over the last 0.571 (that training lowers the loss is tested on a small model in
+test_calibration_parts.py).
 So CI asserts only that the learned transforms stay near their QuaRot start (a broken fusion, export of
 the scales or diverging training lands far above); that OSTQuant beats QuaRot is measured where the recipe
 runs in full (the accuracy table: 29.7 / 29.8 / 28.8 against 37.1 / 35.8 / 36.6 over 3 seeds,
@@ -35,7 +38,7 @@ def test_quarot_beats_rtn_and_ostquant_keeps_it_at_w4a4kv4_on_real_model():
     quarot = _ppl("quarot")
     ost = _ppl("ostquant")
     losses = ost["train"]["losses"]
-    assert all(0 < x < 10 for x in losses) and losses[-1] < losses[0], losses
+    assert len(losses) == 8 and all(0 < x < 10 for x in losses), losses
     assert ost["train"]["orthogonality_error"] < 1e-3
     assert rtn["ppl_float"] < quarot["ppl"] < rtn["ppl"] / 10, (rtn["ppl_float"], quarot["ppl"], rtn["ppl"])
     assert rtn["ppl_float"] < ost["ppl"] < 1.1 * quarot["ppl"], (rtn["ppl_float"], ost["ppl"], quarot["ppl"])
