@@ -256,7 +256,8 @@ def _by_category(per_kernel: dict) -> dict:
 
 
 _CATEGORIES = [
-    ("ostquant_int4_gemm", r"gemm_(mma|dec|wgmma)_kernel"),
+    # ours: csrc's kernels, and kind 40 (CUTLASS's device_kernel, named by our epilogue functor in csrc/cutlass_gemm.cu)
+    ("ostquant_int4_gemm", r"gemm_(mma|dec|wgmma)_kernel|ShiftRight4"),
     ("ostquant_quantize_act", r"quant_plain|quant_had"),
     ("attention", r"kv4::|attn|attention|paged|unified|reshape_and_cache|kv_cache|flash|fmha"),
     ("dense_gemm", r"nvjet|gemm|cutlass|xmma|machete|marlin|Marlin|Machete|cublas|scaled_mm|sm90"),

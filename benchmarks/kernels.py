@@ -207,11 +207,10 @@ def gemm_rows(model, layer, K, N, gen, rows, quick, ms=None, with_vllm=False):
                             (31, "dec8w_r4t32"), (32, "dec8w_r4t64"),  # 29-32: 9-12 with 8 warps a CTA
                             (33, "dec_r4t64_cl2"), (34, "dec8w_r4t64_cl2"),  # 12 / 32, K over 2 CTAs
                             (35, "dec8w_r6t32"), (36, "dec_r6t32"),  # 31 / 11 with 6 weight blocks a warp
-                            (6, "wg6"), (37, "wp37_cl"),  # 37: kind 6's tiles with K split over a cluster
-                            (40, "cutlass40"))  # CUTLASS's mixed-input mainloop on our layout
+                            (6, "wg6"), (40, "cutlass40"))  # 40: CUTLASS's mixed-input mainloop on our layout
                 else:  # 6: the pipelined wgmma (a commit group a k32 slice, the next one widened under it),
                     # 26: the same with 128 x 256 tiles (L2-bound at 128 x 128: session 11's Nsight Compute)
-                    alts = ((3, "wg3"), (5, "wg5"), (6, "wg6"), (26, "wp26_n256"), (37, "wp37_cl"), (40, "cutlass40"))
+                    alts = ((3, "wg3"), (5, "wg5"), (6, "wg6"), (26, "wp26_n256"), (40, "cutlass40"))
                 for force, tag in alts:
                     if force in SKIP_KINDS:
                         continue

@@ -309,27 +309,47 @@ def kernels_decode_table(path: str) -> str:
     return "\n".join(out)
 
 
+LARGEM_KINDS = {3: "wg3", 5: "wg5", 6: "wg6", 21: "ws21", 26: "wp26_n256", 37: "wp37_cl", 40: "cutlass40"}
+
+
 def kernels_largem_table(path: str) -> str:
-    """Large-M GEMMs (the compute-bound bar: >= 1.6x torch bf16): the dispatch and each wgmma kind."""
+    """Large-M GEMMs (the compute-bound bar: >= 1.6x torch bf16 at M >= 2048): the dispatch of the run, each
+    wgmma kind it timed, and the kind the current dispatch (kernels._auto_kind) takes, looked up in the rows."""
+    from ostquant_vllm.kernels import _auto_kind
+
     d = json.load(open(path))
     by = {}
     for r in d["rows"]:
-        if r.get("kind", "gemm") == "gemm" and r["M"] >= 2048:
-            by.setdefault((r["model"], r["layer"], r["N"], r["K"], r["M"]), {})[r["kernel"]] = r["us"]
-    cols = [("ostquant_w4a4", "ours W4A4 (dispatch)"), ("ostquant_w4a4_force_wg3", "kind 3"),
+        if r.get("kind", "gemm") == "gemm" and r["M"] >= 256:
+            by.setdefault((r["model"], r["layer"], r["N"], r["K"], r["M"]), {})[r["kernel"]] = r
+    cols = [("ostquant_w4a4", "ours W4A4 (dispatch of the run)"), ("ostquant_w4a4_force_wg3", "kind 3"),
             ("ostquant_w4a4_force_wg5", "kind 5"), ("ostquant_w4a4_force_wg6", "kind 6 (pipelined)"),
             ("ostquant_w4a4_force_ws21", "kind 21 (warp-specialized)"),
             ("ostquant_w4a4_force_wp26_n256", "kind 26 (6 with 256 rows)"),
+            ("ostquant_w4a4_force_wp37_cl", "kind 37 (6, K over a cluster)"),
+            ("ostquant_w4a4_force_cutlass40", "kind 40 (CUTLASS mainloop)"),
             ("torch_bf16", "torch bf16"), ("torch_fp8", "torch fp8"), ("torch_int8", "torch int8")]
     cols = [c for c in cols if any(c[0] in ks for ks in by.values())]  # the kernels this run timed
-    out = [f"**Large-M GEMM µs, {d['gpu']}** ({os.path.basename(path)}; last column: the dispatch's speedup over "
-           "torch bf16, bar 1.6x)", "",
-           "| layer N x K | M | " + " | ".join(c for _, c in cols) + " | speedup |",
-           "| --- | --- |" + " --- |" * (len(cols) + 1)]
+
+    def now_us(ks, M, N, K):  # the current dispatch's kind, if this run timed it
+        kind = _auto_kind(M, N, K)
+        run = ks.get("ostquant_w4a4", {})
+        if run.get("auto_kind") == kind:
+            return kind, run["us"]
+        r = ks.get(f"ostquant_w4a4_force_{LARGEM_KINDS.get(kind)}")
+        return kind, r["us"] if r else float("nan")
+
+    out = [f"**Large-M GEMM µs, {d['gpu']}** ({os.path.basename(path)}; the dispatch now: the kind the current code "
+           "takes, its µs from this run; speedups over torch bf16, bar 1.6x at M >= 2048)", "",
+           "| layer N x K | M | " + " | ".join(c for _, c in cols) + " | speedup, run | dispatch now | speedup, now |",
+           "| --- | --- |" + " --- |" * (len(cols) + 3)]
     for (model, layer, N, K, M), ks in by.items():
-        cells = [f"{ks[k]:.1f}" if k in ks else "—" for k, _ in cols]
-        sp = ks["torch_bf16"] / ks["ostquant_w4a4"] if "torch_bf16" in ks and "ostquant_w4a4" in ks else float("nan")
-        out.append(f"| {model} {layer} {N}x{K} | {M} | " + " | ".join(cells) + f" | {sp:.2f}x |")
+        cells = [f"{ks[k]['us']:.1f}" if k in ks else "—" for k, _ in cols]
+        bf = ks.get("torch_bf16", {}).get("us", float("nan"))
+        sp = bf / ks["ostquant_w4a4"]["us"] if "ostquant_w4a4" in ks else float("nan")
+        kind, us = now_us(ks, M, N, K)
+        out.append(f"| {model} {layer} {N}x{K} | {M} | " + " | ".join(cells)
+                   + f" | {sp:.2f}x | kind {kind}, {us:.1f} | {bf / us:.2f}x |")
     out += [""] + [f"- {n}" for n in d.get("notes", [])] + [f"- command: `{d.get('command')}`"]
     return "\n".join(out)
 

@@ -86,6 +86,15 @@ using CollectiveMainloop = typename cutlass::gemm::collective::CollectiveBuilder
 using GemmKernel = cutlass::gemm::kernel::GemmUniversal<Shape<int, int, int, int>, CollectiveMainloop, CollectiveEpilogue>;
 using Gemm = cutlass::gemm::device::GemmUniversalAdapter<GemmKernel>;
 
+// The persistent tile scheduler's order (a measurement setting, OSTQUANT_CUTLASS_RASTER / _SWIZZLE in Python):
+// raster 0 CUTLASS's heuristic (along the longer tile count), 1 along the weight rows, 2 along the tokens;
+// swizzle 1, 2, 4 or 8 tiles of the other dimension together (L2 reuse, session 19's open question).
+static int g_raster = 0, g_swizzle = 1;
+extern "C" void ostq_cutlass_set_sched(int raster, int swizzle) {
+  g_raster = raster >= 0 && raster <= 2 ? raster : 0;
+  g_swizzle = swizzle == 2 || swizzle == 4 || swizzle == 8 ? swizzle : 1;
+}
+
 extern "C" int ostq_cutlass_gemm(const void* w, const void* a, void* d, int M, int N, int K, const float* a_scale,
                                  const float* a_zero, const float* w_scale, const int* w_sum, void* stream) {
   if (N % 16 || K % 128) return (int)cudaErrorNotSupported;
@@ -104,6 +113,9 @@ extern "C" int ostq_cutlass_gemm(const void* w, const void* a, void* d, int M, i
                                 {N, M, K, 1},
                                 {static_cast<const ElementA*>(w), la, static_cast<const ElementB*>(a), sb},
                                 {evt, nullptr, sd, static_cast<ElementD*>(d), sd}};
+  using Raster = cutlass::gemm::kernel::detail::RasterOrderOptions;
+  args.scheduler.raster_order = g_raster == 1 ? Raster::AlongM : g_raster == 2 ? Raster::AlongN : Raster::Heuristic;
+  args.scheduler.max_swizzle_size = g_swizzle;
   if (Gemm::get_workspace_size(args) != 0) return (int)cudaErrorNotSupported;
   Gemm gemm;
   if (gemm.can_implement(args) != cutlass::Status::kSuccess) return (int)cudaErrorNotSupported;

@@ -188,7 +188,9 @@ __global__ void __launch_bounds__(WARPS_N* WARPS_M * 32)
 
   // This thread's 16-B chunks of a stage: weights (BN/16 row blocks x 512 B, contiguous per row block) and
   // activations (BM rows x 64 B, chunk c of row r stored at chunk c ^ ((r >> 1) & 3)). Sources at the
-  // split's first k block, computed once; a stage adds its k offset (as in gemm_dec_kernel).
+  // split's first k block, computed once; a stage adds its k offset (session 17: the runtime copy loop was 82
+  // SASS instructions a mma in kind 0; session 19: kind 0 at 16 tokens 5-10 % faster,
+  // results/history/kernels_h100_loaders_session19.json).
   constexpr int kWC = C::kWBytes / 16, kAC = C::kABytes / 16;
   constexpr int kWI = (kWC + C::kThreads - 1) / C::kThreads, kAI = (kAC + C::kThreads - 1) / C::kThreads;
   const uint8_t* wsrc[kWI];
@@ -372,30 +374,25 @@ __global__ void __launch_bounds__(KW * 32)
     prefetch_l2(Wp + ((size_t)min(nb0 + lane, NB - 1) * KB + kb0) * 512, (uint32_t)nk * 512);
   pdl_wait();
 
-  // This lane's copy sources (at the warp's first k block) and destinations, computed once; a stage adds
-  // its k offset (session 17: computed whole per stage, this address arithmetic was ~75 of the loop's 194
-  // instructions a k step in kind 31's SASS, 32 of them the mma).
-  const uint8_t* wsrc[R];
-#pragma unroll
-  for (int r = 0; r < R; ++r)  // a last CTA past N re-reads a valid block (not stored)
-    wsrc[r] = Wp + ((size_t)min(nb0 + r, NB - 1) * KB + kb0) * 512 + lane * 16;
-  const int8_t* asrc[WT];
-  uint32_t adst[WT];
-  bool aok[WT];
-#pragma unroll
-  for (int it = 0; it < WT; ++it) {
-    const int c = lane + it * 32;
-    const int rr = c >> 2, ch = c & 3;
-    aok[it] = m0 + rr < M;
-    asrc[it] = A + (size_t)(aok[it] ? m0 + rr : 0) * K + (size_t)kb0 * 64 + ch * 16;
-    adst[it] = 512 * R + rr * 64 + ((ch ^ ((rr >> 1) & 3)) << 4);
-  }
+  // Sources computed whole each stage. Computed once instead (session 17: 194 -> 149 SASS instructions a k step
+  // in kind 31), the kernel was no faster at 64 tokens and 1-6 % slower at 1 token (session 19,
+  // results/history/kernels_h100_loaders_session19.json): this loop is not issue-bound.
   auto load = [&](int kt, int slot) {
     const uint32_t sw = sbase + slot * C::kStage;
 #pragma unroll
-    for (int r = 0; r < R; ++r) cp_async16(sw + r * 512 + lane * 16, wsrc[r] + (uint32_t)kt * 512u, true);
+    for (int r = 0; r < R; ++r) {
+      const int nb = min(nb0 + r, NB - 1);  // a last CTA past N re-reads a valid block (not stored)
+      cp_async16(sw + r * 512 + lane * 16, Wp + ((size_t)nb * KB + kb0 + kt) * 512 + lane * 16, true);
+    }
 #pragma unroll
-    for (int it = 0; it < WT; ++it) cp_async16(sw + adst[it], asrc[it] + (uint32_t)kt * 64u, aok[it]);
+    for (int it = 0; it < WT; ++it) {
+      const int c = lane + it * 32;
+      const int rr = c >> 2, ch = c & 3;
+      const int m = m0 + rr;
+      const bool ok = m < M;
+      const int8_t* src = A + (size_t)(ok ? m : 0) * K + (size_t)(kb0 + kt) * 64 + ch * 16;
+      cp_async16(sw + 512 * R + rr * 64 + ((ch ^ ((rr >> 1) & 3)) << 4), src, ok);
+    }
   };
   int acc[R][WT][4];
 #pragma unroll
@@ -1769,7 +1766,9 @@ int launch_mma(const int8_t* A, const uint8_t* Wp, const Epi& epi, OutT* out, in
 //        blocks a warp (session 15: 8B qkv's 384 row blocks in 64 CTA columns, so its 64 tokens make 128 CTAs,
 //        one wave of one 8-warp CTA an SM, as o and down with 4 blocks; kind 31 needs 1.45 waves there). Removed
 //        in session 16, no faster than their bases at 64 tokens: 37 = 11 with 16 warps a CTA, 38/39 = 35/31
-//        with 16-token CTA rows (benchmarks/results/kernels_h100_decode_16w.json)
+//        with 16-token CTA rows (benchmarks/results/kernels_h100_decode_16w.json). Removed in session 19: the next
+//        37 = 6 with K split over a cluster (for 129-256 tokens), slower than kind 40 at 256 tokens on every 8B and
+//        70B layer (benchmarks/results/kernels_h100_largem.json). 40 = CUTLASS's mainloop (csrc/cutlass_gemm.cu).
 struct Plan {
   int kind, splits, BN, BM, splits_units;  // splits_units: k blocks (64 or 128) to split
 };
@@ -1793,8 +1792,7 @@ Plan plan_gemm(int M, int N, int K, int force) {
   else if (M <= 16) p.kind = g_small_mode ? 8 : 0;
   else if (M <= 64) p.kind = 1;
   else p.kind = g_wgmma_mode ? g_wgmma_mode : 2;
-  if ((p.kind == 3 || p.kind == 5 || p.kind == 6 || (p.kind >= 13 && p.kind <= 26) || p.kind == 37) && K % 128)
-    p.kind = 2;
+  if ((p.kind == 3 || p.kind == 5 || p.kind == 6 || (p.kind >= 13 && p.kind <= 26)) && K % 128) p.kind = 2;
   const int sms = num_sms();
   switch (p.kind) {
     case 7: case 8: p.BN = 16; p.BM = p.kind == 7 ? 8 : 16; return p;  // no split-K
@@ -1810,13 +1808,9 @@ Plan plan_gemm(int M, int N, int K, int force) {
     case 35: case 36: p.BN = 96; p.BM = 32; return p;  // 6 weight blocks x 32 tokens, 8 / 4 warps
     case 13: case 14: case 15: case 16:  // wgmma, 64 / 32 tokens, 128 / 256 rows, K split over a cluster
     case 22: case 23: case 24: case 25:  // the same, pipelined (as kind 6)
-    case 26:    // pipelined, 128 tokens x 256 rows (prefill: a third less L2 traffic per op than kind 6)
-    case 37: {  // kind 6's 128 x 128 tiles, K split over a cluster (129-256 tokens: too few tiles for the SMs)
-      // tokens x weight rows a CTA: 13/22 64 x 128, 14/23 32 x 128, 15/24 64 x 256, 16/25 32 x 256, 26 128 x 256,
-      // 37 128 x 128
-      const int v = p.kind == 37 ? 5 : p.kind - (p.kind >= 22 ? 22 : 13);
-      p.BN = v == 2 || v == 3 || v == 4 ? 256 : 128; p.BM = v >= 4 ? 128 : (v & 1) ? 32 : 64;
-      p.splits_units = K / 128;
+    case 26: {  // pipelined, 128 tokens x 256 rows (prefill: a third less L2 traffic per op than kind 6)
+      const int v = p.kind - (p.kind >= 22 ? 22 : 13);  // 0: 64 x 128, 1: 32 x 128, 2: 64 x 256, 3: 32 x 256
+      p.BN = v >= 2 ? 256 : 128; p.BM = v == 4 ? 128 : (v & 1) ? 32 : 64; p.splits_units = K / 128;
       // as many K splits as fill every SM twice (rounded down: a partial extra wave costs more than
       // it gains), at most a cluster's 8, at least 2 k128 steps each, none empty
       const int tiles = ((N + p.BN - 1) / p.BN) * ((M + p.BM - 1) / p.BM);
@@ -1841,9 +1835,7 @@ Plan plan_gemm(int M, int N, int K, int force) {
   return p;
 }
 
-bool uses_cluster(const Plan& p) {
-  return (p.kind >= 13 && p.kind <= 16) || (p.kind >= 22 && p.kind <= 26) || p.kind == 37;
-}
+bool uses_cluster(const Plan& p) { return (p.kind >= 13 && p.kind <= 16) || (p.kind >= 22 && p.kind <= 26); }
 
 template <typename OutT, bool WGLOBAL, bool PIPE>
 int launch_wgmma(const int8_t* A, const uint8_t* Wp, const Epi& epi, OutT* out, int M, int N, int K, int splits,
@@ -1943,8 +1935,6 @@ int gemm_dispatch(const int8_t* A, const uint8_t* Wp, const Epi& epi, OutT* out,
       return launch_wgmma_cluster<OutT, 32, 2, true>(A, Wp, epi, out, M, N, K, p.splits, st);
     case 26:
       return launch_wgmma_cluster<OutT, 128, 2, true>(A, Wp, epi, out, M, N, K, p.splits, st);
-    case 37:
-      return launch_wgmma_cluster<OutT, 128, 1, true>(A, Wp, epi, out, M, N, K, p.splits, st);
     default:
       return launch_wgmma<OutT, true, false>(A, Wp, epi, out, M, N, K, p.splits, ws, counters, st);
   }
@@ -2020,7 +2010,7 @@ __global__ void probe_mma_kernel(int iters, int* sink) {
 // ==========================================================================================
 // C ABI
 // ==========================================================================================
-OSTQ_API int ostq_version() { return 2; }  // kernels/_lib.py ABI_VERSION
+OSTQ_API int ostq_version() { return 3; }  // kernels/_lib.py ABI_VERSION
 // benchmarks/mma_probe.py: `blocks` CTAs of `threads`, each warp 8 * iters mma.sync m16n8k32 s8.
 OSTQ_API int ostq_probe_mma(int widen, int blocks, int threads, int iters, int* sink, void* stream) {
   auto st = static_cast<cudaStream_t>(stream);
@@ -2048,7 +2038,7 @@ OSTQ_API long long ostq_gemm_counters(int M, int N, int K, int force) {
 }
 
 // out[M,N] = a_scale[m] * w_scale[n] * (a_q[m,:] . w[n,:] - a_zero[m] * w_sum[n])
-// out_half: 0 bf16, 1 fp16. w_scale_half: 0 fp32, 1 fp16. force: -1 auto, 0..16, 22..37 or 40 a kernel kind
+// out_half: 0 bf16, 1 fp16. w_scale_half: 0 fp32, 1 fp16. force: -1 auto, 0..16, 22..36 or 40 a kernel kind
 // (plan_gemm).
 // csrc/cutlass_gemm.cu (kind 40): bf16 out, fp32 weight scales, K % 128 == 0, else cudaErrorNotSupported
 extern "C" int ostq_cutlass_gemm(const void* w, const void* a, void* d, int M, int N, int K, const float* a_scale,
@@ -2063,7 +2053,7 @@ OSTQ_API int ostq_int4_gemm(const void* a_q, const void* a_scale, const void* a_
     return ostq_cutlass_gemm(w_prep, a_q, out, M, N, K, (const float*)a_scale, (const float*)a_zero,
                              (const float*)w_scale, (const int*)w_sum, stream);
   }
-  if (N % 16 || K % 64 || (force > 16 && force < 22) || force > 37) return (int)cudaErrorInvalidValue;
+  if (N % 16 || K % 64 || (force > 16 && force < 22) || force > 36) return (int)cudaErrorInvalidValue;
   Epi e{(const float*)a_scale, (const float*)a_zero, w_scale, (const int*)w_sum, w_scale_half};
   cudaStream_t st = (cudaStream_t)stream;
   if (out_half)

@@ -22,6 +22,20 @@ def test_parse_log_reads_vllms_own_numbers():
                      "linear_kernel": "MacheteLinearKernel for AutoGPTQLinearMethod", "attention_backend": "TRITON_ATTN"}
 
 
+def test_profile_categories_tell_our_gemms_from_vllms():
+    """Kind 40 is CUTLASS's device_kernel like vLLM's FP8 GEMM; only our epilogue functor tells them apart
+    (names as the torch profiler gave them on the H100, shortened)."""
+    ours = ("_ZN7cutlass13device_kernelINS_4gemm6kernel13GemmUniversalIN4cute5tupleIJiiiiEEENS1_10collective13Collective"
+            "MmaINS1_49MainloopSm90TmaGmmaRmemAWarpSpecializedMixedInputILi8E...NS25_I11ShiftRight4iiLS27_2EvEE...")
+    vllm_fp8 = ("void cutlass::device_kernel<vllm::cutlass_3x_gemm_sm90_fp8<cutlass::float_e4m3_t, cutlass::bfloat16_t, "
+                "vllm::c3x::ScaledEpilogue>::GemmKernel>(...)")
+    assert e2e_vllm.kernel_category(ours) == "ostquant_int4_gemm"
+    assert e2e_vllm.kernel_category("void (anonymous namespace)::gemm_dec_kernel<4, 4, 8, 4, __nv_bfloat16, 1>(...)") \
+        == "ostquant_int4_gemm"
+    assert e2e_vllm.kernel_category(vllm_fp8) == "dense_gemm"
+    assert e2e_vllm.kernel_category("nvjet_sm90_tst_512x64_64x2_2x1_v_bz_coopB_TNN") == "dense_gemm"
+
+
 def test_configs():
     q, kw = e2e_vllm.engine_args("w4a16", True, "llama3-8b")
     # without the module list vLLM looks for safetensors files to learn which layers are quantized,

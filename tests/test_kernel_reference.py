@@ -172,16 +172,21 @@ def test_build_needs_cutlass_headers_and_says_where_to_get_them(monkeypatch):
 def test_auto_kernel_choice():
     from ostquant_vllm.kernels import _auto_force
     assert _auto_force(16, 57344, 8192) == 0
-    assert _auto_force(2048, 4096, 4096) == 6
-    assert _auto_force(2048, 4096, 14336) == 26 and _auto_force(2048, 8192, 28672) == 26
-    assert _auto_force(8192, 28672, 4096) == 6 and _auto_force(8192, 8192, 8192) == 6
+    # above 256 tokens CUTLASS's mainloop (kind 40, kernels_h100_largem.json), but 26 at K >= 28672 (70B down)
+    assert _auto_force(2048, 4096, 4096) == 40 and _auto_force(8192, 4096, 14336) == 40
+    assert _auto_force(2048, 8192, 28672) == 26 and _auto_force(8192, 8192, 28672) == 26
+    # fp16 output or fp16 weight scales (kind 40 takes neither): the pipelined wgmma, 26 from K = 14336
+    assert _auto_force(2048, 4096, 4096, cutlass=False) == 6 and _auto_force(2048, 4096, 14336, cutlass=False) == 26
+    assert _auto_force(8192, 28672, 4096, cutlass=False) == 6
     # batches of 17-256 tokens (kernels_h100_midm.json): the decode kernel with R weight blocks
     assert _auto_force(32, 4096, 14336) == 9 and _auto_force(32, 28672, 4096) == 25
     assert _auto_force(128, 4096, 14336) == 11
     assert _auto_force(64, 6144, 4096) == 35 and _auto_force(96, 6144, 4096) == 22  # 8B qkv
-    assert _auto_force(64, 28672, 4096) == 22 and _auto_force(65, 28672, 4096) == 5  # wide layers: wgmma
-    assert _auto_force(256, 4096, 14336) == 12 and _auto_force(256, 4096, 4096) == 12
-    assert _auto_force(256, 6144, 4096) == 5
+    assert _auto_force(64, 28672, 4096) == 22 and _auto_force(65, 28672, 4096) == 40  # wide layers: kind 40
+    assert _auto_force(65, 28672, 4096, cutlass=False) == 5
+    assert _auto_force(129, 4096, 14336) == 40 and _auto_force(256, 6144, 4096) == 40  # 129-256: kind 40
+    assert _auto_force(256, 4096, 14336, cutlass=False) == 12 and _auto_force(256, 6144, 4096, cutlass=False) == 5
+    assert _auto_force(256, 4080, 4096) == 12  # N % 128: not kind 40's tiles
     assert _auto_force(64, 576, 576) == 11  # the decode kernels need K % 64 only
     assert _auto_force(512, 576, 576) == -1  # K % 128 at large M: the library's mma tiles
 

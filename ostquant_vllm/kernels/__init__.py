@@ -231,6 +231,11 @@ def _gemm_kernel_ok(a_q: torch.Tensor, w: torch.Tensor, out_dtype: torch.dtype) 
 #   M > 256, K % 128 == 0: the pipelined wgmma: 26 (128 x 256 tiles) for K >= 14336 (the down
 #     projections: 8B M = 8192 835 against kind 6's 986 us, 70B 3350 against kind 3's 3752), else 6
 #     (128 x 128 tiles: 3-5 % ahead of 5 summed over the layers; 26 loses at K = 4096), session 11
+#   CUTLASS's mixed-input mainloop on our layout (kind 40; bf16 out, fp32 weight scales, N and K % 128 == 0;
+#     session 19, kernels_h100_largem.json) replaces 5 and 12 above 64 tokens and 6 and 26 above 256, except 26 at
+#     K >= 28672 (70B down: 4329 against 3328 us at M = 8192, a tie at 2048). At M = 256 it is 1.2-2.5x the
+#     kinds it replaces on every 8B and 70B layer (8B: 14.5 / 14.2 / 51.3 / 40.1 us against 24.5 / 18.8 / 73.2 /
+#     49.8), at 8192 1.15-1.47x on the others, at 2048 0.98-1.16x; end to end, batch 256 decodes 18 % faster.
 #   otherwise: -1, the library's own choice (mma.sync tiles)
 SMALL_M_SPLITK_BYTES = 32 << 20
 WIDE_N = 16384
@@ -260,9 +265,10 @@ def _kind_map(spec: str) -> dict:
     return out
 
 
-def _auto_force(m: int, n: int, k: int, device: torch.device | None = None) -> int:
+def _auto_force(m: int, n: int, k: int, device: torch.device | None = None, cutlass: bool = True) -> int:
     """OSTQUANT_GEMM_KIND, else _auto_kind for the SMs of `device` (default: the current CUDA device, if
-    any), remapped by OSTQUANT_KIND_MAP."""
+    any), remapped by OSTQUANT_KIND_MAP. cutlass=False: the output or the weight scales are fp16, which
+    kind 40 does not take."""
     env = os.environ.get("OSTQUANT_GEMM_KIND")
     if env:
         return int(env)
@@ -270,13 +276,14 @@ def _auto_force(m: int, n: int, k: int, device: torch.device | None = None) -> i
         index = device.index
     else:
         index = torch.cuda.current_device() if torch.cuda.is_available() else None
-    kind = _auto_kind(m, n, k, 132 if index is None else _num_sms(index))
+    kind = _auto_kind(m, n, k, 132 if index is None else _num_sms(index), cutlass)
     remap = _kind_map(os.environ.get("OSTQUANT_KIND_MAP", ""))
     return remap.get((kind, (n, k)), remap.get((kind, None), kind))
 
 
-def _auto_kind(m: int, n: int, k: int, sms: int = 132) -> int:
+def _auto_kind(m: int, n: int, k: int, sms: int = 132, cutlass: bool = True) -> int:
     narrow = n <= 4096 and k >= 4096  # where the decode kernels gain from 8 warps (session 14)
+    cutlass = cutlass and n % 128 == 0 and k % 128 == 0  # kind 40's tiles (the GPU tests cover these shapes)
     if m <= 8:
         return 7 + (EIGHT_WARPS if k >= 4096 else 0)
     if m <= 16:
@@ -291,20 +298,24 @@ def _auto_kind(m: int, n: int, k: int, sms: int = 132) -> int:
             return 9
         if m <= 128:
             if wide:
-                return 5
+                return 40 if cutlass else 5
             if m > 64 and n >= 6144 and k % 128 == 0:
                 return 22
             halves = (m + 31) // 32  # 32-token CTA rows
             if 32 < m <= 64 and k >= 4096 and -(-n // 96) * halves <= sms < -(-n // 64) * halves:
                 return 35  # one wave with 6 weight blocks a warp where 4 need more (session 15)
             return 11 + (EIGHT_WARPS if narrow and m <= 64 else 0)
+        if cutlass:
+            return 40
         if not wide and (n <= 4096 or k >= 8192):
             return 12
         if k % 128 == 0:
             return 5
         return 12
-    if k % 128 == 0:  # H100, session 11 (kernels_h100_largem.json)
-        return 26 if k >= 14336 else 6
+    if k % 128 == 0:  # H100, sessions 11 and 19 (kernels_h100_largem.json)
+        if k >= 28672:
+            return 26
+        return 40 if cutlass else 26 if k >= 14336 else 6
     return -1
 
 
@@ -315,15 +326,18 @@ def _gemm_cuda(a_q, a_scale, a_zero, w, w_scale, w_sum, out_dtype, force=None, o
     wgmma, 13/14 wgmma with 64/32-token tiles, K split over a thread-block cluster, 15/16 the same with 256
     weight rows a CTA, 22-25 = 13-16 pipelined as 6, 26 pipelined with 128-token x 256-row tiles, 27-32 =
     7-12 with 8 warps a CTA, 33/34 = 12/32 with K split over a cluster of 2 CTAs, 35/36 = 31/11 with 6 weight blocks
-    a warp, 37 = 6 with K split over a cluster, 40 CUTLASS's mixed-input mainloop: bf16 out, fp32 w_scale,
-    K % 128 == 0). `out` (tests): [M, N]."""
+    a warp, 40 CUTLASS's mixed-input mainloop: bf16 out, fp32 w_scale, K % 128 == 0). `out` (tests): [M, N]."""
     n, k = weight_shape(w)
     a2 = a_q.reshape(-1, k).contiguous()
     if a2.data_ptr() % 16:  # 16-B cp.async
         a2 = a2.clone()
     m = a2.shape[0]
+    ws = w_scale.reshape(-1)
+    if ws.dtype not in (torch.float32, torch.float16):
+        ws = ws.float()
+    ws = ws.contiguous()
     if force is None:
-        force = _auto_force(m, n, k, a_q.device)
+        force = _auto_force(m, n, k, a_q.device, out_dtype == torch.bfloat16 and ws.dtype == torch.float32)
     if out is None:
         out = torch.empty((m, n), dtype=out_dtype, device=a_q.device)
     if m == 0:
@@ -331,10 +345,6 @@ def _gemm_cuda(a_q, a_scale, a_zero, w, w_scale, w_sum, out_dtype, force=None, o
     lib = _lib.load()
     as_ = a_scale.reshape(-1).to(torch.float32).contiguous()
     az = a_zero.reshape(-1).to(torch.float32).contiguous()
-    ws = w_scale.reshape(-1)
-    if ws.dtype not in (torch.float32, torch.float16):
-        ws = ws.float()
-    ws = ws.contiguous()
     wsum = w_sum.reshape(-1)
     if wsum.dtype != torch.int32:
         wsum = wsum.round().to(torch.int32) if wsum.is_floating_point() else wsum.to(torch.int32)

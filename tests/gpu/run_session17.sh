@@ -3,14 +3,16 @@
 # ostquant_vllm/kernels/_build (later calls find it there); the vLLM bundle's 4 calls (../shared/gpu, each
 # carrying one chunk) go between PART=kern and the vLLM parts. Session 17 ran PART=kern, the bundle's 4 calls,
 # PART=vllmk (both models), PART=profile with PROFILE_BATCH=256 PROFILE_CONFIGS=ostquant_w4a4kv4,fp8, then PART=e2e.
-# Next (the decode/split-K mma loaders without per-stage address arithmetic, kinds 37 and 40, not yet run on a GPU):
-# PART=kern, PART=largem, the bundle's 4 calls, PART=e2e.
+# Session 19 ran PART=verify, the bundle's 4 calls, PART=e2e with E2E_ENV="OSTQUANT_KIND_MAP=5:40,12:40,6:40,26:40",
+# PART=tuned (TAG=base, E2E_ENV=OSTQUANT_PDL=0: the dispatch of the time), PART=profile, PART=tuned (k40, base2).
+# Next (session 19's library: session 16's decode loader back, kind 40 in the dispatch, its tile-order setting;
+# not yet run on a GPU): PART=kern with SKIP_NCU=1, then PART=sched.
 #   PART=kern  every GPU kernel test (tests/gpu/test_kernels.py, test_kv4_kernels.py), the dispatch's GEMM rows at
 #              1, 16, 64 and 256 tokens on the 8B and 70B layers ($OUT/kernels_dispatch.json: compare with the
 #              ostquant rows of results/kernels_h100_vllm.json), the int8 mma.sync rate (benchmarks/mma_probe.py
 #              -> $OUT/mma_probe.json), then Nsight Compute with the sections' bodies on the batch-64 down GEMM
 #              (benchmarks/gpu_ncu.sh; $OUT/ncu_*.txt; SKIP_NCU=1 leaves it out)
-#   PART=largem the 8B and 70B GEMM rows at 256, 2048 and 8192 tokens with the wgmma alternates (kinds 3, 5, 6, 26, 37
+#   PART=largem the 8B and 70B GEMM rows at 256, 2048 and 8192 tokens with the wgmma alternates (kinds 3, 5, 6, 26
 #              and 40, CUTLASS's mainloop on our layout; $OUT/kernels_largem.json)
 #   PART=vllmk the mixed-batch KV4 tests with vLLM's FlashAttention, then benchmarks/kernels.py --vllm: ours
 #              against torch bf16 / fp8 / int8 and vLLM's CUTLASS W8A8-int8, Machete W4A16 and CUTLASS W4A8
@@ -21,6 +23,13 @@
 #              steps and the prefill apart (into /tmp/e2e_vllm.json's profiles); PROFILE_CONFIGS adds others
 #   PART=tuned ostquant W4A4KV4 again under the settings in $E2E_ENV into $OUT/e2e_vllm_$TAG.json, e.g.
 #              E2E_ENV="OSTQUANT_KIND_MAP=35:11" TAG=t1 PART=tuned bash tests/gpu/run_session17.sh
+#   PART=verify every GPU kernel test; kind 40 (session 19: and kind 37, removed since) beside the dispatch at
+#              256, 2048 and 8192 tokens ($OUT/kernels_largem.json); then the dispatch rows at 1, 16 and 64 tokens
+#              with session 16's loaders (the library at $OLD_LIB, built from csrc with the two loader hunks of
+#              53def2a/91ee1dc reverted) and the current ones in turn, twice ($OUT/kernels_loaders_{old,new}{1,2}.json)
+#   PART=sched kind 40 at 2048 and 8192 tokens on the 8B layers under each tile order of CUTLASS's scheduler
+#              (OSTQUANT_CUTLASS_RASTER / _SWIZZLE; $OUT/kernels_sched.json, one run a setting), then Nsight
+#              Compute on kind 40 (8B o at 2048 and 8192 tokens, gate_up at 8192; SKIP_NCU=1 leaves it out)
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 export OUT=${OUT:-/tmp/ostq_out}; mkdir -p "$OUT"
@@ -35,10 +44,45 @@ kern)
   timeout 120 python3 benchmarks/mma_probe.py --out "$OUT/mma_probe.json" 2>&1 | tail -20
   [ -n "${SKIP_NCU:-}" ] || NCU_DETAILS=1 timeout 200 bash benchmarks/gpu_ncu.sh gemm31_down_m64 2>&1 | tail -20
   ;;
+verify)
+  . tests/gpu/env.sh
+  nvidia-smi --query-gpu=name,driver_version,clocks.sm --format=csv,noheader
+  ids() { for kn in 576-960 576-1008 4096-6144 14336-4096; do echo "tests/gpu/test_kernels.py::test_int4_gemm_each_kernel[$kn-$1]"; done; }
+  # kind 40 in a process of its own (session 19: its first run): a fault there would end every later test
+  timeout 300 python3 -m pytest -q -p no:cacheprovider --tb=short -rf tests/gpu/test_kernels.py \
+    tests/gpu/test_kv4_kernels.py $(ids 40 | sed 's/^/--deselect /') 2>&1 \
+    | tee "$OUT/tests_kernels.log" | tail -4
+  skip=$(seq -s, 0 36)
+  for f in 40; do
+    timeout 90 python3 -m pytest -q -p no:cacheprovider --tb=short -rf $(ids $f) 2>&1 | tee -a "$OUT/tests_kernels.log" \
+      | tail -4 || skip=$skip,$f
+  done
+  OSTQUANT_BENCH_SKIP_KINDS=$skip timeout 240 python3 benchmarks/kernels.py --skip-quant --ms 256,2048,8192 \
+    --out "$OUT/kernels_largem.json" 2>&1 | grep -E "ostquant_w4a4 |cutlass40|failed" | tail -72
+  for i in 1 2; do
+    for v in old new; do
+      lib=ostquant_vllm/kernels/_build/libostquant_kernels.so; [ $v = old ] && lib=${OLD_LIB:?}
+      OSTQUANT_KERNELS_LIB=$lib OSTQUANT_BENCH_SKIP_KINDS=$(seq -s, 0 40) timeout 60 python3 benchmarks/kernels.py \
+        --skip-quant --ms 1,16,64 --out "$OUT/kernels_loaders_$v$i.json" 2>&1 | grep -E "failed|rror" | tail -3
+    done
+  done
+  ;;
+sched)
+  . tests/gpu/env.sh
+  for rs in 0:1 1:1 2:1 1:4 2:4 1:8 2:8; do
+    OSTQUANT_CUTLASS_RASTER=${rs%:*} OSTQUANT_CUTLASS_SWIZZLE=${rs#*:} OSTQUANT_BENCH_SKIP_KINDS=$(seq -s, 0 36) \
+      timeout 100 python3 benchmarks/kernels.py --skip-quant --models llama3-8b --ms 2048,8192 \
+      --out "/tmp/sched_$rs.json" 2>&1 | grep -E "cutlass40|failed"
+  done
+  python3 -c "import glob, json, sys; json.dump([json.load(open(f)) for f in sorted(glob.glob('/tmp/sched_*.json'))],
+    open(sys.argv[1], 'w'))" "$OUT/kernels_sched.json"
+  [ -n "${SKIP_NCU:-}" ] || NCU_DETAILS=1 timeout 330 bash benchmarks/gpu_ncu.sh gemm40_o_m2048 gemm40_o_m8192 \
+    gemm40_gate_up_m8192 2>&1 | tail -40
+  ;;
 largem)
   . tests/gpu/env.sh
   OSTQUANT_BENCH_SKIP_KINDS=$(seq -s, 7 25),$(seq -s, 27 36) timeout 560 python3 benchmarks/kernels.py --skip-quant --ms 256,2048,8192 \
-    --out "$OUT/kernels_largem.json" 2>&1 | grep -E "ostquant_w4a4 |wg6|wp26|wp37|cutlass40|torch_fp8|failed" | tail -60
+    --out "$OUT/kernels_largem.json" 2>&1 | grep -E "ostquant_w4a4 |wg6|wp26|cutlass40|torch_fp8|failed" | tail -60
   ;;
 vllmk)
   . benchmarks/gpu_vllm_env.sh || exit 1
