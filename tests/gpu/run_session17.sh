@@ -6,7 +6,7 @@
 # Session 19 ran PART=verify, the bundle's 4 calls, PART=e2e with E2E_ENV="OSTQUANT_KIND_MAP=5:40,12:40,6:40,26:40",
 # PART=tuned (TAG=base, E2E_ENV=OSTQUANT_PDL=0: the dispatch of the time), PART=profile, PART=tuned (k40, base2).
 # Next (session 19's library: session 16's decode loader back, kind 40 in the dispatch, its tile-order setting;
-# not yet run on a GPU): PART=kern with SKIP_NCU=1, then PART=sched.
+# not yet run on a GPU): PART=kern with SKIP_NCU=1, PART=sched, the bundle's 4 calls, PART=e2e (kind 40 by default).
 #   PART=kern  every GPU kernel test (tests/gpu/test_kernels.py, test_kv4_kernels.py), the dispatch's GEMM rows at
 #              1, 16, 64 and 256 tokens on the 8B and 70B layers ($OUT/kernels_dispatch.json: compare with the
 #              ostquant rows of results/kernels_h100_vllm.json), the int8 mma.sync rate (benchmarks/mma_probe.py
