@@ -309,7 +309,10 @@ def kernels_decode_table(path: str) -> str:
     return "\n".join(out)
 
 
-LARGEM_KINDS = {3: "wg3", 5: "wg5", 6: "wg6", 21: "ws21", 26: "wp26_n256", 37: "wp37_cl", 40: "cutlass40"}
+# kind: (benchmarks/kernels.py's row tag, column label)
+LARGEM_KINDS = {3: ("wg3", "kind 3"), 5: ("wg5", "kind 5"), 6: ("wg6", "kind 6 (pipelined)"),
+                21: ("ws21", "kind 21 (warp-specialized)"), 26: ("wp26_n256", "kind 26 (6 with 256 rows)"),
+                37: ("wp37_cl", "kind 37 (6, K over a cluster)"), 40: ("cutlass40", "kind 40 (CUTLASS mainloop)")}
 
 
 def kernels_largem_table(path: str) -> str:
@@ -322,13 +325,9 @@ def kernels_largem_table(path: str) -> str:
     for r in d["rows"]:
         if r.get("kind", "gemm") == "gemm" and r["M"] >= 256:
             by.setdefault((r["model"], r["layer"], r["N"], r["K"], r["M"]), {})[r["kernel"]] = r
-    cols = [("ostquant_w4a4", "ours W4A4 (dispatch of the run)"), ("ostquant_w4a4_force_wg3", "kind 3"),
-            ("ostquant_w4a4_force_wg5", "kind 5"), ("ostquant_w4a4_force_wg6", "kind 6 (pipelined)"),
-            ("ostquant_w4a4_force_ws21", "kind 21 (warp-specialized)"),
-            ("ostquant_w4a4_force_wp26_n256", "kind 26 (6 with 256 rows)"),
-            ("ostquant_w4a4_force_wp37_cl", "kind 37 (6, K over a cluster)"),
-            ("ostquant_w4a4_force_cutlass40", "kind 40 (CUTLASS mainloop)"),
-            ("torch_bf16", "torch bf16"), ("torch_fp8", "torch fp8"), ("torch_int8", "torch int8")]
+    cols = ([("ostquant_w4a4", "ours W4A4 (dispatch of the run)")]
+            + [(f"ostquant_w4a4_force_{tag}", label) for tag, label in LARGEM_KINDS.values()]
+            + [("torch_bf16", "torch bf16"), ("torch_fp8", "torch fp8"), ("torch_int8", "torch int8")])
     cols = [c for c in cols if any(c[0] in ks for ks in by.values())]  # the kernels this run timed
 
     def now_us(ks, M, N, K):  # the current dispatch's kind, if this run timed it
@@ -336,7 +335,7 @@ def kernels_largem_table(path: str) -> str:
         run = ks.get("ostquant_w4a4", {})
         if run.get("auto_kind") == kind:
             return kind, run["us"]
-        r = ks.get(f"ostquant_w4a4_force_{LARGEM_KINDS.get(kind)}")
+        r = ks.get(f"ostquant_w4a4_force_{LARGEM_KINDS.get(kind, ('',))[0]}")
         return kind, r["us"] if r else float("nan")
 
     out = [f"**Large-M GEMM µs, {d['gpu']}** ({os.path.basename(path)}; the dispatch now: the kind the current code "

@@ -3,8 +3,10 @@
 # ostquant_vllm/kernels/_build (later calls find it there); the vLLM bundle's 4 calls (../shared/gpu, each
 # carrying one chunk) go between PART=kern and the vLLM parts. Session 17 ran PART=kern, the bundle's 4 calls,
 # PART=vllmk (both models), PART=profile with PROFILE_BATCH=256 PROFILE_CONFIGS=ostquant_w4a4kv4,fp8, then PART=e2e.
-# Session 19 ran PART=verify, the bundle's 4 calls, PART=e2e with E2E_ENV="OSTQUANT_KIND_MAP=5:40,12:40,6:40,26:40",
-# PART=tuned (TAG=base, E2E_ENV=OSTQUANT_PDL=0: the dispatch of the time), PART=profile, PART=tuned (k40, base2).
+# Session 19 ran PART=verify (in commit bbce8f0, removed since: PART=kern's tests with kinds 37 and 40 in processes
+# of their own, PART=largem's rows, the loaders' A/B against a library built with session 16's loaders), the
+# bundle's 4 calls, PART=e2e with E2E_ENV="OSTQUANT_KIND_MAP=5:40,12:40,6:40,26:40", PART=tuned (TAG=base,
+# E2E_ENV=OSTQUANT_PDL=0: the dispatch of the time), PART=profile, PART=tuned (k40, base2).
 # Next (session 19's library: session 16's decode loader back, kind 40 in the dispatch, its tile-order setting;
 # not yet run on a GPU): PART=kern with SKIP_NCU=1, PART=sched, the bundle's 4 calls, PART=e2e (kind 40 by default).
 #   PART=kern  every GPU kernel test (tests/gpu/test_kernels.py, test_kv4_kernels.py), the dispatch's GEMM rows at
@@ -23,10 +25,6 @@
 #              steps and the prefill apart (into /tmp/e2e_vllm.json's profiles); PROFILE_CONFIGS adds others
 #   PART=tuned ostquant W4A4KV4 again under the settings in $E2E_ENV into $OUT/e2e_vllm_$TAG.json, e.g.
 #              E2E_ENV="OSTQUANT_KIND_MAP=35:11" TAG=t1 PART=tuned bash tests/gpu/run_session17.sh
-#   PART=verify every GPU kernel test; kind 40 (session 19: and kind 37, removed since) beside the dispatch at
-#              256, 2048 and 8192 tokens ($OUT/kernels_largem.json); then the dispatch rows at 1, 16 and 64 tokens
-#              with session 16's loaders (the library at $OLD_LIB, built from csrc with the two loader hunks of
-#              53def2a/91ee1dc reverted) and the current ones in turn, twice ($OUT/kernels_loaders_{old,new}{1,2}.json)
 #   PART=sched kind 40 at 2048 and 8192 tokens on the 8B layers under each tile order of CUTLASS's scheduler
 #              (OSTQUANT_CUTLASS_RASTER / _SWIZZLE; $OUT/kernels_sched.json, one run a setting), then Nsight
 #              Compute on kind 40 (8B o at 2048 and 8192 tokens, gate_up at 8192; SKIP_NCU=1 leaves it out)
@@ -43,29 +41,6 @@ kern)
     --out "$OUT/kernels_dispatch.json" 2>&1 | grep -E "ostquant_w4a4 |failed" | tail -40
   timeout 120 python3 benchmarks/mma_probe.py --out "$OUT/mma_probe.json" 2>&1 | tail -20
   [ -n "${SKIP_NCU:-}" ] || NCU_DETAILS=1 timeout 200 bash benchmarks/gpu_ncu.sh gemm31_down_m64 2>&1 | tail -20
-  ;;
-verify)
-  . tests/gpu/env.sh
-  nvidia-smi --query-gpu=name,driver_version,clocks.sm --format=csv,noheader
-  ids() { for kn in 576-960 576-1008 4096-6144 14336-4096; do echo "tests/gpu/test_kernels.py::test_int4_gemm_each_kernel[$kn-$1]"; done; }
-  # kind 40 in a process of its own (session 19: its first run): a fault there would end every later test
-  timeout 300 python3 -m pytest -q -p no:cacheprovider --tb=short -rf tests/gpu/test_kernels.py \
-    tests/gpu/test_kv4_kernels.py $(ids 40 | sed 's/^/--deselect /') 2>&1 \
-    | tee "$OUT/tests_kernels.log" | tail -4
-  skip=$(seq -s, 0 36)
-  for f in 40; do
-    timeout 90 python3 -m pytest -q -p no:cacheprovider --tb=short -rf $(ids $f) 2>&1 | tee -a "$OUT/tests_kernels.log" \
-      | tail -4 || skip=$skip,$f
-  done
-  OSTQUANT_BENCH_SKIP_KINDS=$skip timeout 240 python3 benchmarks/kernels.py --skip-quant --ms 256,2048,8192 \
-    --out "$OUT/kernels_largem.json" 2>&1 | grep -E "ostquant_w4a4 |cutlass40|failed" | tail -72
-  for i in 1 2; do
-    for v in old new; do
-      lib=ostquant_vllm/kernels/_build/libostquant_kernels.so; [ $v = old ] && lib=${OLD_LIB:?}
-      OSTQUANT_KERNELS_LIB=$lib OSTQUANT_BENCH_SKIP_KINDS=$(seq -s, 0 40) timeout 60 python3 benchmarks/kernels.py \
-        --skip-quant --ms 1,16,64 --out "$OUT/kernels_loaders_$v$i.json" 2>&1 | grep -E "failed|rror" | tail -3
-    done
-  done
   ;;
 sched)
   . tests/gpu/env.sh
