@@ -198,7 +198,8 @@ def gemm_rows(model, layer, K, N, gen, rows, quick, ms=None, with_vllm=False):
             if bits == 4:  # the other kernel choices, for the notes and the dispatch
                 if M <= 16:
                     alts = ((4 if M <= 8 else 0, "splitk_mma"), (7 if M <= 8 else 8, "dec"),
-                            (27 if M <= 8 else 28, "dec8w"))  # 8 warps a CTA
+                            (27 if M <= 8 else 28, "dec8w"),  # 8 warps a CTA
+                            (43, "cutlass43_sk32"), (41, "cutlass41_sk64"))  # CUTLASS, stream-K
                 elif M <= 256:  # the decode kernel with R weight blocks a warp (kinds 9-12) vs wgmma
                     alts = ((3, "wg3"), (5, "wg5"), (9, "dec_r2t32"), (10, "dec_r2t64"), (11, "dec_r4t32"),
                             (12, "dec_r4t64"), (13, "wg13_t64"), (14, "wg14_t32"), (15, "wg15_t64_n256"),
@@ -207,10 +208,12 @@ def gemm_rows(model, layer, K, N, gen, rows, quick, ms=None, with_vllm=False):
                             (31, "dec8w_r4t32"), (32, "dec8w_r4t64"),  # 29-32: 9-12 with 8 warps a CTA
                             (33, "dec_r4t64_cl2"), (34, "dec8w_r4t64_cl2"),  # 12 / 32, K over 2 CTAs
                             (35, "dec8w_r6t32"), (36, "dec_r6t32"),  # 31 / 11 with 6 weight blocks a warp
-                            (6, "wg6"), (40, "cutlass40"))  # 40: CUTLASS's mixed-input mainloop on our layout
+                            (6, "wg6"), (40, "cutlass40"),  # 40: CUTLASS's mixed-input mainloop on our layout
+                            (41, "cutlass41_sk64"), (42, "cutlass42_sk128"), (43, "cutlass43_sk32"))  # stream-K
                 else:  # 6: the pipelined wgmma (a commit group a k32 slice, the next one widened under it),
                     # 26: the same with 128 x 256 tiles (L2-bound at 128 x 128: session 11's Nsight Compute)
-                    alts = ((3, "wg3"), (5, "wg5"), (6, "wg6"), (26, "wp26_n256"), (40, "cutlass40"))
+                    alts = ((3, "wg3"), (5, "wg5"), (6, "wg6"), (26, "wp26_n256"), (40, "cutlass40"),
+                            (42, "cutlass42_sk128"))
                 for force, tag in alts:
                     if force in SKIP_KINDS:
                         continue

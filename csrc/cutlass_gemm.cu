@@ -4,6 +4,8 @@
 // where our own wgmma kinds 6/26 run ~950 (benchmarks/results/kernels_h100_vllm.json). Headers: the nvidia-cutlass
 // wheel (build.py finds them). bf16 output, fp32 weight scales, K % 128 == 0; anything else: cudaErrorNotSupported.
 #include <cuda_runtime.h>
+
+#include <type_traits>
 #include "cutlass/cutlass.h"
 #include "cutlass/numeric_conversion.h"
 
@@ -46,7 +48,6 @@ using ElementB = int8_t;                       // activations [M_tok, K], K-majo
 using LayoutB = cutlass::layout::ColumnMajor;
 using ElementD = cutlass::bfloat16_t;
 using LayoutD = cutlass::layout::ColumnMajor;  // D[n_out, m_tok] column-major = out[m_tok][n_out]
-using TileShape = Shape<_128, _128, _128>;
 using ClusterShape = Shape<_1, _1, _1>;
 
 // Epilogue (visitor tree), in CUTLASS's view: rows = output channels n, columns = tokens m:
@@ -62,42 +63,55 @@ struct ShiftRight4 {
 };
 namespace fus = cutlass::epilogue::fusion;
 using RN = cutlass::FloatRoundStyle;
-using WSum = fus::Sm90ColBroadcast<0, TileShape, int32_t, int32_t, Stride<_1, _0, int64_t>, 4>;
-using WScale = fus::Sm90ColBroadcast<0, TileShape, float, float, Stride<_1, _0, int64_t>, 4>;
-using AZero = fus::Sm90RowBroadcast<0, TileShape, float, int32_t, Stride<_0, _1, int64_t>, 1>;
-using AScale = fus::Sm90RowBroadcast<0, TileShape, float, float, Stride<_0, _1, int64_t>, 1>;
-using Acc16 = fus::Sm90EVT<fus::Sm90Compute<ShiftRight4, int32_t, int32_t, RN::round_to_nearest>, fus::Sm90AccFetch>;
-using ZW = fus::Sm90EVT<fus::Sm90Compute<cutlass::multiplies, int32_t, int32_t, RN::round_to_nearest>, AZero, WSum>;
-using V = fus::Sm90EVT<fus::Sm90Compute<cutlass::minus, float, int32_t, RN::round_to_nearest>, Acc16, ZW>;
-using S = fus::Sm90EVT<fus::Sm90Compute<cutlass::multiplies, float, float, RN::round_to_nearest>, AScale, WScale>;
-using Out = fus::Sm90EVT<fus::Sm90Compute<cutlass::multiplies, ElementD, float, RN::round_to_nearest>, S, V>;
 
-using CollectiveEpilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
-    cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape, ClusterShape,
-    cutlass::epilogue::collective::EpilogueTileAuto, int32_t, float, void, LayoutD, 8, ElementD, LayoutD, 8,
-    cutlass::epilogue::TmaWarpSpecializedCooperative, Out>::CollectiveOp;
+// One GEMM type a tile shape (weight rows x tokens x k) and tile scheduler: kind 40 persistent data-parallel
+// 128 x 128 x 128 (or 128 x 256 x 128, a measurement setting); kinds 41-43 stream-K (K split over the CTAs
+// so that a few output tiles still fill the 132 SMs: decode batches) with 64, 128 and 32 tokens a tile.
+template <class TileShape, class Scheduler_ = void>
+struct Kind40 {
+  using Scheduler = Scheduler_;
+  using WSum = fus::Sm90ColBroadcast<0, TileShape, int32_t, int32_t, Stride<_1, _0, int64_t>, 4>;
+  using WScale = fus::Sm90ColBroadcast<0, TileShape, float, float, Stride<_1, _0, int64_t>, 4>;
+  using AZero = fus::Sm90RowBroadcast<0, TileShape, float, int32_t, Stride<_0, _1, int64_t>, 1>;
+  using AScale = fus::Sm90RowBroadcast<0, TileShape, float, float, Stride<_0, _1, int64_t>, 1>;
+  using Acc16 = fus::Sm90EVT<fus::Sm90Compute<ShiftRight4, int32_t, int32_t, RN::round_to_nearest>, fus::Sm90AccFetch>;
+  using ZW = fus::Sm90EVT<fus::Sm90Compute<cutlass::multiplies, int32_t, int32_t, RN::round_to_nearest>, AZero, WSum>;
+  using V = fus::Sm90EVT<fus::Sm90Compute<cutlass::minus, float, int32_t, RN::round_to_nearest>, Acc16, ZW>;
+  using S = fus::Sm90EVT<fus::Sm90Compute<cutlass::multiplies, float, float, RN::round_to_nearest>, AScale, WScale>;
+  using Out = fus::Sm90EVT<fus::Sm90Compute<cutlass::multiplies, ElementD, float, RN::round_to_nearest>, S, V>;
 
-using CollectiveMainloop = typename cutlass::gemm::collective::CollectiveBuilder<
-    cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, ElementA, LayoutA, 32, ElementB, LayoutB, 16, int32_t,
-    TileShape, ClusterShape,
-    cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(sizeof(typename CollectiveEpilogue::SharedStorage))>,
-    cutlass::gemm::KernelTmaWarpSpecializedCooperative>::CollectiveOp;
+  using CollectiveEpilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape, ClusterShape,
+      cutlass::epilogue::collective::EpilogueTileAuto, int32_t, float, void, LayoutD, 8, ElementD, LayoutD, 8,
+      cutlass::epilogue::TmaWarpSpecializedCooperative, Out>::CollectiveOp;
 
-using GemmKernel = cutlass::gemm::kernel::GemmUniversal<Shape<int, int, int, int>, CollectiveMainloop, CollectiveEpilogue>;
-using Gemm = cutlass::gemm::device::GemmUniversalAdapter<GemmKernel>;
+  using CollectiveMainloop = typename cutlass::gemm::collective::CollectiveBuilder<
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, ElementA, LayoutA, 32, ElementB, LayoutB, 16, int32_t,
+      TileShape, ClusterShape,
+      cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(sizeof(typename CollectiveEpilogue::SharedStorage))>,
+      cutlass::gemm::KernelTmaWarpSpecializedCooperative>::CollectiveOp;
 
-// The persistent tile scheduler's order (a measurement setting, OSTQUANT_CUTLASS_RASTER / _SWIZZLE in Python):
-// raster 0 CUTLASS's heuristic (along the longer tile count), 1 along the weight rows, 2 along the tokens;
-// swizzle 1, 2, 4 or 8 tiles of the other dimension together (L2 reuse, session 19's open question).
-static int g_raster = 0, g_swizzle = 1;
-extern "C" void ostq_cutlass_set_sched(int raster, int swizzle) {
+  using GemmKernel = cutlass::gemm::kernel::GemmUniversal<Shape<int, int, int, int>, CollectiveMainloop,
+                                                          CollectiveEpilogue, Scheduler_>;
+  using Gemm = cutlass::gemm::device::GemmUniversalAdapter<GemmKernel>;
+};
+
+// Measurement settings (Python: OSTQUANT_CUTLASS_RASTER / _SWIZZLE / _TILE). The persistent tile scheduler's order:
+// raster 0 CUTLASS's heuristic (along the longer tile count), 1 along the weight rows, 2 along the tokens; swizzle
+// 1, 2, 4 or 8 tiles of the other dimension together (L2 reuse, session 19's open question). Tile 0: 128 x 128 x
+// 128, 1: 128 x 256 x 128.
+static int g_raster = 0, g_swizzle = 1, g_tile = 0;
+extern "C" void ostq_cutlass_set_sched(int raster, int swizzle, int tile) {
   g_raster = raster >= 0 && raster <= 2 ? raster : 0;
   g_swizzle = swizzle == 2 || swizzle == 4 || swizzle == 8 ? swizzle : 1;
+  g_tile = tile == 1 ? 1 : 0;
 }
 
-extern "C" int ostq_cutlass_gemm(const void* w, const void* a, void* d, int M, int N, int K, const float* a_scale,
-                                 const float* a_zero, const float* w_scale, const int* w_sum, void* stream) {
-  if (N % 16 || K % 128) return (int)cudaErrorNotSupported;
+template <class K40>
+static typename K40::Gemm::Arguments make_args(const void* w, const void* a, void* d, int M, int N, int K,
+                                               const float* a_scale, const float* a_zero, const float* w_scale,
+                                               const int* w_sum) {
+  using GemmKernel = typename K40::GemmKernel;
   // CUTLASS's GEMM: rows = our N (weights, A), columns = our M (tokens, B), D column-major = out[M][N] row-major
   LayoutA la = make_layout(make_shape(make_shape(_8{}, _2{}, N / 16), make_shape(_4{}, _4{}, _2{}, _2{}, K / 64), 1),
                            make_stride(make_stride(_128{}, _4{}, (int64_t)K * 16),
@@ -106,21 +120,72 @@ extern "C" int ostq_cutlass_gemm(const void* w, const void* a, void* d, int M, i
   using StrideD = typename GemmKernel::StrideD;
   StrideB sb = cutlass::make_cute_packed_stride(StrideB{}, make_shape(M, K, 1));
   StrideD sd = cutlass::make_cute_packed_stride(StrideD{}, make_shape(N, M, 1));
-  typename Out::Arguments evt{{{a_scale, 0.f, {}}, {w_scale, 0.f, {}}, {}},                // as * ws
-                              {{{}, {}}, {{a_zero, 0.f, {}}, {w_sum, 0, {}}, {}}, {}},   // (acc >> 4) - az * wsum
-                              {}};
-  typename Gemm::Arguments args{cutlass::gemm::GemmUniversalMode::kGemm,
-                                {N, M, K, 1},
-                                {static_cast<const ElementA*>(w), la, static_cast<const ElementB*>(a), sb},
-                                {evt, nullptr, sd, static_cast<ElementD*>(d), sd}};
+  typename K40::Out::Arguments evt{{{a_scale, 0.f, {}}, {w_scale, 0.f, {}}, {}},                // as * ws
+                                   {{{}, {}}, {{a_zero, 0.f, {}}, {w_sum, 0, {}}, {}}, {}},   // (acc >> 4) - az * wsum
+                                   {}};
+  typename K40::Gemm::Arguments args{cutlass::gemm::GemmUniversalMode::kGemm,
+                                     {N, M, K, 1},
+                                     {static_cast<const ElementA*>(w), la, static_cast<const ElementB*>(a), sb},
+                                     {evt, nullptr, sd, static_cast<ElementD*>(d), sd}};
   using Raster = cutlass::gemm::kernel::detail::RasterOrderOptions;
   args.scheduler.raster_order = g_raster == 1 ? Raster::AlongM : g_raster == 2 ? Raster::AlongN : Raster::Heuristic;
   args.scheduler.max_swizzle_size = g_swizzle;
-  if (Gemm::get_workspace_size(args) != 0) return (int)cudaErrorNotSupported;
+  if constexpr (!std::is_void_v<typename K40::Scheduler>)  // int32 partial sums: any order gives the same sum
+    args.scheduler.reduction_mode = cutlass::gemm::kernel::detail::ReductionMode::Nondeterministic;
+  // the SMs the work is spread over (CUTLASS would ask too, but divides by zero where no GPU answers)
+  int dev = 0, sms = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess ||
+      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess)
+    cudaGetLastError();
+  args.hw_info.device_id = dev;
+  args.hw_info.sm_count = sms > 0 ? sms : 1;
+  return args;
+}
+
+template <class K40>
+static int run(const void* w, const void* a, void* d, int M, int N, int K, const float* a_scale,
+               const float* a_zero, const float* w_scale, const int* w_sum, void* workspace,
+               long long workspace_bytes, cudaStream_t st) {
+  using Gemm = typename K40::Gemm;
+  auto args = make_args<K40>(w, a, d, M, N, K, a_scale, a_zero, w_scale, w_sum);
+  if ((long long)Gemm::get_workspace_size(args) > workspace_bytes) return (int)cudaErrorInvalidValue;
   Gemm gemm;
   if (gemm.can_implement(args) != cutlass::Status::kSuccess) return (int)cudaErrorNotSupported;
-  const auto st = static_cast<cudaStream_t>(stream);
-  if (gemm.initialize(args, nullptr, st) != cutlass::Status::kSuccess) return (int)cudaErrorInvalidValue;
+  if (gemm.initialize(args, workspace, st) != cutlass::Status::kSuccess) return (int)cudaErrorInvalidValue;
   if (gemm.run(st) != cutlass::Status::kSuccess) return (int)cudaErrorLaunchFailure;
   return (int)cudaGetLastError();
+}
+
+using K40 = Kind40<Shape<_128, _128, _128>>;
+using K40Wide = Kind40<Shape<_128, _256, _128>>;
+using K41 = Kind40<Shape<_128, _64, _128>, cutlass::gemm::StreamKScheduler>;
+using K42 = Kind40<Shape<_128, _128, _128>, cutlass::gemm::StreamKScheduler>;
+using K43 = Kind40<Shape<_128, _32, _128>, cutlass::gemm::StreamKScheduler>;
+
+// Kinds 40-43 (ostquant_kernels.cu's ostq_int4_gemm); workspace: the bytes ostq_cutlass_workspace names.
+extern "C" long long ostq_cutlass_workspace(int M, int N, int K, int kind) {
+  const void* p = nullptr;
+  const float* f = nullptr;
+  switch (kind) {
+    case 41: return (long long)K41::Gemm::get_workspace_size(make_args<K41>(p, p, nullptr, M, N, K, f, f, f, nullptr));
+    case 42: return (long long)K42::Gemm::get_workspace_size(make_args<K42>(p, p, nullptr, M, N, K, f, f, f, nullptr));
+    case 43: return (long long)K43::Gemm::get_workspace_size(make_args<K43>(p, p, nullptr, M, N, K, f, f, f, nullptr));
+    default: return 0;
+  }
+}
+
+extern "C" int ostq_cutlass_gemm(const void* w, const void* a, void* d, int M, int N, int K, const float* a_scale,
+                                 const float* a_zero, const float* w_scale, const int* w_sum, void* workspace,
+                                 long long workspace_bytes, int kind, void* stream) {
+  if (N % 16 || K % 128) return (int)cudaErrorNotSupported;
+  const auto st = static_cast<cudaStream_t>(stream);
+#define OSTQ_RUN(T) run<T>(w, a, d, M, N, K, a_scale, a_zero, w_scale, w_sum, workspace, workspace_bytes, st)
+  switch (kind) {
+    case 40: return g_tile == 1 ? OSTQ_RUN(K40Wide) : OSTQ_RUN(K40);
+    case 41: return OSTQ_RUN(K41);
+    case 42: return OSTQ_RUN(K42);
+    case 43: return OSTQ_RUN(K43);
+    default: return (int)cudaErrorInvalidValue;
+  }
+#undef OSTQ_RUN
 }

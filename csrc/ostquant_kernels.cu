@@ -2010,7 +2010,7 @@ __global__ void probe_mma_kernel(int iters, int* sink) {
 // ==========================================================================================
 // C ABI
 // ==========================================================================================
-OSTQ_API int ostq_version() { return 3; }  // kernels/_lib.py ABI_VERSION
+OSTQ_API int ostq_version() { return 4; }  // kernels/_lib.py ABI_VERSION
 // benchmarks/mma_probe.py: `blocks` CTAs of `threads`, each warp 8 * iters mma.sync m16n8k32 s8.
 OSTQ_API int ostq_probe_mma(int widen, int blocks, int threads, int iters, int* sink, void* stream) {
   auto st = static_cast<cudaStream_t>(stream);
@@ -2026,32 +2026,38 @@ OSTQ_API void ostq_set_wgmma(int mode) { g_wgmma_mode = (mode == 3 || mode == 5 
 OSTQ_API void ostq_set_pdl(int on) { g_pdl = on ? 1 : 0; }  // OSTQUANT_PDL in Python (see pdl_wait)
 
 // Bytes of int32 workspace int4_gemm needs (split-K partials), 0 when none.
+extern "C" long long ostq_cutlass_workspace(int M, int N, int K, int kind);  // csrc/cutlass_gemm.cu
+
 OSTQ_API long long ostq_gemm_workspace_bytes(int M, int N, int K, int force) {
+  if (force >= 40) return ostq_cutlass_workspace(M, N, K, force);
   const Plan p = plan_gemm(M, N, K, force);
   return p.splits > 1 && !uses_cluster(p) ? (long long)p.splits * M * N * 4 : 0;
 }
 // Number of int32 tile counters needed (must be zero-initialised once; kernels reset them).
 OSTQ_API long long ostq_gemm_counters(int M, int N, int K, int force) {
+  if (force >= 40) return 0;  // CUTLASS's stream-K keeps its flags in the workspace
   const Plan p = plan_gemm(M, N, K, force);
   if (p.splits <= 1 || uses_cluster(p)) return 0;
   return (long long)((N + p.BN - 1) / p.BN) * ((M + p.BM - 1) / p.BM);
 }
 
 // out[M,N] = a_scale[m] * w_scale[n] * (a_q[m,:] . w[n,:] - a_zero[m] * w_sum[n])
-// out_half: 0 bf16, 1 fp16. w_scale_half: 0 fp32, 1 fp16. force: -1 auto, 0..16, 22..36 or 40 a kernel kind
+// out_half: 0 bf16, 1 fp16. w_scale_half: 0 fp32, 1 fp16. force: -1 auto, 0..16, 22..36 or 40..43 a kernel kind
 // (plan_gemm).
-// csrc/cutlass_gemm.cu (kind 40): bf16 out, fp32 weight scales, K % 128 == 0, else cudaErrorNotSupported
+// csrc/cutlass_gemm.cu (kinds 40-43): bf16 out, fp32 weight scales, K % 128 == 0, else cudaErrorNotSupported
 extern "C" int ostq_cutlass_gemm(const void* w, const void* a, void* d, int M, int N, int K, const float* a_scale,
-                                 const float* a_zero, const float* w_scale, const int* w_sum, void* stream);
+                                 const float* a_zero, const float* w_scale, const int* w_sum, void* workspace,
+                                 long long workspace_bytes, int kind, void* stream);
 
 OSTQ_API int ostq_int4_gemm(const void* a_q, const void* a_scale, const void* a_zero, const void* w_prep,
                             const void* w_scale, int w_scale_half, const void* w_sum, void* out, int out_half,
                             int M, int N, int K, void* workspace, void* counters, int force, void* stream) {
   if (M <= 0) return 0;
-  if (force == 40) {
+  if (force >= 40 && force <= 43) {
     if (out_half || w_scale_half) return (int)cudaErrorNotSupported;
     return ostq_cutlass_gemm(w_prep, a_q, out, M, N, K, (const float*)a_scale, (const float*)a_zero,
-                             (const float*)w_scale, (const int*)w_sum, stream);
+                             (const float*)w_scale, (const int*)w_sum, workspace,
+                             ostq_gemm_workspace_bytes(M, N, K, force), force, stream);
   }
   if (N % 16 || K % 64 || (force > 16 && force < 22) || force > 36) return (int)cudaErrorInvalidValue;
   Epi e{(const float*)a_scale, (const float*)a_zero, w_scale, (const int*)w_sum, w_scale_half};

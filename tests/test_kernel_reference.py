@@ -225,6 +225,22 @@ def test_kind_map_setting(monkeypatch):
         _auto_force(64, 4096, 4096)
 
 
+def test_pick_kinds():
+    """benchmarks/pick_kinds.py maps an automatic kind to a CUTLASS kind only where that is faster by the gain,
+    the first token count first, never kind 40."""
+    from benchmarks.pick_kinds import pick
+
+    def row(kernel, m, n, us, auto=None):
+        r = {"kernel": kernel, "M": m, "N": n, "K": 4096, "us": us}
+        return r if auto is None else {**r, "auto_kind": auto}
+    rows = [row("ostquant_w4a4", 64, 4096, 9.0, 31), row("ostquant_w4a4_force_cutlass41_sk64", 64, 4096, 6.0),
+            row("ostquant_w4a4_force_cutlass43_sk32", 64, 4096, 7.0),
+            row("ostquant_w4a4", 16, 4096, 7.0, 31), row("ostquant_w4a4_force_cutlass43_sk32", 16, 4096, 5.0),
+            row("ostquant_w4a4", 64, 6144, 12.0, 35), row("ostquant_w4a4_force_cutlass41_sk64", 64, 6144, 11.7),
+            row("ostquant_w4a4", 256, 6144, 14.0, 40), row("ostquant_w4a4_force_cutlass42_sk128", 256, 6144, 9.0)]
+    assert pick(rows, [64, 16, 256], 0.05) == "31@4096x4096:41"
+
+
 def test_auto_hadamard_variant():
     """Version 5 for blocks of 28 * 64 (8B's down_proj in 8 blocks) up to 256 tokens, else the library's choice."""
     from ostquant_vllm.kernels import _had_auto_variant

@@ -326,7 +326,8 @@ def _gemm_cuda(a_q, a_scale, a_zero, w, w_scale, w_sum, out_dtype, force=None, o
     wgmma, 13/14 wgmma with 64/32-token tiles, K split over a thread-block cluster, 15/16 the same with 256
     weight rows a CTA, 22-25 = 13-16 pipelined as 6, 26 pipelined with 128-token x 256-row tiles, 27-32 =
     7-12 with 8 warps a CTA, 33/34 = 12/32 with K split over a cluster of 2 CTAs, 35/36 = 31/11 with 6 weight blocks
-    a warp, 40 CUTLASS's mixed-input mainloop: bf16 out, fp32 w_scale, K % 128 == 0). `out` (tests): [M, N]."""
+    a warp, 40 CUTLASS's mixed-input mainloop, 41/42/43 the same with stream-K and 64/128/32 tokens a tile: bf16
+    out, fp32 w_scale, K % 128 == 0). `out` (tests): [M, N]."""
     n, k = weight_shape(w)
     a2 = a_q.reshape(-1, k).contiguous()
     if a2.data_ptr() % 16:  # 16-B cp.async
@@ -350,7 +351,7 @@ def _gemm_cuda(a_q, a_scale, a_zero, w, w_scale, w_sum, out_dtype, force=None, o
         wsum = wsum.round().to(torch.int32) if wsum.is_floating_point() else wsum.to(torch.int32)
     wsum = wsum.contiguous()
     wbytes = lib.ostq_gemm_workspace_bytes(m, n, k, force)
-    workspace = torch.empty(max(wbytes // 4, 1), dtype=torch.int32, device=a_q.device)
+    workspace = torch.empty(max(-(-wbytes // 4), 1), dtype=torch.int32, device=a_q.device)
     nctr = lib.ostq_gemm_counters(m, n, k, force)
     if nctr > _N_COUNTERS:
         raise RuntimeError(f"int4_gemm needs {nctr} tile counters > {_N_COUNTERS}")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 BUILD_DIR = Path(__file__).resolve().parent / "_build"
 LIB_NAME = "libostquant_kernels.so"
-ABI_VERSION = 3  # csrc's ostq_version(): raised whenever an entry point's arguments change
+ABI_VERSION = 4  # csrc's ostq_version(): raised whenever an entry point's arguments change
 
 _lib = None
 _err: str | None = None
@@ -81,10 +81,11 @@ def load():
     lib.ostq_kv4_set_prefetch.argtypes = [i]
     lib.ostq_kv4_set_prefetch.restype = None
     lib.ostq_kv4_set_prefetch(int(os.environ.get("OSTQUANT_KV4_PREFETCH", "1")))  # tiles in flight a warp
-    lib.ostq_cutlass_set_sched.argtypes = [i, i]  # kind 40's tile order (csrc/cutlass_gemm.cu), a measurement setting
-    lib.ostq_cutlass_set_sched.restype = None
+    lib.ostq_cutlass_set_sched.argtypes = [i, i, i]  # kind 40's tile order and shape (csrc/cutlass_gemm.cu),
+    lib.ostq_cutlass_set_sched.restype = None       # measurement settings
     lib.ostq_cutlass_set_sched(int(os.environ.get("OSTQUANT_CUTLASS_RASTER", "0")),
-                               int(os.environ.get("OSTQUANT_CUTLASS_SWIZZLE", "1")))
+                               int(os.environ.get("OSTQUANT_CUTLASS_SWIZZLE", "1")),
+                               int(os.environ.get("OSTQUANT_CUTLASS_TILE", "0")))
     lib.ostq_probe_mma.argtypes = [i, i, i, i, vp, vp]  # a measurement (benchmarks/mma_probe.py)
     lib.ostq_probe_mma.restype = i
     lib.ostq_error_string.argtypes = [i]

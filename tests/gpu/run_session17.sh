@@ -8,12 +8,15 @@
 # bundle's 4 calls, PART=e2e with E2E_ENV="OSTQUANT_KIND_MAP=5:40,12:40,6:40,26:40", PART=tuned (TAG=base,
 # E2E_ENV=OSTQUANT_PDL=0: the dispatch of the time), PART=profile, PART=tuned (k40, base2).
 # Next (session 19's library: session 16's decode loader back, kind 40 in the dispatch, its tile-order setting;
-# not yet run on a GPU): PART=kern with SKIP_NCU=1, PART=sched, the bundle's 4 calls, PART=e2e (kind 40 by default).
-#   PART=kern  every GPU kernel test (tests/gpu/test_kernels.py, test_kv4_kernels.py), the dispatch's GEMM rows at
-#              1, 16, 64 and 256 tokens on the 8B and 70B layers ($OUT/kernels_dispatch.json: compare with the
-#              ostquant rows of results/kernels_h100_vllm.json), the int8 mma.sync rate (benchmarks/mma_probe.py
-#              -> $OUT/mma_probe.json), then Nsight Compute with the sections' bodies on the batch-64 down GEMM
-#              (benchmarks/gpu_ncu.sh; $OUT/ncu_*.txt; SKIP_NCU=1 leaves it out)
+# session 20's kinds 41-43, CUTLASS with stream-K; not yet run on a GPU): PART=kern with SKIP_NCU=1 SKIP_PROBE=1,
+# PART=sched, the bundle's 4 calls, PART=e2e (kind 40 by default), then PART=tuned TAG=pick with
+# E2E_ENV="OSTQUANT_KIND_MAP=$(python3 benchmarks/pick_kinds.py /tmp/kernels_dispatch.json)".
+#   PART=kern  every GPU kernel test (tests/gpu/test_kernels.py, test_kv4_kernels.py; TESTS_K: pytest's -k), the
+#              dispatch's GEMM rows at 1, 16, 64 and 256 tokens on the 8B and 70B layers ($OUT/kernels_dispatch.json:
+#              compare with the ostquant rows of results/kernels_h100_vllm.json; a copy in /tmp), the int8 mma.sync rate
+#              (benchmarks/mma_probe.py -> $OUT/mma_probe.json; SKIP_PROBE=1 leaves it out), then Nsight Compute
+#              with the sections' bodies on the batch-64 down GEMM (benchmarks/gpu_ncu.sh; $OUT/ncu_*.txt;
+#              SKIP_NCU=1 leaves it out)
 #   PART=largem the 8B and 70B GEMM rows at 256, 2048 and 8192 tokens with the wgmma alternates (kinds 3, 5, 6, 26
 #              and 40, CUTLASS's mainloop on our layout; $OUT/kernels_largem.json)
 #   PART=vllmk the mixed-batch KV4 tests with vLLM's FlashAttention, then benchmarks/kernels.py --vllm: ours
@@ -25,9 +28,10 @@
 #              steps and the prefill apart (into /tmp/e2e_vllm.json's profiles); PROFILE_CONFIGS adds others
 #   PART=tuned ostquant W4A4KV4 again under the settings in $E2E_ENV into $OUT/e2e_vllm_$TAG.json, e.g.
 #              E2E_ENV="OSTQUANT_KIND_MAP=35:11" TAG=t1 PART=tuned bash tests/gpu/run_session17.sh
-#   PART=sched kind 40 at 2048 and 8192 tokens on the 8B layers under each tile order of CUTLASS's scheduler
-#              (OSTQUANT_CUTLASS_RASTER / _SWIZZLE; $OUT/kernels_sched.json, one run a setting), then Nsight
-#              Compute on kind 40 (8B o at 2048 and 8192 tokens, gate_up at 8192; SKIP_NCU=1 leaves it out)
+#   PART=sched kind 40's settings test, then kind 40 at 2048 and 8192 tokens on the 8B and 70B layers under each
+#              tile order of CUTLASS's scheduler and each tile shape (benchmarks/cutlass_sched.py, one process;
+#              $OUT/kernels_sched.json), then Nsight Compute on kind 40 (8B o at 2048 and 8192 tokens, gate_up at
+#              8192; SKIP_NCU=1 leaves it out)
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 export OUT=${OUT:-/tmp/ostq_out}; mkdir -p "$OUT"
@@ -35,23 +39,21 @@ case "${PART:-kern}" in
 kern)
   . tests/gpu/env.sh
   nvidia-smi --query-gpu=name,driver_version,clocks.sm --format=csv,noheader
-  timeout 300 python3 -m pytest -q -p no:cacheprovider --tb=short -rf tests/gpu/test_kernels.py \
-    tests/gpu/test_kv4_kernels.py 2>&1 | tee "$OUT/tests_kernels.log" | tail -4
+  timeout 300 python3 -m pytest -q -p no:cacheprovider --tb=short -rf ${TESTS_K:+-k "$TESTS_K"} \
+    tests/gpu/test_kernels.py tests/gpu/test_kv4_kernels.py 2>&1 | tee "$OUT/tests_kernels.log" | tail -4
   OSTQUANT_BENCH_SKIP_KINDS=$(seq -s, 0 36) timeout 240 python3 benchmarks/kernels.py --skip-quant --ms 1,16,64,256 \
-    --out "$OUT/kernels_dispatch.json" 2>&1 | grep -E "ostquant_w4a4 |failed" | tail -40
-  timeout 120 python3 benchmarks/mma_probe.py --out "$OUT/mma_probe.json" 2>&1 | tail -20
+    --out "$OUT/kernels_dispatch.json" 2>&1 | grep -E "ostquant_w4a4 |cutlass|failed" | tail -60
+  cp "$OUT/kernels_dispatch.json" /tmp/  # for benchmarks/pick_kinds.py in a later call
+  [ -n "${SKIP_PROBE:-}" ] || timeout 120 python3 benchmarks/mma_probe.py --out "$OUT/mma_probe.json" 2>&1 | tail -20
   [ -n "${SKIP_NCU:-}" ] || NCU_DETAILS=1 timeout 200 bash benchmarks/gpu_ncu.sh gemm31_down_m64 2>&1 | tail -20
   ;;
 sched)
   . tests/gpu/env.sh
-  for rs in 0:1 1:1 2:1 1:4 2:4 1:8 2:8; do
-    OSTQUANT_CUTLASS_RASTER=${rs%:*} OSTQUANT_CUTLASS_SWIZZLE=${rs#*:} OSTQUANT_BENCH_SKIP_KINDS=$(seq -s, 0 36) \
-      timeout 100 python3 benchmarks/kernels.py --skip-quant --models llama3-8b --ms 2048,8192 \
-      --out "/tmp/sched_$rs.json" 2>&1 | grep -E "cutlass40|failed"
-  done
-  python3 -c "import glob, json, sys; json.dump([json.load(open(f)) for f in sorted(glob.glob('/tmp/sched_*.json'))],
-    open(sys.argv[1], 'w'))" "$OUT/kernels_sched.json"
-  [ -n "${SKIP_NCU:-}" ] || NCU_DETAILS=1 timeout 330 bash benchmarks/gpu_ncu.sh gemm40_o_m2048 gemm40_o_m8192 \
+  timeout 60 python3 -m pytest -q -p no:cacheprovider --tb=short -rf tests/gpu/test_kernels.py -k cutlass_settings \
+    2>&1 | tail -2
+  timeout 300 python3 benchmarks/cutlass_sched.py --models "${SCHED_MODELS:-llama3-8b,llama3-70b}" \
+    --out "$OUT/kernels_sched.json" 2>&1 | tail -200
+  [ -n "${SKIP_NCU:-}" ] || NCU_DETAILS=1 timeout 220 bash benchmarks/gpu_ncu.sh gemm40_o_m2048 gemm40_o_m8192 \
     gemm40_gate_up_m8192 2>&1 | tail -40
   ;;
 largem)

@@ -68,13 +68,13 @@ def test_int4_gemm_shapes(k, n):
             _check_gemm(out, _model(a, s, z, w, ws, wsum), f"M={m} N={n} K={k} a{bits}")
 
 
-@pytest.mark.parametrize("force", list(range(17)) + list(range(22, 37)) + [40])
+@pytest.mark.parametrize("force", list(range(17)) + list(range(22, 37)) + [40, 41, 42, 43])
 @pytest.mark.parametrize("k,n", [(576, 960), (576, 1008), (4096, 6144), (14336, 4096)])  # 1008: 63 row blocks
 def test_int4_gemm_each_kernel(k, n, force):
     """Every tile configuration at every M (the automatic choice uses each on part of the range)."""
     if (force in (3, 5, 6) or 13 <= force <= 26) and k % 128:
         pytest.skip("wgmma path needs K % 128 == 0 (falls back to mma)")
-    if force == 40 and k % 128:
+    if force >= 40 and k % 128:
         pytest.skip("the CUTLASS kind takes K % 128 == 0 only (the library answers cudaErrorNotSupported)")
     gen = torch.Generator(device=DEV).manual_seed(100 + force)
     w, wp = _weights(n, k, gen)
@@ -86,6 +86,28 @@ def test_int4_gemm_each_kernel(k, n, force):
         _gemm_cuda(a, s, z, wp, ws, wsum, torch.bfloat16, force=force, out=out)
         torch.cuda.synchronize()
         _check_gemm(out, _model(a, s, z, w, ws, wsum), f"kernel {force} M={m} N={n} K={k}")
+
+
+@pytest.mark.parametrize("raster,swizzle,tile", [(1, 4, 0), (2, 8, 0), (0, 1, 1), (2, 4, 1)])
+def test_cutlass_settings(raster, swizzle, tile):
+    """Kind 40 under other tile orders and the 128 x 256 tile (measurement settings) computes the same."""
+    from ostquant_vllm.kernels import _lib
+    lib = _lib.load()
+    gen = torch.Generator(device=DEV).manual_seed(raster * 100 + swizzle * 10 + tile)
+    try:
+        lib.ostq_cutlass_set_sched(raster, swizzle, tile)
+        for k, n in [(4096, 6144), (14336, 4096)]:
+            w, wp = _weights(n, k, gen)
+            wsum = w.int().sum(1).int()
+            for m in MS + [300]:
+                a, s, z = _acts(m, k, 4, gen)
+                ws = torch.rand(n, device=DEV, generator=gen) * 0.05
+                out = torch.full((m, n), float("nan"), dtype=torch.bfloat16, device=DEV)
+                _gemm_cuda(a, s, z, wp, ws, wsum, torch.bfloat16, force=40, out=out)
+                torch.cuda.synchronize()
+                _check_gemm(out, _model(a, s, z, w, ws, wsum), f"kind 40 {raster}/{swizzle}/{tile} M={m} N={n} K={k}")
+    finally:
+        lib.ostq_cutlass_set_sched(0, 1, 0)
 
 
 def test_int4_gemm_fp16_out_and_public_api():
