@@ -70,7 +70,7 @@ def main():
                     rows.append(row)
                     print(f"{model} {layer:8s} M={M:5d} {setting}  {us:9.2f} us  {row['tops']:7.1f} TOP/s  "
                           f"{row['x_bf16']:.2f}x bf16", flush=True)
-                lib.ostq_cutlass_set_sched(0, 1, 0)
+                lib.ostq_cutlass_set_sched(-1, -1, -1)  # automatic
             del wps, wbf
             torch.cuda.empty_cache()
     res["seconds"] = round(time.time() - t0, 1)

@@ -285,25 +285,28 @@ def kernels_decode_table(path: str) -> str:
     by = {}
     for r in d["rows"]:
         if r.get("kind", "gemm") == "gemm":
-            by.setdefault((r["layer"], r["N"], r["K"], r["M"]), {})[r["kernel"]] = r
+            by.setdefault((r.get("model", "llama3-8b"), r["layer"], r["N"], r["K"], r["M"]), {})[r["kernel"]] = r
     f = "ostquant_w4a4_force_"
     cols = [("dec", "kind 7/8, 4 warps"), ("dec8w", "27/28, 8 warps"), ("dec_r4t32", "kind 11, 4 warps"),
             ("dec8w_r4t32", "31, 8 warps"), ("dec_r4t64", "kind 12, 4 warps"), ("dec8w_r4t64", "32, 8 warps"),
             ("dec_r4t64_cl2", "33 (12, 2-CTA cluster)"), ("dec8w_r4t64_cl2", "34 (32, cluster)"),
             ("dec_r6t32", "36 (11, 6 blocks a warp)"), ("dec8w_r6t32", "35 (31, 6 blocks a warp)"),
             ("dec16w_r4t32", "37 (11, 16 warps)"), ("dec8w_r6t16", "38 (35, 16 tokens a CTA)"),
-            ("dec8w_r4t16", "39 (31, 16 tokens a CTA)")]
+            ("dec8w_r4t16", "39 (31, 16 tokens a CTA)"), ("cutlass40", "40 (CUTLASS)"),
+            ("cutlass43_sk32", "43 (CUTLASS stream-K, 32 tokens)"), ("cutlass41_sk64", "41 (stream-K, 64)"),
+            ("cutlass42_sk128", "42 (stream-K, 128)")]
     cols = [c for c in cols if any(f + c[0] in ks for ks in by.values())]  # the kinds this run timed
-    out = [f"**Decode GEMMs by warps a CTA and weight blocks a warp, µs, {d['gpu']}** ({os.path.basename(path)}; Llama-3-8B layers; "
+    out = [f"**Decode GEMMs by warps a CTA and weight blocks a warp, µs, {d['gpu']}** ({os.path.basename(path)}; Llama-3 layers; "
            "ours = the automatic choice at the time of the run, its kind in brackets)", "",
            "| layer N x K | M | ours (kind) | " + " | ".join(c for _, c in cols) + " | torch bf16 | torch fp8 |",
            "| --- | --- | --- |" + " --- |" * (len(cols) + 2)]
-    for (layer, N, K, M), ks in sorted(by.items(), key=lambda t: (t[0][1] * t[0][2], t[0][3])):
+    for (model, layer, N, K, M), ks in sorted(by.items(), key=lambda t: (t[0][2] * t[0][3], t[0][4])):
         ours = ks.get("ostquant_w4a4")
         if ours is None:
             continue
         cells = [_fmt(ks[f + c]["us"], 1) if f + c in ks else "—" for c, _ in cols]
-        out.append(f"| {layer} {N}x{K} | {M} | {ours['us']:.1f} ({ours.get('auto_kind', '?')}) | " + " | ".join(cells)
+        name = layer if model == "llama3-8b" else f"{model} {layer}"
+        out.append(f"| {name} {N}x{K} | {M} | {ours['us']:.1f} ({ours.get('auto_kind', '?')}) | " + " | ".join(cells)
                    + f" | {_fmt(ks.get('torch_bf16', {}).get('us'), 1)} | {_fmt(ks.get('torch_fp8', {}).get('us'), 1)} |")
     out += [""] + [f"- {n}" for n in d.get("notes", [])] + [f"- command: `{d.get('command')}`"]
     return "\n".join(out)
@@ -330,25 +333,55 @@ def kernels_largem_table(path: str) -> str:
             + [("torch_bf16", "torch bf16"), ("torch_fp8", "torch fp8"), ("torch_int8", "torch int8")])
     cols = [c for c in cols if any(c[0] in ks for ks in by.values())]  # the kernels this run timed
 
-    def now_us(ks, M, N, K):  # the current dispatch's kind, if this run timed it
+    sched = path.replace("largem", "sched")  # kind 40 from 1024 tokens: 128 x 256 tiles along the tokens
+    sched = {(r["model"], r["layer"], r["M"]): r for r in json.load(open(sched))["rows"]
+             if r["setting"] == "2:4:1"} if sched != path and os.path.exists(sched) else {}
+    nan = float("nan")
+
+    def now(ks, M, N, K, bf):  # the current dispatch's kind and its µs and speedup in the run that timed it
         kind = _auto_kind(M, N, K)
+        if kind == 40 and M >= 1024:  # the sched run, against its own torch bf16
+            r0 = next(iter(ks.values()))
+            r = sched.get((r0["model"], r0["layer"], M), {})
+            return kind, r.get("us", nan), r.get("x_bf16", nan)
         run = ks.get("ostquant_w4a4", {})
-        if run.get("auto_kind") == kind:
-            return kind, run["us"]
-        r = ks.get(f"ostquant_w4a4_force_{LARGEM_KINDS.get(kind, ('',))[0]}")
-        return kind, r["us"] if r else float("nan")
+        r = run if run.get("auto_kind") == kind else ks.get(f"ostquant_w4a4_force_{LARGEM_KINDS.get(kind, ('',))[0]}")
+        us = r["us"] if r else nan
+        return kind, us, bf / us
 
     out = [f"**Large-M GEMM µs, {d['gpu']}** ({os.path.basename(path)}; the dispatch now: the kind the current code "
-           "takes, its µs from this run; speedups over torch bf16, bar 1.6x at M >= 2048)", "",
+           "takes, its µs and speedup from this run, from 1024 tokens (kind 40's automatic order and tile) from "
+           f"{os.path.basename(path).replace('largem', 'sched')} against its own torch bf16; speedups over torch "
+           "bf16, bar 1.6x at M >= 2048)", "",
            "| layer N x K | M | " + " | ".join(c for _, c in cols) + " | speedup, run | dispatch now | speedup, now |",
            "| --- | --- |" + " --- |" * (len(cols) + 3)]
     for (model, layer, N, K, M), ks in by.items():
         cells = [f"{ks[k]['us']:.1f}" if k in ks else "—" for k, _ in cols]
         bf = ks.get("torch_bf16", {}).get("us", float("nan"))
         sp = bf / ks["ostquant_w4a4"]["us"] if "ostquant_w4a4" in ks else float("nan")
-        kind, us = now_us(ks, M, N, K)
+        kind, us, x = now(ks, M, N, K, bf)
         out.append(f"| {model} {layer} {N}x{K} | {M} | " + " | ".join(cells)
-                   + f" | {sp:.2f}x | kind {kind}, {us:.1f} | {bf / us:.2f}x |")
+                   + f" | {sp:.2f}x | kind {kind}, {us:.1f} | {x:.2f}x |")
+    out += [""] + [f"- {n}" for n in d.get("notes", [])] + [f"- command: `{d.get('command')}`"]
+    return "\n".join(out)
+
+
+def kernels_sched_table(path: str) -> str:
+    """Kind 40 under each scheduler order and tile shape (benchmarks/cutlass_sched.py): µs, x torch bf16."""
+    d = json.load(open(path))
+    by, settings = {}, []
+    for r in d["rows"]:
+        by.setdefault((r["model"], r["layer"], r["N"], r["K"], r["M"]), {}).setdefault(r["setting"], r)
+        if r["setting"] not in settings:
+            settings.append(r["setting"])
+    out = [f"**Kind 40's scheduler order and tile, µs (x torch bf16), {d['gpu']}** ({os.path.basename(path)}; "
+           "raster:swizzle:tile[:kind], raster 0 CUTLASS's heuristic / 1 along the weight rows / 2 along the tokens, "
+           "tile 0 128 x 128, 1 128 x 256, kind 42 stream-K; the library takes 2:4:1 from 1024 tokens)", "",
+           "| layer N x K | M | " + " | ".join(settings) + " |", "| --- | --- |" + " --- |" * len(settings)]
+    for (model, layer, N, K, M), ks in by.items():
+        out.append(f"| {model} {layer} {N}x{K} | {M} | "
+                   + " | ".join(f"{ks[s]['us']:.1f} ({ks[s]['x_bf16']:.2f}x)" if s in ks else "—" for s in settings)
+                   + " |")
     out += [""] + [f"- {n}" for n in d.get("notes", [])] + [f"- command: `{d.get('command')}`"]
     return "\n".join(out)
 
@@ -525,6 +558,8 @@ def all_tables() -> str:
             parts.append(kernels_decode_table(p))
         elif "largem" in p:
             parts.append(kernels_largem_table(p))
+        elif "sched" in p:
+            parts.append(kernels_sched_table(p))
         elif "quant" in p:
             parts.append(kernels_quant_table(p))
         elif "hadamard" in p:

@@ -96,16 +96,20 @@ struct Kind40 {
   using Gemm = cutlass::gemm::device::GemmUniversalAdapter<GemmKernel>;
 };
 
-// Measurement settings (Python: OSTQUANT_CUTLASS_RASTER / _SWIZZLE / _TILE). The persistent tile scheduler's order:
-// raster 0 CUTLASS's heuristic (along the longer tile count), 1 along the weight rows, 2 along the tokens; swizzle
-// 1, 2, 4 or 8 tiles of the other dimension together (L2 reuse, session 19's open question). Tile 0: 128 x 128 x
-// 128, 1: 128 x 256 x 128.
-static int g_raster = 0, g_swizzle = 1, g_tile = 0;
+// The persistent tile scheduler's order and kind 40's tile (Python: OSTQUANT_CUTLASS_RASTER / _SWIZZLE / _TILE,
+// measurement settings; -1: automatic). Raster 0 CUTLASS's heuristic (along the longer tile count), 1 along the
+// weight rows, 2 along the tokens; swizzle 1, 2, 4 or 8 tiles of the other dimension together; tile 0: 128 x 128 x
+// 128, 1: 128 x 256 x 128. Automatic from 1024 tokens: along the tokens, swizzle 4, 128 x 256 (session 20,
+// results/kernels_h100_sched.json: the fastest of 10 settings on all 8 Llama-3 8B / 70B layers at 2048 and 8192
+// tokens, 1.3-1.7x CUTLASS's default where the weights and activations together outgrow L2); below, CUTLASS's
+// defaults (fewer tiles: 128 x 256 would leave SMs idle).
+static int g_raster = -1, g_swizzle = -1, g_tile = -1;
 extern "C" void ostq_cutlass_set_sched(int raster, int swizzle, int tile) {
-  g_raster = raster >= 0 && raster <= 2 ? raster : 0;
-  g_swizzle = swizzle == 2 || swizzle == 4 || swizzle == 8 ? swizzle : 1;
-  g_tile = tile == 1 ? 1 : 0;
+  g_raster = raster >= 0 && raster <= 2 ? raster : -1;
+  g_swizzle = swizzle == 1 || swizzle == 2 || swizzle == 4 || swizzle == 8 ? swizzle : -1;
+  g_tile = tile == 0 || tile == 1 ? tile : -1;
 }
+static bool many_tokens(int M) { return M >= 1024; }
 
 template <class K40>
 static typename K40::Gemm::Arguments make_args(const void* w, const void* a, void* d, int M, int N, int K,
@@ -128,8 +132,9 @@ static typename K40::Gemm::Arguments make_args(const void* w, const void* a, voi
                                      {static_cast<const ElementA*>(w), la, static_cast<const ElementB*>(a), sb},
                                      {evt, nullptr, sd, static_cast<ElementD*>(d), sd}};
   using Raster = cutlass::gemm::kernel::detail::RasterOrderOptions;
-  args.scheduler.raster_order = g_raster == 1 ? Raster::AlongM : g_raster == 2 ? Raster::AlongN : Raster::Heuristic;
-  args.scheduler.max_swizzle_size = g_swizzle;
+  const int raster = g_raster >= 0 ? g_raster : many_tokens(M) ? 2 : 0;
+  args.scheduler.raster_order = raster == 1 ? Raster::AlongM : raster == 2 ? Raster::AlongN : Raster::Heuristic;
+  args.scheduler.max_swizzle_size = g_swizzle > 0 ? g_swizzle : many_tokens(M) ? 4 : 1;
   if constexpr (!std::is_void_v<typename K40::Scheduler>)  // int32 partial sums: any order gives the same sum
     args.scheduler.reduction_mode = cutlass::gemm::kernel::detail::ReductionMode::Nondeterministic;
   // the SMs the work is spread over (CUTLASS would ask too, but divides by zero where no GPU answers)
@@ -181,7 +186,7 @@ extern "C" int ostq_cutlass_gemm(const void* w, const void* a, void* d, int M, i
   const auto st = static_cast<cudaStream_t>(stream);
 #define OSTQ_RUN(T) run<T>(w, a, d, M, N, K, a_scale, a_zero, w_scale, w_sum, workspace, workspace_bytes, st)
   switch (kind) {
-    case 40: return g_tile == 1 ? OSTQ_RUN(K40Wide) : OSTQ_RUN(K40);
+    case 40: return (g_tile >= 0 ? g_tile : many_tokens(M)) ? OSTQ_RUN(K40Wide) : OSTQ_RUN(K40);
     case 41: return OSTQ_RUN(K41);
     case 42: return OSTQ_RUN(K42);
     case 43: return OSTQ_RUN(K43);

@@ -172,9 +172,16 @@ def test_build_needs_cutlass_headers_and_says_where_to_get_them(monkeypatch):
 def test_auto_kernel_choice():
     from ostquant_vllm.kernels import _auto_force
     assert _auto_force(16, 57344, 8192) == 0
-    # above 256 tokens CUTLASS's mainloop (kind 40, kernels_h100_largem.json), but 26 at K >= 28672 (70B down)
+    # above 256 tokens CUTLASS's mainloop (kind 40, kernels_h100_largem.json), at K >= 28672 (70B down) from 1024
+    # tokens only (its 128 x 256 tiles along the tokens, kernels_h100_sched.json), kind 26 below
     assert _auto_force(2048, 4096, 4096) == 40 and _auto_force(8192, 4096, 14336) == 40
-    assert _auto_force(2048, 8192, 28672) == 26 and _auto_force(8192, 8192, 28672) == 26
+    assert _auto_force(2048, 8192, 28672) == 40 and _auto_force(8192, 8192, 28672) == 40
+    assert _auto_force(512, 8192, 28672) == 26 and _auto_force(1024, 8192, 28672) == 40
+    # 64 tokens: CUTLASS with stream-K on 8B gate_up (41), 70B qkv (41) and down (43), not on 70B gate_up / o
+    assert _auto_force(64, 28672, 4096) == 41 and _auto_force(64, 10240, 8192) == 41
+    assert _auto_force(64, 8192, 28672) == 43 and _auto_force(64, 57344, 8192) == 22
+    assert _auto_force(64, 8192, 8192) == 11 and _auto_force(32, 8192, 28672) == 9
+    assert _auto_force(64, 28672, 4096, cutlass=False) == 22 and _auto_force(64, 8192, 28672, cutlass=False) == 11
     # fp16 output or fp16 weight scales (kind 40 takes neither): the pipelined wgmma, 26 from K = 14336
     assert _auto_force(2048, 4096, 4096, cutlass=False) == 6 and _auto_force(2048, 4096, 14336, cutlass=False) == 26
     assert _auto_force(8192, 28672, 4096, cutlass=False) == 6
@@ -182,7 +189,7 @@ def test_auto_kernel_choice():
     assert _auto_force(32, 4096, 14336) == 9 and _auto_force(32, 28672, 4096) == 25
     assert _auto_force(128, 4096, 14336) == 11
     assert _auto_force(64, 6144, 4096) == 35 and _auto_force(96, 6144, 4096) == 22  # 8B qkv
-    assert _auto_force(64, 28672, 4096) == 22 and _auto_force(65, 28672, 4096) == 40  # wide layers: kind 40
+    assert _auto_force(48, 57344, 8192) == 22 and _auto_force(65, 28672, 4096) == 40  # wide layers: kind 40
     assert _auto_force(65, 28672, 4096, cutlass=False) == 5
     assert _auto_force(129, 4096, 14336) == 40 and _auto_force(256, 6144, 4096) == 40  # 129-256: kind 40
     assert _auto_force(256, 4096, 14336, cutlass=False) == 12 and _auto_force(256, 6144, 4096, cutlass=False) == 5
@@ -209,7 +216,8 @@ def test_auto_kernel_choice_six_blocks_one_wave():
     assert _auto_kind(64, 6144, 4096) == 35 and _auto_kind(33, 6144, 4096) == 35
     assert _auto_kind(64, 6144, 4096, sms=200) == 11  # 192 CTAs fit one wave: 4 blocks stay
     assert _auto_kind(64, 6144, 4096, sms=100) == 11  # 6 blocks would not fit either
-    assert _auto_kind(64, 10240, 8192) == 11 and _auto_kind(96, 4096, 4096) == 11  # 70B qkv; 65-128 tokens
+    assert _auto_kind(64, 10240, 8192, cutlass=False) == 11  # 70B qkv (kind 41 where it may: test_auto_kernel_choice)
+    assert _auto_kind(96, 4096, 4096) == 11  # 65-128 tokens
     assert _auto_kind(32, 6144, 4096) == 9 and _auto_kind(64, 1536, 576) == 11  # the default model's K
 
 

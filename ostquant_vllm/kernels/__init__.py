@@ -293,7 +293,11 @@ def _auto_kind(m: int, n: int, k: int, sms: int = 132, cutlass: bool = True) -> 
     if m <= 256:
         wide = n >= WIDE_N and k % 128 == 0
         if m <= 64 and wide:
+            if cutlass and m > 32 and k < 8192:  # 8B gate_up at 64 tokens: 30.1 against 32.0 us (session 20,
+                return 41                        # kernels_h100_streamk.json; 70B gate_up: 103 against 97)
             return 25 if m <= 32 else 22
+        if cutlass and 32 < m <= 64 and k >= 8192 and (n > k or k >= 28672):  # 70B qkv / down at 64 tokens:
+            return 43 if k >= 28672 else 41  # 23.6 against 30.2 / 54.6 against 64.4 us (stream-K, session 20)
         if m <= 32:
             return 9
         if m <= 128:
@@ -312,10 +316,10 @@ def _auto_kind(m: int, n: int, k: int, sms: int = 132, cutlass: bool = True) -> 
         if k % 128 == 0:
             return 5
         return 12
-    if k % 128 == 0:  # H100, sessions 11 and 19 (kernels_h100_largem.json)
-        if k >= 28672:
-            return 26
-        return 40 if cutlass else 26 if k >= 14336 else 6
+    if k % 128 == 0:  # H100, sessions 11, 19 and 20 (kernels_h100_largem.json, kernels_h100_sched.json)
+        if cutlass and (m >= 1024 or k < 28672):  # from 1024 tokens kind 40 runs 128 x 256 tiles along the tokens:
+            return 40                             # 70B down at 8192 tokens 1,516 TOP/s against kind 26's 1,156
+        return 26 if k >= 14336 else 6
     return -1
 
 

@@ -82,10 +82,9 @@ def load():
     lib.ostq_kv4_set_prefetch.restype = None
     lib.ostq_kv4_set_prefetch(int(os.environ.get("OSTQUANT_KV4_PREFETCH", "1")))  # tiles in flight a warp
     lib.ostq_cutlass_set_sched.argtypes = [i, i, i]  # kind 40's tile order and shape (csrc/cutlass_gemm.cu),
-    lib.ostq_cutlass_set_sched.restype = None       # measurement settings
-    lib.ostq_cutlass_set_sched(int(os.environ.get("OSTQUANT_CUTLASS_RASTER", "0")),
-                               int(os.environ.get("OSTQUANT_CUTLASS_SWIZZLE", "1")),
-                               int(os.environ.get("OSTQUANT_CUTLASS_TILE", "0")))
+    lib.ostq_cutlass_set_sched.restype = None       # measurement settings; -1: automatic
+    lib.ostq_cutlass_set_sched(*(int(os.environ.get(f"OSTQUANT_CUTLASS_{v}", "-1"))
+                                 for v in ("RASTER", "SWIZZLE", "TILE")))
     lib.ostq_probe_mma.argtypes = [i, i, i, i, vp, vp]  # a measurement (benchmarks/mma_probe.py)
     lib.ostq_probe_mma.restype = i
     lib.ostq_error_string.argtypes = [i]

@@ -7,10 +7,13 @@
 # of their own, PART=largem's rows, the loaders' A/B against a library built with session 16's loaders), the
 # bundle's 4 calls, PART=e2e with E2E_ENV="OSTQUANT_KIND_MAP=5:40,12:40,6:40,26:40", PART=tuned (TAG=base,
 # E2E_ENV=OSTQUANT_PDL=0: the dispatch of the time), PART=profile, PART=tuned (k40, base2).
-# Next (session 19's library: session 16's decode loader back, kind 40 in the dispatch, its tile-order setting;
-# session 20's kinds 41-43, CUTLASS with stream-K; not yet run on a GPU): PART=kern with SKIP_NCU=1 SKIP_PROBE=1,
-# PART=sched, the bundle's 4 calls, PART=e2e (kind 40 by default), then PART=tuned TAG=pick with
-# E2E_ENV="OSTQUANT_KIND_MAP=$(python3 benchmarks/pick_kinds.py /tmp/kernels_dispatch.json)".
+# Session 20 ran (library of commit 5a41287) TESTS_K="gemm or cutlass" SKIP_NCU=1 SKIP_PROBE=1 PART=kern, then
+# SCHED_MODELS=llama3-8b SKIP_NCU=1 PART=sched in the same call, the bundle's 4 calls, PART=e2e with
+# E2E_ENV="OSTQUANT_KIND_MAP=$(python3 benchmarks/pick_kinds.py /tmp/kernels_dispatch.json) OSTQUANT_CUTLASS_RASTER=2
+# OSTQUANT_CUTLASS_SWIZZLE=4 OSTQUANT_CUTLASS_TILE=1" (what the dispatch now does by itself), SCHED_MODELS=llama3-70b
+# PART=sched + PART=tuned TAG=maponly (the map alone), PART=profile, PART=tuned TAG=no40 (kinds 6 / 26 for kind 40).
+# Next: PART=kern (every test on the session 20 dispatch), then the bundle and PART=profile of the single
+# 2048-token prefill with and without kind 40 (see PART=profile).
 #   PART=kern  every GPU kernel test (tests/gpu/test_kernels.py, test_kv4_kernels.py; TESTS_K: pytest's -k), the
 #              dispatch's GEMM rows at 1, 16, 64 and 256 tokens on the 8B and 70B layers ($OUT/kernels_dispatch.json:
 #              compare with the ostquant rows of results/kernels_h100_vllm.json; a copy in /tmp), the int8 mma.sync rate
@@ -25,7 +28,9 @@
 #   PART=e2e   two kernel tests (the library loads and runs), then benchmarks/e2e_vllm.py: bf16, FP8 and
 #              ostquant W4A4KV4 with the defaults, or under the settings in $E2E_ENV (/tmp/e2e_vllm.json)
 #   PART=profile  GPU time by kernel of ostquant W4A4KV4 at batch $PROFILE_BATCH (default 64): the decode
-#              steps and the prefill apart (into /tmp/e2e_vllm.json's profiles); PROFILE_CONFIGS adds others
+#              steps and the prefill apart (into /tmp/e2e_vllm.json's profiles); PROFILE_CONFIGS adds others,
+#              PROFILE_ARGS more e2e_vllm.py flags (the single 2048-token prefill: PROFILE_BATCH=1
+#              PROFILE_ARGS="--input-len 2048", with and without E2E_ENV="OSTQUANT_KIND_MAP=40:6")
 #   PART=tuned ostquant W4A4KV4 again under the settings in $E2E_ENV into $OUT/e2e_vllm_$TAG.json, e.g.
 #              E2E_ENV="OSTQUANT_KIND_MAP=35:11" TAG=t1 PART=tuned bash tests/gpu/run_session17.sh
 #   PART=sched kind 40's settings test, then kind 40 at 2048 and 8192 tokens on the 8B and 70B layers under each
@@ -78,7 +83,7 @@ e2e)
   ;;
 profile)
   env ${E2E_ENV:-} E2E_TIMEOUT=${E2E_TIMEOUT:-160} bash benchmarks/gpu_e2e.sh --configs ${PROFILE_CONFIGS:-ostquant_w4a4kv4} --profile \
-    --batches "${PROFILE_BATCH:-64}" 2>&1 | grep -v "^WARNING\|^INFO\|^(EngineCore" | tail -30
+    --batches "${PROFILE_BATCH:-64}" ${PROFILE_ARGS:-} 2>&1 | grep -v "^WARNING\|^INFO\|^(EngineCore" | tail -30
   ;;
 tuned)
   env ${E2E_ENV:?set E2E_ENV} E2E_TIMEOUT=${E2E_TIMEOUT:-300} bash benchmarks/gpu_e2e.sh --configs ostquant_w4a4kv4 \

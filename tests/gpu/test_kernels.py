@@ -107,7 +107,7 @@ def test_cutlass_settings(raster, swizzle, tile):
                 torch.cuda.synchronize()
                 _check_gemm(out, _model(a, s, z, w, ws, wsum), f"kind 40 {raster}/{swizzle}/{tile} M={m} N={n} K={k}")
     finally:
-        lib.ostq_cutlass_set_sched(0, 1, 0)
+        lib.ostq_cutlass_set_sched(-1, -1, -1)  # automatic
 
 
 def test_int4_gemm_fp16_out_and_public_api():
