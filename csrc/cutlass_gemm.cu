@@ -1,8 +1,9 @@
-// Kind 40: CUTLASS 3's SM90 mixed-input GEMM (TMA, warp-specialized cooperative schedule, int4 weights widened to
-// int8 in registers, int8 wgmma with A from registers) on our prepared int4 layout, with our epilogue as a visitor
-// tree. vLLM's CUTLASS W4A8 (the same mainloop, int4 -> fp8) runs 1,150-1,460 TOP/s at 2048-8192 tokens on the H100
-// where our own wgmma kinds 6/26 run ~950 (benchmarks/results/kernels_h100_vllm.json). Headers: the nvidia-cutlass
-// wheel (build.py finds them). bf16 output, fp32 weight scales, K % 128 == 0; anything else: cudaErrorNotSupported.
+// Kinds 40-43: CUTLASS 3's SM90 mixed-input GEMM (TMA, warp-specialized cooperative schedule, int4 weights widened
+// to int8 in registers, int8 wgmma with A from registers) on our prepared int4 layout, with our epilogue as a visitor
+// tree; 41-43 with the stream-K tile scheduler. vLLM's CUTLASS W4A8 (the same mainloop, int4 -> fp8) runs
+// 1,150-1,460 TOP/s at 2048-8192 tokens on the H100 where our own wgmma kinds 6/26 run ~950
+// (benchmarks/results/kernels_h100_vllm.json). Headers: the nvidia-cutlass wheel (build.py finds them). bf16
+// output, fp32 weight scales, K % 128 == 0; anything else: cudaErrorNotSupported.
 #include <cuda_runtime.h>
 
 #include <type_traits>
@@ -64,9 +65,9 @@ struct ShiftRight4 {
 namespace fus = cutlass::epilogue::fusion;
 using RN = cutlass::FloatRoundStyle;
 
-// One GEMM type a tile shape (weight rows x tokens x k) and tile scheduler: kind 40 persistent data-parallel
-// 128 x 128 x 128 (or 128 x 256 x 128, a measurement setting); kinds 41-43 stream-K (K split over the CTAs
-// so that a few output tiles still fill the 132 SMs: decode batches) with 64, 128 and 32 tokens a tile.
+// One GEMM type a tile shape (weight rows x tokens x k) and tile scheduler: kind 40 persistent data-parallel,
+// 128 x 128 x 128 or (from 1024 tokens) 128 x 256 x 128; kinds 41-43 stream-K (K split over the CTAs so that a
+// few output tiles still fill the 132 SMs: decode batches) with 64, 128 and 32 tokens a tile.
 template <class TileShape, class Scheduler_ = void>
 struct Kind40 {
   using Scheduler = Scheduler_;
@@ -101,8 +102,8 @@ struct Kind40 {
 // weight rows, 2 along the tokens; swizzle 1, 2, 4 or 8 tiles of the other dimension together; tile 0: 128 x 128 x
 // 128, 1: 128 x 256 x 128. Automatic from 1024 tokens: along the tokens, swizzle 4, 128 x 256 (session 20,
 // results/kernels_h100_sched.json: the fastest of 10 settings on all 8 Llama-3 8B / 70B layers at 2048 and 8192
-// tokens, 1.3-1.7x CUTLASS's default where the weights and activations together outgrow L2); below, CUTLASS's
-// defaults (fewer tiles: 128 x 256 would leave SMs idle).
+// tokens, 1.0-1.7x faster than CUTLASS's default order); below, CUTLASS's defaults (fewer tiles: 128 x 256 would
+// leave SMs idle).
 static int g_raster = -1, g_swizzle = -1, g_tile = -1;
 extern "C" void ostq_cutlass_set_sched(int raster, int swizzle, int tile) {
   g_raster = raster >= 0 && raster <= 2 ? raster : -1;
@@ -110,6 +111,7 @@ extern "C" void ostq_cutlass_set_sched(int raster, int swizzle, int tile) {
   g_tile = tile == 0 || tile == 1 ? tile : -1;
 }
 static bool many_tokens(int M) { return M >= 1024; }
+static bool wide_tile(int M) { return g_tile >= 0 ? g_tile == 1 : many_tokens(M); }
 
 template <class K40>
 static typename K40::Gemm::Arguments make_args(const void* w, const void* a, void* d, int M, int N, int K,
@@ -147,13 +149,12 @@ static typename K40::Gemm::Arguments make_args(const void* w, const void* a, voi
   return args;
 }
 
+// workspace: ostq_cutlass_workspace's bytes (the same arguments)
 template <class K40>
 static int run(const void* w, const void* a, void* d, int M, int N, int K, const float* a_scale,
-               const float* a_zero, const float* w_scale, const int* w_sum, void* workspace,
-               long long workspace_bytes, cudaStream_t st) {
+               const float* a_zero, const float* w_scale, const int* w_sum, void* workspace, cudaStream_t st) {
   using Gemm = typename K40::Gemm;
   auto args = make_args<K40>(w, a, d, M, N, K, a_scale, a_zero, w_scale, w_sum);
-  if ((long long)Gemm::get_workspace_size(args) > workspace_bytes) return (int)cudaErrorInvalidValue;
   Gemm gemm;
   if (gemm.can_implement(args) != cutlass::Status::kSuccess) return (int)cudaErrorNotSupported;
   if (gemm.initialize(args, workspace, st) != cutlass::Status::kSuccess) return (int)cudaErrorInvalidValue;
@@ -167,26 +168,31 @@ using K41 = Kind40<Shape<_128, _64, _128>, cutlass::gemm::StreamKScheduler>;
 using K42 = Kind40<Shape<_128, _128, _128>, cutlass::gemm::StreamKScheduler>;
 using K43 = Kind40<Shape<_128, _32, _128>, cutlass::gemm::StreamKScheduler>;
 
-// Kinds 40-43 (ostquant_kernels.cu's ostq_int4_gemm); workspace: the bytes ostq_cutlass_workspace names.
+template <class K40>
+static long long workspace_bytes(int M, int N, int K) {
+  return (long long)K40::Gemm::get_workspace_size(
+      make_args<K40>(nullptr, nullptr, nullptr, M, N, K, nullptr, nullptr, nullptr, nullptr));
+}
+
+// Kinds 40-43 (ostquant_kernels.cu's ostq_int4_gemm).
 extern "C" long long ostq_cutlass_workspace(int M, int N, int K, int kind) {
-  const void* p = nullptr;
-  const float* f = nullptr;
   switch (kind) {
-    case 41: return (long long)K41::Gemm::get_workspace_size(make_args<K41>(p, p, nullptr, M, N, K, f, f, f, nullptr));
-    case 42: return (long long)K42::Gemm::get_workspace_size(make_args<K42>(p, p, nullptr, M, N, K, f, f, f, nullptr));
-    case 43: return (long long)K43::Gemm::get_workspace_size(make_args<K43>(p, p, nullptr, M, N, K, f, f, f, nullptr));
+    case 40: return wide_tile(M) ? workspace_bytes<K40Wide>(M, N, K) : workspace_bytes<K40>(M, N, K);
+    case 41: return workspace_bytes<K41>(M, N, K);
+    case 42: return workspace_bytes<K42>(M, N, K);
+    case 43: return workspace_bytes<K43>(M, N, K);
     default: return 0;
   }
 }
 
 extern "C" int ostq_cutlass_gemm(const void* w, const void* a, void* d, int M, int N, int K, const float* a_scale,
                                  const float* a_zero, const float* w_scale, const int* w_sum, void* workspace,
-                                 long long workspace_bytes, int kind, void* stream) {
+                                 int kind, void* stream) {
   if (N % 16 || K % 128) return (int)cudaErrorNotSupported;
   const auto st = static_cast<cudaStream_t>(stream);
-#define OSTQ_RUN(T) run<T>(w, a, d, M, N, K, a_scale, a_zero, w_scale, w_sum, workspace, workspace_bytes, st)
+#define OSTQ_RUN(T) run<T>(w, a, d, M, N, K, a_scale, a_zero, w_scale, w_sum, workspace, st)
   switch (kind) {
-    case 40: return (g_tile >= 0 ? g_tile : many_tokens(M)) ? OSTQ_RUN(K40Wide) : OSTQ_RUN(K40);
+    case 40: return wide_tile(M) ? OSTQ_RUN(K40Wide) : OSTQ_RUN(K40);
     case 41: return OSTQ_RUN(K41);
     case 42: return OSTQ_RUN(K42);
     case 43: return OSTQ_RUN(K43);

@@ -2047,7 +2047,7 @@ OSTQ_API long long ostq_gemm_counters(int M, int N, int K, int force) {
 // csrc/cutlass_gemm.cu (kinds 40-43): bf16 out, fp32 weight scales, K % 128 == 0, else cudaErrorNotSupported
 extern "C" int ostq_cutlass_gemm(const void* w, const void* a, void* d, int M, int N, int K, const float* a_scale,
                                  const float* a_zero, const float* w_scale, const int* w_sum, void* workspace,
-                                 long long workspace_bytes, int kind, void* stream);
+                                 int kind, void* stream);
 
 OSTQ_API int ostq_int4_gemm(const void* a_q, const void* a_scale, const void* a_zero, const void* w_prep,
                             const void* w_scale, int w_scale_half, const void* w_sum, void* out, int out_half,
@@ -2056,8 +2056,7 @@ OSTQ_API int ostq_int4_gemm(const void* a_q, const void* a_scale, const void* a_
   if (force >= 40 && force <= 43) {
     if (out_half || w_scale_half) return (int)cudaErrorNotSupported;
     return ostq_cutlass_gemm(w_prep, a_q, out, M, N, K, (const float*)a_scale, (const float*)a_zero,
-                             (const float*)w_scale, (const int*)w_sum, workspace,
-                             ostq_gemm_workspace_bytes(M, N, K, force), force, stream);
+                             (const float*)w_scale, (const int*)w_sum, workspace, force, stream);
   }
   if (N % 16 || K % 64 || (force > 16 && force < 22) || force > 36) return (int)cudaErrorInvalidValue;
   Epi e{(const float*)a_scale, (const float*)a_zero, w_scale, (const int*)w_sum, w_scale_half};

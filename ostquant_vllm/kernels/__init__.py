@@ -294,7 +294,7 @@ def _auto_kind(m: int, n: int, k: int, sms: int = 132, cutlass: bool = True) -> 
         wide = n >= WIDE_N and k % 128 == 0
         if m <= 64 and wide:
             if cutlass and m > 32 and k < 8192:  # 8B gate_up at 64 tokens: 30.1 against 32.0 us (session 20,
-                return 41                        # kernels_h100_streamk.json; 70B gate_up: 103 against 97)
+                return 41                        # kernels_h100_decode_streamk.json; 70B gate_up: 103 against 97)
             return 25 if m <= 32 else 22
         if cutlass and 32 < m <= 64 and k >= 8192 and (n > k or k >= 28672):  # 70B qkv / down at 64 tokens:
             return 43 if k >= 28672 else 41  # 23.6 against 30.2 / 54.6 against 64.4 us (stream-K, session 20)
