@@ -321,7 +321,7 @@ LARGEM_KINDS = {3: ("wg3", "kind 3"), 5: ("wg5", "kind 5"), 6: ("wg6", "kind 6 (
 def kernels_largem_table(path: str) -> str:
     """Large-M GEMMs (the compute-bound bar: >= 1.6x torch bf16 at M >= 2048): the dispatch of the run, each
     wgmma kind it timed, and the kind the current dispatch (kernels._auto_kind) takes, looked up in the rows."""
-    from ostquant_vllm.kernels import _auto_kind
+    from ostquant_vllm.kernels import CUTLASS_MANY_TOKENS, _auto_kind
 
     d = json.load(open(path))
     by = {}
@@ -340,7 +340,7 @@ def kernels_largem_table(path: str) -> str:
 
     def now(ks, M, N, K, bf):  # the current dispatch's kind and its µs and speedup in the run that timed it
         kind = _auto_kind(M, N, K)
-        if kind == 40 and M >= 1024:  # the sched run, against its own torch bf16
+        if kind == 40 and M >= CUTLASS_MANY_TOKENS:  # the sched run, against its own torch bf16
             r0 = next(iter(ks.values()))
             r = sched.get((r0["model"], r0["layer"], M), {})
             return kind, r.get("us", nan), r.get("x_bf16", nan)
@@ -357,8 +357,8 @@ def kernels_largem_table(path: str) -> str:
            "| --- | --- |" + " --- |" * (len(cols) + 3)]
     for (model, layer, N, K, M), ks in by.items():
         cells = [f"{ks[k]['us']:.1f}" if k in ks else "—" for k, _ in cols]
-        bf = ks.get("torch_bf16", {}).get("us", float("nan"))
-        sp = bf / ks["ostquant_w4a4"]["us"] if "ostquant_w4a4" in ks else float("nan")
+        bf = ks.get("torch_bf16", {}).get("us", nan)
+        sp = bf / ks["ostquant_w4a4"]["us"] if "ostquant_w4a4" in ks else nan
         kind, us, x = now(ks, M, N, K, bf)
         out.append(f"| {model} {layer} {N}x{K} | {M} | " + " | ".join(cells)
                    + f" | {sp:.2f}x | kind {kind}, {us:.1f} | {x:.2f}x |")

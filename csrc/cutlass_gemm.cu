@@ -110,8 +110,10 @@ extern "C" void ostq_cutlass_set_sched(int raster, int swizzle, int tile) {
   g_swizzle = swizzle == 1 || swizzle == 2 || swizzle == 4 || swizzle == 8 ? swizzle : -1;
   g_tile = tile == 0 || tile == 1 ? tile : -1;
 }
-static bool many_tokens(int M) { return M >= 1024; }
+static bool many_tokens(int M) { return M >= 1024; }  // kernels.CUTLASS_MANY_TOKENS
 static bool wide_tile(int M) { return g_tile >= 0 ? g_tile == 1 : many_tokens(M); }
+
+int ostq_num_sms();  // csrc/ostquant_kernels.cu: the current device's SM count, cached
 
 template <class K40>
 static typename K40::Gemm::Arguments make_args(const void* w, const void* a, void* d, int M, int N, int K,
@@ -139,13 +141,8 @@ static typename K40::Gemm::Arguments make_args(const void* w, const void* a, voi
   args.scheduler.max_swizzle_size = g_swizzle > 0 ? g_swizzle : many_tokens(M) ? 4 : 1;
   if constexpr (!std::is_void_v<typename K40::Scheduler>)  // int32 partial sums: any order gives the same sum
     args.scheduler.reduction_mode = cutlass::gemm::kernel::detail::ReductionMode::Nondeterministic;
-  // the SMs the work is spread over (CUTLASS would ask too, but divides by zero where no GPU answers)
-  int dev = 0, sms = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess ||
-      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess)
-    cudaGetLastError();
-  args.hw_info.device_id = dev;
-  args.hw_info.sm_count = sms > 0 ? sms : 1;
+  // the SMs the work is spread over, asked once (CUTLASS would ask every call, and divide by zero without a GPU)
+  args.hw_info.sm_count = ostq_num_sms();
   return args;
 }
 

@@ -240,6 +240,7 @@ def _gemm_kernel_ok(a_q: torch.Tensor, w: torch.Tensor, out_dtype: torch.dtype) 
 SMALL_M_SPLITK_BYTES = 32 << 20
 WIDE_N = 16384
 EIGHT_WARPS = 20  # kind + EIGHT_WARPS: the decode kind with 8 warps a CTA
+CUTLASS_MANY_TOKENS = 1024  # from here kind 40 runs 128 x 256 tiles along the tokens (csrc/cutlass_gemm.cu)
 
 
 @functools.lru_cache(maxsize=None)
@@ -317,8 +318,8 @@ def _auto_kind(m: int, n: int, k: int, sms: int = 132, cutlass: bool = True) -> 
             return 5
         return 12
     if k % 128 == 0:  # H100, sessions 11, 19 and 20 (kernels_h100_largem.json, kernels_h100_sched.json)
-        if cutlass and (m >= 1024 or k < 28672):  # from 1024 tokens kind 40 runs 128 x 256 tiles along the tokens:
-            return 40                             # 70B down at 8192 tokens 1,516 TOP/s against kind 26's 1,156
+        if cutlass and (m >= CUTLASS_MANY_TOKENS or k < 28672):  # 70B down: kind 40 at 8192 tokens (its
+            return 40  # 128 x 256 tiles along the tokens) 1,516 TOP/s against kind 26's 1,156
         return 26 if k >= 14336 else 6
     return -1
 
