@@ -13,9 +13,10 @@ Timing is vLLM's own throughput / latency benchmarks' (`vllm bench throughput|la
 It runs in-process for every batch size of a config (one engine start a config, not one a
 measurement): decode = batch B of 128-token prompts, 256 generated tokens each (the prefill of the
 B prompts is inside the time, as in `vllm bench throughput`); prefill = one 2048-token prompt,
-1 output token, median of 5, prefix caching off (so a repeat is a real prefill). Beside each decode
-run, a 1-token run of the same batch: "decode_steps_tok_s" = B * (output - 1) / (the run's median s
-- the 1-token run's), the decode steps without the prompts' prefill (the bar reads decode_tok_s).
+1 output token, median of --prefill-repeats (10), prefix caching off (so a repeat is a real
+prefill). Beside each decode run, a 1-token run of the same batch: "decode_steps_tok_s" =
+B * (output - 1) / (the run's median s - the 1-token run's), the decode steps without the prompts'
+prefill (the bar reads decode_tok_s).
 Every config runs in its own process (a clean GPU), with the same memory share, so "KV-cache
 tokens" (vLLM's own count, from its log) compare the room each leaves. The parent merges rows into
 --out after every config: a later call with --resume skips finished configs.
@@ -463,7 +464,9 @@ def main(argv=None) -> None:
     p.add_argument("--output-len", type=int, default=256)
     p.add_argument("--prefill-len", type=int, default=2048)
     p.add_argument("--repeats", type=int, default=3, help="timed runs a batch size (one fewer above 16)")
-    p.add_argument("--prefill-repeats", type=int, default=5)
+    p.add_argument("--prefill-repeats", type=int, default=10,
+                   help="timed single-prompt prefills (median); one process's runs of one config spread 35-100 ms "
+                        "at 2048 tokens on the H100 (session 21), so 5 did not separate configs")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--eager", action="store_true", help="no torch.compile / CUDA graphs")
     p.add_argument("--profile", action="store_true",

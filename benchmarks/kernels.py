@@ -268,8 +268,9 @@ def gemm_rows(model, layer, K, N, gen, rows, quick, ms=None, with_vllm=False):
 
 # the fused Hadamard kernel's versions (kernels._quant_cuda's `variant`): None = the dispatch's choice,
 # 1 = version 2 (constant-memory table), 2 = version 3, 3 / 4 = version 4 (row in registers) / with half
-# the values a thread, 5 = version 5 (H_B on the tensor cores), 6 = version 4 with one a-row a thread
-HAD_VARIANTS = {None: "", 1: "_v2", 2: "_v3", 3: "_v4", 4: "_v4half", 5: "_v5", 6: "_v4r1"}
+# the values a thread, 5 = version 5 (H_B on the tensor cores), 6 = version 4 with one a-row a thread, 8 = version 6
+# (blocks of <= 64 a-rows each in one warp's registers; elsewhere version 3)
+HAD_VARIANTS = {None: "", 1: "_v2", 2: "_v3", 3: "_v4", 4: "_v4half", 5: "_v5", 6: "_v4r1", 8: "_v6"}
 
 
 def quant_rows(rows, copy_tbps, gen, quick, hadamard_only=False):
@@ -287,7 +288,7 @@ def quant_rows(rows, copy_tbps, gen, quick, hadamard_only=False):
             if not had:
                 runs = [(4, None)] if hadamard_only else [(4, None), (8, None)]
             else:
-                runs = ([(4, None), (4, 2), (4, 3), (4, 4), (4, 5), (4, 6)] if hadamard_only
+                runs = ([(4, None), (4, 2), (4, 3), (4, 4), (4, 5), (4, 6), (4, 8)] if hadamard_only
                         else [(4, None), (8, None), (4, 2)])
             for bits, variant in runs:
                 if variant is None:

@@ -249,6 +249,7 @@ def _quantize_table(path: str, ms: tuple, cols: list, title: str, extra: str = "
     for r in d["rows"]:
         if r.get("kind") == "quantize" and r["M"] in ms:
             by.setdefault((r["K"], r["M"]), {})[r["kernel"]] = r
+    cols = [c for c in cols if any(c[0] in ks for ks in by.values())]  # the kernels this run timed
     out = [f"**{title} µs (fraction of copy bandwidth), {d['gpu']}** ({os.path.basename(path)}; "
            f"copy {d['hbm_copy_tbps']:.2f} TB/s; bar: 0.80{extra})", "",
            "| K | M | " + " | ".join(c for _, c in cols) + " |", "| --- | --- |" + " --- |" * len(cols)]
@@ -273,7 +274,7 @@ def kernels_hadamard_table(path: str) -> str:
             ("ostquant_quant_a4_had8", "I_8 (x) H, dispatch"), ("ostquant_quant_a4_had8_v3", "I_8 (x) H, v3"),
             ("ostquant_quant_a4_had8_v4", "I_8 (x) H, v4"), ("ostquant_quant_a4_had8_v4half", "I_8 (x) H, v4 half"),
             ("ostquant_quant_a4_had8_v4r1", "I_8 (x) H, v4 R = 1"), ("ostquant_quant_a4_had8_v5", "I_8 (x) H, v5"),
-            ("ostquant_quant_a4", "no Hadamard"), ("torch_copy", "torch copy")]
+            ("ostquant_quant_a4_had8_v6", "I_8 (x) H, v6"), ("ostquant_quant_a4", "no Hadamard"), ("torch_copy", "torch copy")]
     return _quantize_table(path, (1, 64, 2048, 8192), cols, "Fused Hadamard + 4-bit quantize",
                            "; H = the full H_K, I_8 (x) H = calibration's default blocks; M = 64 is batch-64 decode")
 

@@ -1623,11 +1623,12 @@ __global__ void __launch_bounds__(256, 2) quant_had5_kernel(const __nv_bfloat16*
   // a-bits 0-2 and 6-8: thread (j, o = a-bits 3-5) holds u[i] of a = (i & 7) | o << 3 | (i >> 3) << 6
   const bool has = tid < 8 * B;
   const int j = tid % B, o = tid / B;
+  const int base = (o << 3) * B + j;  // a-bits 3-5 = o (< 8 where has): constant offsets from one base
   float u[64];
   float mn = INFINITY, mx = -INFINITY;
   if (has) {
 #pragma unroll
-    for (int i = 0; i < 64; ++i) u[i] = ys[((i & 7) | (o << 3) | ((i >> 3) << 6)) * B + j];
+    for (int i = 0; i < 64; ++i) u[i] = ys[base + ((i & 7) + ((i >> 3) << 6)) * B];
 #pragma unroll
     for (int s = 0; s < 6; ++s) {
       if ((s < 3 ? s : s + 3) < log2p) {  // i-bit s is a-bit s (s < 3) or s + 3
@@ -1653,7 +1654,7 @@ __global__ void __launch_bounds__(256, 2) quant_had5_kernel(const __nv_bfloat16*
   if (has) {
     const RawLevels level = raw_levels(rq, norm);
 #pragma unroll
-    for (int i = 0; i < 64; ++i) qs[((i & 7) | (o << 3) | ((i >> 3) << 6)) * B + j] = (int8_t)level(u[i]);
+    for (int i = 0; i < 64; ++i) qs[base + ((i & 7) + ((i >> 3) << 6)) * B] = (int8_t)level(u[i]);
   }
   __syncthreads();
   uint4* dst = reinterpret_cast<uint4*>(q + (size_t)row * K);
@@ -1672,6 +1673,177 @@ int launch_had5(const __nv_bfloat16* x, int8_t* q, float* scale, float* zero, in
     static int smem_set = 0;
     if (const cudaError_t e = raise_smem_limit(kern, smem, smem_set)) return (int)e;
     kern<<<M, 256, smem, st>>>(x, q, scale, zero, hb, K, log2p, norm, p);
+    return (int)cudaGetLastError();
+  }
+}
+
+// Version 6 (variant 8, session 21): blocks of at most 64 a-rows (K / b = 2^log2p B with log2p <= 6: calibration's
+// default b = 8 for Llama-3-8B's 14336 = 8 x 64 x 28, and its TP slices), W = K / (64 B) warps a row. Warp w takes
+// a-rows 64 w .. 64 w + 63, so each Hadamard block lies inside one warp: H_B on the tensor cores as version 5
+// (stage A), then the whole 2^log2p-point butterfly in the warp's registers, a-bit 3 and 4-5 in the D fragments'
+// halves and tiles, a-bits 0-2 (g = lane bits 2-4) across lanes with shfl_xor (partner -/+ own as one exact FMA, as
+// version 4). No shared-memory exchange of the FP32 values and two CTA barriers a row (the row loaded, its min/max)
+// where version 5 has six and spends ~33 instructions an element at an IPC of 2 (Nsight Compute, session 21). Each
+// warp writes its levels into shared memory and copies its own 64 B bytes out with 16-B stores.
+__device__ __forceinline__ void block_minmax_warps(float& mn, float& mx, int warps) {
+  __shared__ float s_mn[32], s_mx[32];
+  mn = warp_min(mn);
+  mx = warp_max(mx);
+  if ((threadIdx.x & 31) == 0) {
+    s_mn[threadIdx.x >> 5] = mn;
+    s_mx[threadIdx.x >> 5] = mx;
+  }
+  __syncthreads();
+  mn = s_mn[0];
+  mx = s_mx[0];
+  for (int i = 1; i < warps; ++i) {
+    mn = fminf(mn, s_mn[i]);
+    mx = fmaxf(mx, s_mx[i]);
+  }
+}
+
+template <int B>
+__global__ void __launch_bounds__(512, 1) quant_had6_kernel(const __nv_bfloat16* __restrict__ x, int8_t* __restrict__ q,
+                                                            float* __restrict__ scale, float* __restrict__ zero,
+                                                            const float* __restrict__ hb, int K, int log2p,
+                                                            float norm, QParams p) {
+  pdl_trigger();  // the GEMM after it may launch (under PDL it still waits for this grid)
+  constexpr int BP = B <= 16 ? 16 : 32, KS = BP / 16, NT = BP / 8, T = 4;
+  static_assert(B % 2 == 0 && B <= 32, "even B up to 32 (fragment pairs, two k16 steps)");
+  // 3 K + 32 bytes: the bf16 row, 32 zero bytes (the last a-row's padding columns), the levels
+  extern __shared__ __align__(16) uint8_t sm6[];
+  const __nv_bfloat16* xs = reinterpret_cast<const __nv_bfloat16*>(sm6);
+  int8_t* qs = reinterpret_cast<int8_t*>(sm6 + 2 * K + 32);
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
+  const int row = blockIdx.x;
+  {
+    const uint32_t s = smem_u32(sm6);
+    const uint4* src = reinterpret_cast<const uint4*>(x + (size_t)row * K);
+    for (int c = tid; c < K / 8; c += blockDim.x) cp_async16(s + c * 16, src + c, true);
+    cp_async_commit();
+    if (tid < 2) reinterpret_cast<uint4*>(sm6 + 2 * K)[tid] = make_uint4(0u, 0u, 0u, 0u);
+  }
+  uint32_t bfr[KS][NT][2];
+#pragma unroll
+  for (int ks = 0; ks < KS; ++ks)
+#pragma unroll
+    for (int nj = 0; nj < NT; ++nj)
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const int k = 16 * ks + 2 * t + 8 * r, n = 8 * nj + g;
+        bfr[ks][nj][r] = hb_bf16<B>(hb, k, n) | (hb_bf16<B>(hb, k + 1, n) << 16);
+      }
+  cp_async_wait<0>();
+  __syncthreads();
+  // A. v[tile][nj][2 h + e] = (x_a H_B)[8 nj + 2 t + e] for a = 64 warp + 16 tile + 8 h + g (version 5's stage A)
+  float v[T][NT][4];
+#pragma unroll
+  for (int tt = 0; tt < T; ++tt) {
+    const int a0 = (warp * T + tt) * 16 + g;
+#pragma unroll
+    for (int nj = 0; nj < NT; ++nj) v[tt][nj][0] = v[tt][nj][1] = v[tt][nj][2] = v[tt][nj][3] = 0.f;
+#pragma unroll
+    for (int ks = 0; ks < KS; ++ks) {
+      const int c = 16 * ks + 2 * t;
+      const uint32_t af[4] = {*reinterpret_cast<const uint32_t*>(xs + a0 * B + c),
+                              *reinterpret_cast<const uint32_t*>(xs + (a0 + 8) * B + c),
+                              *reinterpret_cast<const uint32_t*>(xs + a0 * B + c + 8),
+                              *reinterpret_cast<const uint32_t*>(xs + (a0 + 8) * B + c + 8)};
+#pragma unroll
+      for (int nj = 0; nj < NT; ++nj)
+        if (8 * nj < B) mma_bf16_16816(v[tt][nj], af, bfr[ks][nj][0], bfr[ks][nj][1]);
+    }
+  }
+  // B. a-bits 0-2 across the lanes (g), then bit 3 (fragment halves) and 4-5 (tiles) in registers
+#pragma unroll
+  for (int s = 0; s < 3; ++s) {
+    if (s < log2p) {
+      const int m = 4 << s;
+      const float sg = (lane & m) ? -1.f : 1.f;
+#pragma unroll
+      for (int tt = 0; tt < T; ++tt)
+#pragma unroll
+        for (int nj = 0; nj < NT; ++nj)
+          if (8 * nj < B)
+#pragma unroll
+            for (int i = 0; i < 4; ++i)
+              v[tt][nj][i] = fmaf(sg, v[tt][nj][i], __shfl_xor_sync(0xffffffffu, v[tt][nj][i], m));
+    }
+  }
+  if (3 < log2p) {
+#pragma unroll
+    for (int tt = 0; tt < T; ++tt)
+#pragma unroll
+      for (int nj = 0; nj < NT; ++nj)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const float u = v[tt][nj][e], w = v[tt][nj][2 + e];
+          v[tt][nj][e] = __fadd_rn(u, w);
+          v[tt][nj][2 + e] = __fsub_rn(u, w);
+        }
+  }
+#pragma unroll
+  for (int tb = 1; tb < T; tb <<= 1) {
+    if (4 + ilog2(tb) < log2p) {
+#pragma unroll
+      for (int tt = 0; tt < T; ++tt)
+        if (!(tt & tb))
+#pragma unroll
+          for (int nj = 0; nj < NT; ++nj)
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+              const float u = v[tt][nj][i], w = v[tt + tb][nj][i];
+              v[tt][nj][i] = __fadd_rn(u, w);
+              v[tt + tb][nj][i] = __fsub_rn(u, w);
+            }
+    }
+  }
+  // C. the row's min/max over the real columns (8 nj + 2 t < B; the others are H's zero padding), levels as version 5
+  float mn = INFINITY, mx = -INFINITY;
+#pragma unroll
+  for (int nj = 0; nj < NT; ++nj)
+    if (8 * nj < B && 8 * nj + 2 * t < B)
+#pragma unroll
+      for (int tt = 0; tt < T; ++tt)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          mn = fminf(mn, v[tt][nj][i]);
+          mx = fmaxf(mx, v[tt][nj][i]);
+        }
+  block_minmax_warps(mn, mx, blockDim.x >> 5);
+  const RowQ rq = raw_row_qparams(mn, mx, norm, p);
+  write_row_params(rq, scale, zero, row);
+  const RawLevels level = raw_levels(rq, norm);
+#pragma unroll
+  for (int nj = 0; nj < NT; ++nj)
+    if (8 * nj < B && 8 * nj + 2 * t < B)
+#pragma unroll
+      for (int tt = 0; tt < T; ++tt)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int a = (warp * T + tt) * 16 + 8 * h + g;
+          *reinterpret_cast<uint16_t*>(qs + a * B + 8 * nj + 2 * t) =
+              (uint16_t)((level(v[tt][nj][2 * h]) & 255) | ((level(v[tt][nj][2 * h + 1]) & 255) << 8));
+        }
+  __syncwarp();
+  const uint4* src = reinterpret_cast<const uint4*>(qs) + warp * 4 * B;  // the warp's 64 B bytes
+  uint4* dst = reinterpret_cast<uint4*>(q + (size_t)row * K) + warp * 4 * B;
+  for (int c = lane; c < 4 * B; c += 32) dst[c] = src[c];
+}
+
+template <int B>
+int launch_had6(const __nv_bfloat16* x, int8_t* q, float* scale, float* zero, int M, int K, int log2p,
+                const float* hb, float norm, QParams p, cudaStream_t st) {
+  if constexpr (B != 12 && B != 20 && B != 28) {
+    return -1;
+  } else {
+    const int warps = K / (64 * B);
+    if (log2p > 6 || K != 64 * B * warps || warps < 1 || warps > 16) return -1;
+    auto kern = quant_had6_kernel<B>;
+    const int smem = 3 * K + 32;
+    static int smem_set = 0;
+    if (const cudaError_t e = raise_smem_limit(kern, smem, smem_set)) return (int)e;
+    kern<<<M, 32 * warps, smem, st>>>(x, q, scale, zero, hb, K, log2p, norm, p);
     return (int)cudaGetLastError();
   }
 }
@@ -1948,6 +2120,10 @@ int launch_had(const __nv_bfloat16* x, int8_t* q, float* scale, float* zero, int
     const int r = try_had4<B>(x, q, scale, zero, M, K, log2p, norm, p, variant, st);
     if (r >= 0) return r;
   }
+  if (variant == 8) {
+    const int r = launch_had6<B>(x, q, scale, zero, M, K, log2p, hb, norm, p, st);
+    if (r >= 0) return r;
+  }
   if (variant == 0 || variant == 5) {  // session 11, H100: 1.7x version 3 at b = 1, K = 14336 (M 1-8192)
     const int r = launch_had5<B>(x, q, scale, zero, M, K, log2p, hb, norm, p, st);
     if (r >= 0) return r;
@@ -2077,7 +2253,8 @@ OSTQ_API int ostq_int4_gemm(const void* a_q, const void* a_scale, const void* a_
 // version 5 where it fits, else version 3), 1 = version 2 (constant-memory table), 2 = version 3 (row in shared memory, signs
 // compiled in), 3 / 4 = version 4 (row in registers) with the larger / smaller R, 5 = version 5 (H_B on the
 // tensor cores; K = 512 B, B in {12, 20, 28}), 6 = version 4 with one a-row a thread (B % 4 == 0, at most 512
-// threads a row and one cross-warp butterfly bit); 3-6 take version 3 where they do not fit.
+// threads a row and one cross-warp butterfly bit), 8 = version 6 (blocks of at most 64 a-rows, each in one warp's
+// registers; K = 64 W B for W <= 16 warps, B in {12, 20, 28}); 3-8 take version 3 where they do not fit.
 OSTQ_API int ostq_quantize_act(const void* x, void* q, void* scale, void* zero, int M, int K, int bits, int sym,
                                float clip, int hadamard, int B, int log2p, const void* hb, int variant,
                                void* stream) {

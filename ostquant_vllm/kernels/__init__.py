@@ -88,7 +88,8 @@ _H_TABLES: dict = {}
 # its butterflies stay within a warp; else version 3), 1 = version 2 (table in constant memory), 2 = version 3
 # (row in shared memory, signs compiled in), 3 / 4 = version 4 with the larger / smaller rows a thread, 5 =
 # version 5 (H_B on the tensor cores), 6 = version 4 with one a-row a thread (session 13; slower where it was
-# meant to help, kernels_h100_hadamard.json).
+# meant to help, kernels_h100_hadamard.json), 8 = version 6 (session 21: blocks of at most 64 a-rows, each in one
+# warp's registers after version 5's tensor-core H_B; K = 64 W B for W <= 16 warps).
 HAD_VARIANT = int(os.environ.get("OSTQUANT_HAD_VARIANT", "0"))
 
 

@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# One device call for the fused Hadamard + quantize kernels (issue 5): the GPU tests of version 5 (the
-# other versions are unchanged since they last passed), then the Hadamard benchmark (every version, Llama-3-8B/70B and SmolLM2
-# down_proj inputs) to $OUT/kernels_hadamard.json. Carry ostquant_vllm/kernels/_build.
+# One device call for the fused Hadamard + quantize kernels (issue 5): every quantize GPU test, then the Hadamard
+# benchmark (every version, Llama-3-8B/70B and SmolLM2 down_proj inputs) to $OUT/kernels_hadamard.json.
+# Carry ostquant_vllm/kernels/_build.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 . tests/gpu/env.sh  # $OUT, PYTHONPATH, pytest
+nvidia-smi --query-gpu=name,driver_version,clocks.sm --format=csv,noheader
 PT="python3 -m pytest -q -p no:cacheprovider --tb=short -rf tests/gpu/test_kernels.py"
-timeout 120 $PT -k "quantize_hadamard and -5]" 2>&1 | tee "$OUT/tests_had5.log" | tail -6
-timeout 120 python3 benchmarks/kernels.py --models "" --hadamard-only --out "$OUT/kernels_hadamard.json" 2>&1 \
-  | grep -E "had=(1|8) .*M= *(16|2048|8192)|failed" | tail -40
+timeout 200 $PT -k "quantize" 2>&1 | tee "$OUT/tests_quantize.log" | tail -6
+timeout 330 python3 benchmarks/kernels.py --models "" --hadamard-only --out "$OUT/kernels_hadamard.json" 2>&1 \
+  | grep -E "had=(1|8) .*M= *(64|2048|8192)|failed" | tail -60

@@ -12,8 +12,13 @@
 # E2E_ENV="OSTQUANT_KIND_MAP=$(python3 benchmarks/pick_kinds.py /tmp/kernels_dispatch.json) OSTQUANT_CUTLASS_RASTER=2
 # OSTQUANT_CUTLASS_SWIZZLE=4 OSTQUANT_CUTLASS_TILE=1" (what the dispatch now does by itself), SCHED_MODELS=llama3-70b
 # PART=sched + PART=tuned TAG=maponly (the map alone), PART=profile, PART=tuned TAG=no40 (kinds 6 / 26 for kind 40).
-# Next: PART=kern (every test on the session 20 dispatch), then the bundle and PART=profile of the single
-# 2048-token prefill with and without kind 40 (see PART=profile).
+# Session 21 ran SKIP_NCU=1 SKIP_PROBE=1 SKIP_DISPATCH=1 PART=kern, the bundle, PART=prefillab; on a second machine the
+# bundle, a timed prefill A/B (gpu_e2e.sh --configs ostquant_w4a4kv4 --batches 256 --output-len 2 --repeats 2
+# --prefill-repeats 6, with and without OSTQUANT_KIND_MAP=40@4096x14336:26,40:6), tests/gpu/run_hadamard.sh (a library
+# with a variant 7, since removed) and Nsight Compute on the fused Hadamard (gpu_ncu.sh had1v5_m8192_k14336). A third
+# machine (quantize tests, the bundle, PART=e2e E2E_ARGS="--batches 64") never started.
+# Next: bash tests/gpu/run_hadamard.sh (the fused Hadamard version 6, variant 8: its tests and rows), the bundle,
+# PART=e2e E2E_ARGS="--batches 64" with and without E2E_ENV=OSTQUANT_HAD_VARIANT=8.
 #   PART=kern  every GPU kernel test (tests/gpu/test_kernels.py, test_kv4_kernels.py; TESTS_K: pytest's -k), the
 #              dispatch's GEMM rows at 1, 16, 64 and 256 tokens on the 8B and 70B layers ($OUT/kernels_dispatch.json:
 #              compare with the ostquant rows of results/kernels_h100_vllm.json; a copy in /tmp), the int8 mma.sync rate
@@ -26,11 +31,14 @@
 #              against torch bf16 / fp8 / int8 and vLLM's CUTLASS W8A8-int8, Machete W4A16 and CUTLASS W4A8
 #              on $VLLMK_MODELS (default llama3-8b) at $VLLMK_MS tokens ($OUT/kernels_vllm_<models>.json)
 #   PART=e2e   two kernel tests (the library loads and runs), then benchmarks/e2e_vllm.py: bf16, FP8 and
-#              ostquant W4A4KV4 with the defaults, or under the settings in $E2E_ENV (/tmp/e2e_vllm.json)
+#              ostquant W4A4KV4 with the defaults, or under the settings in $E2E_ENV (/tmp/e2e_vllm.json); E2E_ARGS
+#              more e2e_vllm.py flags (session 21: E2E_ARGS="--batches 64", the bar's batch alone)
 #   PART=profile  GPU time by kernel of ostquant W4A4KV4 at batch $PROFILE_BATCH (default 64): the decode
 #              steps and the prefill apart (into /tmp/e2e_vllm.json's profiles); PROFILE_CONFIGS adds others,
 #              PROFILE_ARGS more e2e_vllm.py flags (the single 2048-token prefill: PROFILE_BATCH=1
 #              PROFILE_ARGS="--input-len 2048", with and without E2E_ENV="OSTQUANT_KIND_MAP=40:6")
+#   PART=prefillab  PART=profile of the single 2048-token prefill with kind 40 and with kinds 6 / 26 in its place, in one
+#              call ($OUT/e2e_prefill_{k40,no40}.json); SKIP_DISPATCH=1 leaves PART=kern's dispatch rows out
 #   PART=tuned ostquant W4A4KV4 again under the settings in $E2E_ENV into $OUT/e2e_vllm_$TAG.json, e.g.
 #              E2E_ENV="OSTQUANT_KIND_MAP=35:11" TAG=t1 PART=tuned bash tests/gpu/run_session17.sh
 #   PART=sched kind 40's settings test, then kind 40 at 2048 and 8192 tokens on the 8B and 70B layers under each
@@ -46,9 +54,11 @@ kern)
   nvidia-smi --query-gpu=name,driver_version,clocks.sm --format=csv,noheader
   timeout 300 python3 -m pytest -q -p no:cacheprovider --tb=short -rf ${TESTS_K:+-k "$TESTS_K"} \
     tests/gpu/test_kernels.py tests/gpu/test_kv4_kernels.py 2>&1 | tee "$OUT/tests_kernels.log" | tail -4
-  OSTQUANT_BENCH_SKIP_KINDS=$(seq -s, 0 36) timeout 240 python3 benchmarks/kernels.py --skip-quant --ms 1,16,64,256 \
-    --out "$OUT/kernels_dispatch.json" 2>&1 | grep -E "ostquant_w4a4 |cutlass|failed" | tail -60
-  cp "$OUT/kernels_dispatch.json" /tmp/  # for benchmarks/pick_kinds.py in a later call
+  if [ -z "${SKIP_DISPATCH:-}" ]; then
+    OSTQUANT_BENCH_SKIP_KINDS=$(seq -s, 0 36) timeout 240 python3 benchmarks/kernels.py --skip-quant --ms 1,16,64,256 \
+      --out "$OUT/kernels_dispatch.json" 2>&1 | grep -E "ostquant_w4a4 |cutlass|failed" | tail -60
+    cp "$OUT/kernels_dispatch.json" /tmp/  # for benchmarks/pick_kinds.py in a later call
+  fi
   [ -n "${SKIP_PROBE:-}" ] || timeout 120 python3 benchmarks/mma_probe.py --out "$OUT/mma_probe.json" 2>&1 | tail -20
   [ -n "${SKIP_NCU:-}" ] || NCU_DETAILS=1 timeout 200 bash benchmarks/gpu_ncu.sh gemm31_down_m64 2>&1 | tail -20
   ;;
@@ -78,12 +88,28 @@ e2e)
   . tests/gpu/env.sh
   timeout 60 python3 -m pytest -q -p no:cacheprovider --tb=short -rf tests/gpu/test_kernels.py \
     -k "public_api or deterministic" 2>&1 | tail -2
-  env ${E2E_ENV:-} E2E_TIMEOUT=400 bash benchmarks/gpu_e2e.sh --configs bf16,fp8,ostquant_w4a4kv4 2>&1 \
+  env ${E2E_ENV:-} E2E_TIMEOUT=${E2E_TIMEOUT:-400} bash benchmarks/gpu_e2e.sh --configs bf16,fp8,ostquant_w4a4kv4 ${E2E_ARGS:-} 2>&1 \
     | grep -v "^WARNING\|^INFO\|^(EngineCore" | grep -E "\[e2e\]|rror" | tail -20
   ;;
 profile)
   env ${E2E_ENV:-} E2E_TIMEOUT=${E2E_TIMEOUT:-160} bash benchmarks/gpu_e2e.sh --configs ${PROFILE_CONFIGS:-ostquant_w4a4kv4} --profile \
     --batches "${PROFILE_BATCH:-64}" ${PROFILE_ARGS:-} 2>&1 | grep -v "^WARNING\|^INFO\|^(EngineCore" | tail -30
+  ;;
+prefillab)
+  # the single 2048-token prefill profiled with kind 40 (the dispatch) and with kinds 6 / 26 in its place
+  for tag in k40 no40; do
+    map=""; [ "$tag" = no40 ] && map="OSTQUANT_KIND_MAP=40@4096x14336:26,40:6"
+    env $map E2E_TIMEOUT=270 bash benchmarks/gpu_e2e.sh --configs ostquant_w4a4kv4 --profile --batches 1 \
+      --input-len 2048 --out "/tmp/e2e_prefill_$tag.json" 2>&1 | grep -v "^WARNING\|^INFO\|^(EngineCore" | tail -6
+    cp "/tmp/e2e_prefill_$tag.json" "$OUT/" 2>/dev/null
+    python3 - "$OUT/e2e_prefill_$tag.json" <<'PY'
+import json, sys
+p = next(iter(json.load(open(sys.argv[1]))["profiles"].values()))["profile"]
+print(sys.argv[1], "prefill wall", round(p["prefill_wall_ms"], 1), "gpu", round(p["prefill_gpu_ms"], 1))
+for k, t in p["top_prefill_kernels_ms"][:8]:
+    print(f"  {t:8.2f} ms  {k[:100]}")
+PY
+  done
   ;;
 tuned)
   env ${E2E_ENV:?set E2E_ENV} E2E_TIMEOUT=${E2E_TIMEOUT:-300} bash benchmarks/gpu_e2e.sh --configs ostquant_w4a4kv4 \

@@ -268,7 +268,7 @@ def test_quantize_plain(k):
             _check_quant(x, bits, sym, clip, False)
 
 
-@pytest.mark.parametrize("variant", [0, 1, 2, 3, 4, 5, 6])
+@pytest.mark.parametrize("variant", [0, 1, 2, 3, 4, 5, 6, 8])
 @pytest.mark.parametrize("k", [1536, 4096, 8192, 14336, 28672, 20 * 64, 36 * 32, 52 * 16, 60 * 64,
                                12 * 512, 20 * 512])  # the last two: version 5 at B = 12, 20
 def test_quantize_hadamard(k, variant):
@@ -288,7 +288,7 @@ def test_quantize_hadamard(k, variant):
 HAD_BLOCKS = [(1536, 8), (768, 4), (14336, 8), (7168, 4), (3584, 2), (28672, 8), (14336, 4), (4096, 2)]
 
 
-@pytest.mark.parametrize("variant", [0, 1, 2, 3, 4, 5, 6])
+@pytest.mark.parametrize("variant", [0, 1, 2, 3, 4, 5, 6, 8])
 @pytest.mark.parametrize("k,blocks", HAD_BLOCKS)
 def test_quantize_hadamard_blocks(k, blocks, variant):
     assert kernels._quant_kernel_ok(torch.empty(1, k, dtype=torch.bfloat16, device=DEV), 4, blocks)
