@@ -1526,26 +1526,30 @@ __device__ __forceinline__ uint32_t hb_bf16(const float* __restrict__ hb, int k,
   return __ldg(hb + k * B + n) < 0.f ? 0xBF80u : 0x3F80u;
 }
 
+// Stage A of versions 5 and 6: the CTA's row (bf16, 64 a-rows of B a warp) into shared memory at sm with 32 zero bytes
+// after it (2 (BP - B) <= 24 B are read past the last a-row), warp w's 64 a-rows times H_B on the tensor cores, then
+// the butterflies over a-bit 3 (the fragment halves h) and 4-5 (the tiles) in registers:
+// v[tile][nj][2 h + e] = (x_a H_B)[8 nj + 2 t + e] for a = 64 w + 16 tile + 8 h + g. Columns 8 nj + 2 t + e >= B
+// are H's zero padding.
 template <int B>
-__global__ void __launch_bounds__(256, 2) quant_had5_kernel(const __nv_bfloat16* __restrict__ x, int8_t* __restrict__ q,
-                                                            float* __restrict__ scale, float* __restrict__ zero,
-                                                            const float* __restrict__ hb, int K, int log2p,
-                                                            float norm, QParams p) {
-  pdl_trigger();  // the GEMM after it may launch (under PDL it still waits for this grid)
-  constexpr int BP = B <= 16 ? 16 : 32, KS = BP / 16, NT = BP / 8, T = 4;
+struct Had5Frag {
+  static constexpr int BP = B <= 16 ? 16 : 32, KS = BP / 16, NT = BP / 8, T = 4;
   static_assert(B % 2 == 0 && B <= 32, "even B up to 32 (fragment pairs, two k16 steps)");
-  extern __shared__ __align__(16) uint8_t sm5[];  // 4 K bytes: the bf16 row (A), then FP32 values (B), then levels
-  const __nv_bfloat16* xs = reinterpret_cast<const __nv_bfloat16*>(sm5);
-  float* ys = reinterpret_cast<float*>(sm5);
-  int8_t* qs = reinterpret_cast<int8_t*>(sm5);
+};
+template <int B>
+__device__ __forceinline__ void had5_stage_a(const __nv_bfloat16* __restrict__ x, const float* __restrict__ hb,
+                                             uint8_t* sm, int K, int row, int log2p,
+                                             float (&v)[Had5Frag<B>::T][Had5Frag<B>::NT][4]) {
+  using F = Had5Frag<B>;
+  constexpr int KS = F::KS, NT = F::NT, T = F::T;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
-  const int row = blockIdx.x;
+  const __nv_bfloat16* xs = reinterpret_cast<const __nv_bfloat16*>(sm);
   {
-    const uint32_t s = smem_u32(sm5);
+    const uint32_t s = smem_u32(sm);
     const uint4* src = reinterpret_cast<const uint4*>(x + (size_t)row * K);
-    for (int c = tid; c < K / 8; c += 256) cp_async16(s + c * 16, src + c, true);
+    for (int c = tid; c < K / 8; c += blockDim.x) cp_async16(s + c * 16, src + c, true);
     cp_async_commit();
-    if (tid < 2) reinterpret_cast<uint4*>(sm5 + 2 * K)[tid] = make_uint4(0u, 0u, 0u, 0u);  // 2 (BP - B) <= 24 B read
+    if (tid < 2) reinterpret_cast<uint4*>(sm + 2 * K)[tid] = make_uint4(0u, 0u, 0u, 0u);
   }
   uint32_t bfr[KS][NT][2];
 #pragma unroll
@@ -1559,9 +1563,6 @@ __global__ void __launch_bounds__(256, 2) quant_had5_kernel(const __nv_bfloat16*
       }
   cp_async_wait<0>();
   __syncthreads();
-
-  // A. v[tile][nj][2 h + e] = (x_a H_B)[8 nj + 2 t + e] for a = 64 warp + 16 tile + 8 h + g
-  float v[T][NT][4];
 #pragma unroll
   for (int tt = 0; tt < T; ++tt) {
     const int a0 = (warp * T + tt) * 16 + g;
@@ -1578,8 +1579,7 @@ __global__ void __launch_bounds__(256, 2) quant_had5_kernel(const __nv_bfloat16*
       for (int nj = 0; nj < NT; ++nj) mma_bf16_16816(v[tt][nj], af, bfr[ks][nj][0], bfr[ks][nj][1]);
     }
   }
-  // B. a-bit 3 (h: fragment halves) and bits 4-5 (tiles) in registers
-  if (3 < log2p) {
+  if (3 < log2p) {  // a-bit 3: the fragment halves
 #pragma unroll
     for (int tt = 0; tt < T; ++tt)
 #pragma unroll
@@ -1607,6 +1607,23 @@ __global__ void __launch_bounds__(256, 2) quant_had5_kernel(const __nv_bfloat16*
             }
     }
   }
+}
+
+template <int B>
+__global__ void __launch_bounds__(256, 2) quant_had5_kernel(const __nv_bfloat16* __restrict__ x, int8_t* __restrict__ q,
+                                                            float* __restrict__ scale, float* __restrict__ zero,
+                                                            const float* __restrict__ hb, int K, int log2p,
+                                                            float norm, QParams p) {
+  pdl_trigger();  // the GEMM after it may launch (under PDL it still waits for this grid)
+  constexpr int NT = Had5Frag<B>::NT, T = Had5Frag<B>::T;
+  extern __shared__ __align__(16) uint8_t sm5[];  // 4 K bytes: the bf16 row (A), then FP32 values (B), then levels
+  float* ys = reinterpret_cast<float*>(sm5);
+  int8_t* qs = reinterpret_cast<int8_t*>(sm5);
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
+  const int row = blockIdx.x;
+  // A, and a-bits 3-5 of the butterflies
+  float v[T][NT][4];
+  had5_stage_a<B>(x, hb, sm5, K, row, log2p, v);
   __syncthreads();  // every warp's A fragments are read: the FP32 values overwrite the bf16 row
 #pragma unroll
   for (int tt = 0; tt < T; ++tt)
@@ -1708,53 +1725,16 @@ __global__ void __launch_bounds__(512, 1) quant_had6_kernel(const __nv_bfloat16*
                                                             const float* __restrict__ hb, int K, int log2p,
                                                             float norm, QParams p) {
   pdl_trigger();  // the GEMM after it may launch (under PDL it still waits for this grid)
-  constexpr int BP = B <= 16 ? 16 : 32, KS = BP / 16, NT = BP / 8, T = 4;
-  static_assert(B % 2 == 0 && B <= 32, "even B up to 32 (fragment pairs, two k16 steps)");
+  constexpr int NT = Had5Frag<B>::NT, T = Had5Frag<B>::T;
   // 3 K + 32 bytes: the bf16 row, 32 zero bytes (the last a-row's padding columns), the levels
   extern __shared__ __align__(16) uint8_t sm6[];
-  const __nv_bfloat16* xs = reinterpret_cast<const __nv_bfloat16*>(sm6);
   int8_t* qs = reinterpret_cast<int8_t*>(sm6 + 2 * K + 32);
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
   const int row = blockIdx.x;
-  {
-    const uint32_t s = smem_u32(sm6);
-    const uint4* src = reinterpret_cast<const uint4*>(x + (size_t)row * K);
-    for (int c = tid; c < K / 8; c += blockDim.x) cp_async16(s + c * 16, src + c, true);
-    cp_async_commit();
-    if (tid < 2) reinterpret_cast<uint4*>(sm6 + 2 * K)[tid] = make_uint4(0u, 0u, 0u, 0u);
-  }
-  uint32_t bfr[KS][NT][2];
-#pragma unroll
-  for (int ks = 0; ks < KS; ++ks)
-#pragma unroll
-    for (int nj = 0; nj < NT; ++nj)
-#pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        const int k = 16 * ks + 2 * t + 8 * r, n = 8 * nj + g;
-        bfr[ks][nj][r] = hb_bf16<B>(hb, k, n) | (hb_bf16<B>(hb, k + 1, n) << 16);
-      }
-  cp_async_wait<0>();
-  __syncthreads();
-  // A. v[tile][nj][2 h + e] = (x_a H_B)[8 nj + 2 t + e] for a = 64 warp + 16 tile + 8 h + g (version 5's stage A)
+  // A, and a-bits 3-5 of the butterflies in registers (version 5's)
   float v[T][NT][4];
-#pragma unroll
-  for (int tt = 0; tt < T; ++tt) {
-    const int a0 = (warp * T + tt) * 16 + g;
-#pragma unroll
-    for (int nj = 0; nj < NT; ++nj) v[tt][nj][0] = v[tt][nj][1] = v[tt][nj][2] = v[tt][nj][3] = 0.f;
-#pragma unroll
-    for (int ks = 0; ks < KS; ++ks) {
-      const int c = 16 * ks + 2 * t;
-      const uint32_t af[4] = {*reinterpret_cast<const uint32_t*>(xs + a0 * B + c),
-                              *reinterpret_cast<const uint32_t*>(xs + (a0 + 8) * B + c),
-                              *reinterpret_cast<const uint32_t*>(xs + a0 * B + c + 8),
-                              *reinterpret_cast<const uint32_t*>(xs + (a0 + 8) * B + c + 8)};
-#pragma unroll
-      for (int nj = 0; nj < NT; ++nj)
-        if (8 * nj < B) mma_bf16_16816(v[tt][nj], af, bfr[ks][nj][0], bfr[ks][nj][1]);
-    }
-  }
-  // B. a-bits 0-2 across the lanes (g), then bit 3 (fragment halves) and 4-5 (tiles) in registers
+  had5_stage_a<B>(x, hb, sm6, K, row, log2p, v);
+  // B. a-bits 0-2 across the lanes (g = lane bits 2-4)
 #pragma unroll
   for (int s = 0; s < 3; ++s) {
     if (s < log2p) {
@@ -1768,34 +1748,6 @@ __global__ void __launch_bounds__(512, 1) quant_had6_kernel(const __nv_bfloat16*
 #pragma unroll
             for (int i = 0; i < 4; ++i)
               v[tt][nj][i] = fmaf(sg, v[tt][nj][i], __shfl_xor_sync(0xffffffffu, v[tt][nj][i], m));
-    }
-  }
-  if (3 < log2p) {
-#pragma unroll
-    for (int tt = 0; tt < T; ++tt)
-#pragma unroll
-      for (int nj = 0; nj < NT; ++nj)
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const float u = v[tt][nj][e], w = v[tt][nj][2 + e];
-          v[tt][nj][e] = __fadd_rn(u, w);
-          v[tt][nj][2 + e] = __fsub_rn(u, w);
-        }
-  }
-#pragma unroll
-  for (int tb = 1; tb < T; tb <<= 1) {
-    if (4 + ilog2(tb) < log2p) {
-#pragma unroll
-      for (int tt = 0; tt < T; ++tt)
-        if (!(tt & tb))
-#pragma unroll
-          for (int nj = 0; nj < NT; ++nj)
-#pragma unroll
-            for (int i = 0; i < 4; ++i) {
-              const float u = v[tt][nj][i], w = v[tt + tb][nj][i];
-              v[tt][nj][i] = __fadd_rn(u, w);
-              v[tt + tb][nj][i] = __fsub_rn(u, w);
-            }
     }
   }
   // C. the row's min/max over the real columns (8 nj + 2 t < B; the others are H's zero padding), levels as version 5
