@@ -942,10 +942,10 @@ __device__ __forceinline__ float warp_min(float v) {
   return v;
 }
 
-// Block-wide (min, max); every thread gets the result.
-template <int THREADS>
-__device__ __forceinline__ void block_minmax(float& mn, float& mx) {
-  __shared__ float s_mn[THREADS / 32], s_mx[THREADS / 32];
+// Block-wide (min, max) over the CTA's `warps` warps; every thread gets the result. Its first barrier also ends
+// every thread's earlier shared-memory reads (the callers overwrite what they read after it).
+__device__ __forceinline__ void block_minmax_warps(float& mn, float& mx, int warps) {
+  __shared__ float s_mn[32], s_mx[32];
   mn = warp_min(mn);
   mx = warp_max(mx);
   const int w = threadIdx.x >> 5;
@@ -958,10 +958,14 @@ __device__ __forceinline__ void block_minmax(float& mn, float& mx) {
   mn = s_mn[0];
   mx = s_mx[0];
 #pragma unroll
-  for (int i = 1; i < THREADS / 32; ++i) {
+  for (int i = 1; i < warps; ++i) {
     mn = fminf(mn, s_mn[i]);
     mx = fmaxf(mx, s_mx[i]);
   }
+}
+template <int THREADS>
+__device__ __forceinline__ void block_minmax(float& mn, float& mx) {
+  block_minmax_warps(mn, mx, THREADS / 32);
 }
 
 // scale/zero exactly as numerics.act_qparams / quantize_act (fp32, IEEE division, rint).
@@ -1699,26 +1703,9 @@ int launch_had5(const __nv_bfloat16* x, int8_t* q, float* scale, float* zero, in
 // a-rows 64 w .. 64 w + 63, so each Hadamard block lies inside one warp: H_B on the tensor cores as version 5
 // (stage A), then the whole 2^log2p-point butterfly in the warp's registers, a-bit 3 and 4-5 in the D fragments'
 // halves and tiles, a-bits 0-2 (g = lane bits 2-4) across lanes with shfl_xor (partner -/+ own as one exact FMA, as
-// version 4). No shared-memory exchange of the FP32 values and two CTA barriers a row (the row loaded, its min/max)
+// version 4). No shared-memory exchange of the FP32 values and three CTA barriers a row (the row loaded, its min/max)
 // where version 5 has six and spends ~33 instructions an element at an IPC of 2 (Nsight Compute, session 21). Each
 // warp writes its levels into shared memory and copies its own 64 B bytes out with 16-B stores.
-__device__ __forceinline__ void block_minmax_warps(float& mn, float& mx, int warps) {
-  __shared__ float s_mn[32], s_mx[32];
-  mn = warp_min(mn);
-  mx = warp_max(mx);
-  if ((threadIdx.x & 31) == 0) {
-    s_mn[threadIdx.x >> 5] = mn;
-    s_mx[threadIdx.x >> 5] = mx;
-  }
-  __syncthreads();
-  mn = s_mn[0];
-  mx = s_mx[0];
-  for (int i = 1; i < warps; ++i) {
-    mn = fminf(mn, s_mn[i]);
-    mx = fmaxf(mx, s_mx[i]);
-  }
-}
-
 template <int B>
 __global__ void __launch_bounds__(512, 1) quant_had6_kernel(const __nv_bfloat16* __restrict__ x, int8_t* __restrict__ q,
                                                             float* __restrict__ scale, float* __restrict__ zero,
