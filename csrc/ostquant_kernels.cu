@@ -1703,7 +1703,7 @@ int launch_had5(const __nv_bfloat16* x, int8_t* q, float* scale, float* zero, in
 // a-rows 64 w .. 64 w + 63, so each Hadamard block lies inside one warp: H_B on the tensor cores as version 5
 // (stage A), then the whole 2^log2p-point butterfly in the warp's registers, a-bit 3 and 4-5 in the D fragments'
 // halves and tiles, a-bits 0-2 (g = lane bits 2-4) across lanes with shfl_xor (partner -/+ own as one exact FMA, as
-// version 4). No shared-memory exchange of the FP32 values and three CTA barriers a row (the row loaded, its min/max)
+// version 4). No shared-memory exchange of the FP32 values and three CTA barriers a row (the row loaded; two for its min/max)
 // where version 5 has six and spends ~33 instructions an element at an IPC of 2 (Nsight Compute, session 21). Each
 // warp writes its levels into shared memory and copies its own 64 B bytes out with 16-B stores.
 template <int B>
