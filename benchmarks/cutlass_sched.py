@@ -19,10 +19,9 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from benchmarks.kernels import LAYERS, bench, bench_graph, copies_for  # noqa: E402
+from benchmarks.kernels import LAYERS, act_operands, bench, bench_graph, weight_operands  # noqa: E402
 from ostquant_vllm import kernels  # noqa: E402
 from ostquant_vllm.kernels import _lib  # noqa: E402
-from ostquant_vllm.kernels.layout import levels_to_prepared  # noqa: E402
 
 SETTINGS = ["0:1:0", "1:1:0", "2:1:0", "1:4:0", "2:4:0", "2:8:0", "0:1:1", "2:4:1", "0:1:0:42", "0:1:0"]
 
@@ -46,16 +45,10 @@ def main():
            "rows": rows}
     for model in args.models.split(","):
         for layer, K, N in LAYERS[model]:
-            w = torch.randint(-8, 8, (N, K), dtype=torch.int8, device="cuda", generator=gen)
-            wps = [levels_to_prepared(w) for _ in range(copies_for(N * K // 2))]
-            wsum = w.int().sum(1).int()
-            ws = torch.rand(N, device="cuda", generator=gen) * 0.01
-            wbf = [w.to(torch.bfloat16) for _ in range(copies_for(2 * N * K))]
+            w, wps, wsum, ws, wbf = weight_operands(N, K, gen)
             del w
             for M in (int(m) for m in args.ms.split(",")):
-                a = torch.randint(-8, 8, (M, K), dtype=torch.int8, device="cuda", generator=gen)
-                s = torch.rand(M, 1, device="cuda", generator=gen) * 0.01
-                z = torch.randint(-8, 8, (M, 1), device="cuda", generator=gen).float()
+                a, s, z = act_operands(M, K, 4, gen)
                 x = torch.randn(M, K, device="cuda", generator=gen).to(torch.bfloat16)
                 bf = timed([lambda wb=wb: torch.matmul(x, wb.T) for wb in wbf])
                 for setting in args.settings.split(","):

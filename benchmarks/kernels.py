@@ -149,15 +149,30 @@ def vllm_operands(N, K, gen):
     return ops_
 
 
-def gemm_rows(model, layer, K, N, gen, rows, quick, ms=None, with_vllm=False):
-    dev = "cuda"
-    w = torch.randint(-8, 8, (N, K), dtype=torch.int8, device=dev, generator=gen)
+def weight_operands(N, K, gen):
+    """Random int4 weight levels [N, K] and what the GEMMs take: (levels, prepared copies, w_sum int32, w_scale fp32,
+    bf16 copies); as many copies as keep the timed loop out of L2 (copies_for)."""
+    w = torch.randint(-8, 8, (N, K), dtype=torch.int8, device="cuda", generator=gen)
     wp0 = levels_to_prepared(w)
     wsum = w.int().sum(1).int()
-    ws = torch.rand(N, device=dev, generator=gen) * 0.01
-    nc = copies_for(N * K // 2)
-    wps = [wp0] + [wp0.clone() for _ in range(nc - 1)]
+    ws = torch.rand(N, device="cuda", generator=gen) * 0.01
+    wps = [wp0] + [wp0.clone() for _ in range(copies_for(N * K // 2) - 1)]
     wbf = [w.to(torch.bfloat16) for _ in range(copies_for(2 * N * K))]
+    return w, wps, wsum, ws, wbf
+
+
+def act_operands(M, K, bits, gen):
+    """Random activation levels of `bits` bits [M, K] int8 with per-token scale and zero point [M, 1] fp32."""
+    lo, hi = -(2 ** (bits - 1)), 2 ** (bits - 1)
+    a = torch.randint(lo, hi, (M, K), dtype=torch.int8, device="cuda", generator=gen)
+    s = torch.rand(M, 1, device="cuda", generator=gen) * 0.01
+    z = torch.randint(lo, hi, (M, 1), device="cuda", generator=gen).float()
+    return a, s, z
+
+
+def gemm_rows(model, layer, K, N, gen, rows, quick, ms=None, with_vllm=False):
+    dev = "cuda"
+    w, wps, wsum, ws, wbf = weight_operands(N, K, gen)
     w8 = [w.clone() for _ in range(copies_for(N * K))]
     wf8 = [w.to(torch.float8_e4m3fn) for _ in range(copies_for(N * K))]
     del w
@@ -189,10 +204,7 @@ def gemm_rows(model, layer, K, N, gen, rows, quick, ms=None, with_vllm=False):
                   f"{r['tops']:7.1f} TOP/s", flush=True)
 
         for bits, name in ((8, "ostquant_w4a8"), (4, "ostquant_w4a4")):
-            lo, hi = -(2 ** (bits - 1)), 2 ** (bits - 1)
-            a = torch.randint(lo, hi, (M, K), dtype=torch.int8, device=dev, generator=gen)
-            s = torch.rand(M, 1, device=dev, generator=gen) * 0.01
-            z = torch.randint(lo, hi, (M, 1), device=dev, generator=gen).float()
+            a, s, z = act_operands(M, K, bits, gen)
             fns = [lambda wp=wp: kernels.int4_gemm(a, s, z, wp, ws, wsum) for wp in wps]
             add(name, fns, N * K // 2)
             if bits == 4:  # the other kernel choices, for the notes and the dispatch
