@@ -285,15 +285,16 @@ def gemm_rows(model, layer, K, N, gen, rows, quick, ms=None, with_vllm=False):
 HAD_VARIANTS = {None: "", 1: "_v2", 2: "_v3", 3: "_v4", 4: "_v4half", 5: "_v5", 6: "_v4r1", 8: "_v6"}
 
 
-def quant_rows(rows, copy_tbps, gen, quick, hadamard_only=False):
-    """Quantizer rows: (K, blocks of the fused Hadamard I_b (x) H_{K/b}, 0 = none). --hadamard-only: the
-    down_proj inputs of Llama-3-8B/70B and SmolLM2 at b = 1 and calibration's default 8, every version."""
+def quant_rows(rows, copy_tbps, gen, quick, hadamard_only=False, ms=()):
+    """Quantizer rows: (K, blocks of the fused Hadamard I_b (x) H_{K/b}, 0 = none) at `ms` tokens (default:
+    all). --hadamard-only: the down_proj inputs of Llama-3-8B/70B and SmolLM2 at b = 1 and calibration's
+    default 8, every version."""
     if hadamard_only:
         cases = [(k, b) for k in (14336, 28672, 1536) for b in (0, 1, 8)]
     else:
         cases = [(4096, 0), (8192, 0), (14336, 0), (28672, 0), (14336, 1), (28672, 1), (1536, 1)]
     for K, had in cases:
-        for M in ([1, 16, 64, 256, 2048, 8192] if not quick else [16, 8192]):
+        for M in (ms or ([1, 16, 64, 256, 2048, 8192] if not quick else [16, 8192])):
             nx = copies_for(M * K * 2)
             xs = [torch.randn(M, K, device="cuda", generator=gen).to(torch.bfloat16) for _ in range(nx)]
             nbytes = M * K * 2 + M * K + 8 * M
@@ -337,7 +338,7 @@ def main():
     ap.add_argument("--skip-quant", action="store_true")
     ap.add_argument("--hadamard-only", action="store_true",
                     help="quantize rows: the fused Hadamard at b = 1 and 8, every kernel version (use with --models '')")
-    ap.add_argument("--ms", default="", help="comma-separated token counts for the GEMM rows (default: all)")
+    ap.add_argument("--ms", default="", help="comma-separated token counts for the rows (default: all)")
     ap.add_argument("--vllm", action="store_true",
                     help="also time vLLM's CUTLASS W8A8-int8, Machete W4A16 and CUTLASS W4A8 GEMMs "
                          "(needs vLLM on the GPU)")
@@ -370,7 +371,7 @@ def main():
             json.dump(res, f, indent=1)
 
     if not args.skip_quant:
-        quant_rows(rows, copy_tbps, gen, args.quick, args.hadamard_only)
+        quant_rows(rows, copy_tbps, gen, args.quick, args.hadamard_only, [int(m) for m in args.ms.split(",") if m])
         save()
     for model in filter(None, args.models.split(",")):  # --models "": the quantize rows only
         for layer, K, N in LAYERS[model]:

@@ -202,7 +202,7 @@ def main(argv=None) -> None:
            "copy_tb_s": copy_bandwidth(), "read_tb_s": read_bandwidth(), "points": []}
     res["hbm_tb_s"] = max(res["copy_tb_s"], res["read_tb_s"])
     res["min_split_tiles"] = int(os.environ.get("OSTQUANT_KV4_MIN_TILES", "16"))  # the decode's least split
-    res["tiles_in_flight"] = int(os.environ.get("OSTQUANT_KV4_PREFETCH", "1"))  # a warp's loads ahead
+    res["tiles_in_flight"] = kernels._lib.KV4_PREFETCH  # a warp's loads ahead
     try:
         res["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
                                        capture_output=True, text=True).stdout.strip()

@@ -37,9 +37,11 @@ constexpr int NW = 4;          // warps per decode CTA
 // for measurements). H100, session 11, batch 1: 16 (256 tokens) 14.6 µs at 4k context against 4's 19.1
 // (64 splits made the separate reduce kernel of that time the chain), 4 ahead at 1k (10.5 against 12.1).
 int g_min_tiles = 16;
-// Tiles in flight per warp for Llama-sized groups (<= 8 queries a KV head, D = 128): 1 (4 CTAs an SM) or
-// 2 (3 CTAs an SM, half as many bytes again in flight an SM); OSTQUANT_KV4_PREFETCH / ostq_kv4_set_prefetch.
-int g_prefetch = 1;
+// Tiles in flight per warp for groups of <= 8 queries a KV head: 1 (held in registers) or 2 (cp.async into a
+// warp's 3 shared-memory slots: twice the bytes in flight an SM at the same 4 CTAs an SM; session 13's
+// register version of 2 lost, needing 3 CTAs an SM); OSTQUANT_KV4_PREFETCH / ostq_kv4_set_prefetch. H100,
+// session 22: 2 equal or faster at every point (batch 256, 4k: 545 -> 502 µs; batch 1, 256: 12.8 -> 11.8).
+int g_prefetch = 2;
 
 __device__ __forceinline__ float rha(float x) {  // round half away from zero (numerics._round_half_away)
   return x >= 0.f ? floorf(__fadd_rn(x, 0.5f)) : ceilf(__fsub_rn(x, 0.5f));
@@ -88,8 +90,22 @@ __device__ __forceinline__ void mma_f16(float (&d)[4], uint32_t a0, uint32_t a1,
                : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
-__device__ __forceinline__ uint32_t ld32(const uint8_t* p) { return __ldg(reinterpret_cast<const uint32_t*>(p)); }
-__device__ __forceinline__ uint2 ld64(const uint8_t* p) { return __ldg(reinterpret_cast<const uint2*>(p)); }
+// Loads of the read-only cache, through the non-coherent path, or from a shared-memory copy of it (SHARED).
+template <bool SHARED>
+__device__ __forceinline__ uint32_t ld32(const uint8_t* p) {
+  return SHARED ? *reinterpret_cast<const uint32_t*>(p) : __ldg(reinterpret_cast<const uint32_t*>(p));
+}
+template <bool SHARED>
+__device__ __forceinline__ uint2 ld64(const uint8_t* p) {
+  return SHARED ? *reinterpret_cast<const uint2*>(p) : __ldg(reinterpret_cast<const uint2*>(p));
+}
+__device__ __forceinline__ uint32_t smem_u32(const void* p) { return (uint32_t)__cvta_generic_to_shared(p); }
+__device__ __forceinline__ void cp_async8(uint32_t dst, const void* src) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 8;\n" ::"r"(dst), "l"(src));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
 
 // In-place unnormalised FWHT of one D-vector spread over a warp, lane holding elements
 // [lane*E, lane*E + E): in-register butterflies below E, shuffles above; _sylvester_fwht's order.
@@ -247,28 +263,45 @@ struct Tile {  // one warp's raw loads for one 16-token tile
   uint32_t ks[2], vs[2];  // K and V scale words of tokens g and 8+g
 };
 
-template <int D>
-__device__ __forceinline__ void load_tile(Tile<D>& r, const DecodeArgs& a, int64_t blk, int kvh, int tile, int g,
-                                          int t) {
-  const int tok0 = tile * 16;
-  const uint8_t* base = a.cache + blk * a.c_blk + kvh * a.c_head + int64_t(tok0 % a.block_size) * a.c_slot;
+// This thread's part of the 16-token tile whose first record is at `base`, records `stride` bytes apart:
+// in the cache (slot stride) or in a warp's shared-memory copy of the tile (SHARED, records packed).
+template <int D, bool SHARED>
+__device__ __forceinline__ void read_tile(Tile<D>& r, const uint8_t* base, int64_t stride, int g, int t) {
 #pragma unroll
   for (int n = 0; n < 2; ++n) {
-    const uint8_t* p = base + (n * 8 + g) * a.c_slot;
+    const uint8_t* p = base + (n * 8 + g) * stride;
 #pragma unroll
     for (int i = 0; i < D / 64; ++i) {
-      const uint2 x = ld64(p + t * (D / 8) + 8 * i);
+      const uint2 x = ld64<SHARED>(p + t * (D / 8) + 8 * i);
       r.k[n][2 * i] = x.x;
       r.k[n][2 * i + 1] = x.y;
     }
-    r.ks[n] = ld32(p + D / 2);
-    r.vs[n] = ld32(p + D + 4);
+    r.ks[n] = ld32<SHARED>(p + D / 2);
+    r.vs[n] = ld32<SHARED>(p + D + 4);
   }
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
-    const uint8_t* p = base + ((i >> 1) * 8 + 2 * t + (i & 1)) * a.c_slot;
+    const uint8_t* p = base + ((i >> 1) * 8 + 2 * t + (i & 1)) * stride;
 #pragma unroll
-    for (int u = 0; u < D / 64; ++u) r.v[i][u] = ld32(p + D / 2 + 4 + g * (D / 16) + 4 * u);
+    for (int u = 0; u < D / 64; ++u) r.v[i][u] = ld32<SHARED>(p + D / 2 + 4 + g * (D / 16) + 4 * u);
+  }
+}
+
+// The cache record of token `tile * 16` (the tile's first) of kv head `kvh` in block `blk`.
+template <int D>
+__device__ __forceinline__ const uint8_t* tile_base(const DecodeArgs& a, int64_t blk, int kvh, int tile) {
+  return a.cache + blk * a.c_blk + kvh * a.c_head + int64_t(tile * 16 % a.block_size) * a.c_slot;
+}
+
+// The tile's 16 records (D + 8 bytes each, 8-byte aligned) copied by the warp into `dst`, packed: 8 bytes a
+// cp.async, the lanes taking consecutive chunks.
+template <int D>
+__device__ __forceinline__ void copy_tile_async(uint32_t dst, const uint8_t* base, int64_t stride, int lane) {
+  constexpr int CR = (D + 8) / 8, CHUNKS = 16 * CR;
+#pragma unroll
+  for (int j = 0; j < (CHUNKS + 31) / 32; ++j) {
+    const int c = lane + 32 * j;
+    if (c < CHUNKS) cp_async8(dst + c * 8, base + (c / CR) * stride + (c % CR) * 8);
   }
 }
 
@@ -331,9 +364,13 @@ __device__ __forceinline__ void combine_splits(const DecodeArgs& a, int row0, in
 // Tokens are the M rows of m16n8k16 and the group's queries the N columns (NQ tiles of 8):
 //   S^T = K Q^T  (A = K nibbles -> bf16, B = rotated Q),  O^T += V^T P^T  (A = V nibbles -> fp16,
 //   B = (P * v_scale)^T: the C fragment of S^T in fp16, transposed in registers by movmatrix).
-// PF: tiles a warp has in flight ahead of the one it computes (loads held in registers).
+// PF: tiles a warp has in flight ahead of the one it computes: 1, its loads held in registers, or 2, copied
+// into the warp's three shared-memory slots (cp.async) and read from there (the same values).
 template <int D, int NQ, int PF>
-__global__ void __launch_bounds__(128, NQ == 1 && PF == 1 ? 4 : 3) decode_kernel(const DecodeArgs a) {
+__global__ void __launch_bounds__(128, NQ == 1 ? 4 : 3) decode_kernel(const DecodeArgs a) {
+  static_assert(PF == 1 || PF == 2, "one tile ahead in registers or two through shared memory");
+  constexpr bool SP = PF == 2;                  // the shared-memory pipeline
+  constexpr int TB = 16 * (D + 8), SLOTS = 3;   // a tile's bytes; slots a warp (two loading, one read)
   constexpr int ROWS = 8 * NQ, KSTEPS = D / 16, MT = D / 16;
   const int kvh = blockIdx.x, split = blockIdx.y, seq = blockIdx.z;
   const int G = a.group, Hq = gridDim.x * G;
@@ -355,6 +392,7 @@ __global__ void __launch_bounds__(128, NQ == 1 && PF == 1 ? 4 : 3) decode_kernel
   __shared__ float so[NW][ROWS][D + D / 32 + D / 64];
   static_assert(NW * (D + D / 32 + D / 64) >= KV4_MAX_SPLITS, "combine_splits' weights must fit in so");
   __shared__ float sm[NW][ROWS], sl[NW][ROWS];
+  __shared__ __align__(16) uint8_t stile[SP ? NW : 1][SP ? SLOTS : 1][SP ? TB : 16];
 
   // Block-table entries of this warp's tiles, lane j holding its j-th (then the next 32 in bt_nxt):
   // a tile's cache loads then wait on no block-table load (in-order issue made each tile cost two
@@ -362,12 +400,22 @@ __global__ void __launch_bounds__(128, NQ == 1 && PF == 1 ? 4 : 3) decode_kernel
   const int32_t* bt = a.block_table + seq * a.bt_stride;
   auto bt_entry = [&](int j) { const int tl = t0 + warp + j * NW; return tl < t1 ? bt[tl * 16 / a.block_size] : 0; };
   int bt_cur = bt_entry(lane), bt_nxt = bt_entry(32 + lane);
+  // The load of this warp's j-th tile (the tile t0 + warp + j NW < t1, block-table entry blk): into registers
+  // (dst) or into shared-memory slot j % SLOTS as one cp.async group of each lane (empty past the end).
+  auto load = [&](Tile<D>& dst, int j, int blk) {
+    const int tl = t0 + warp + j * NW;
+    if constexpr (SP) {
+      if (tl < t1) copy_tile_async<D>(smem_u32(stile[warp][j % SLOTS]), tile_base<D>(a, blk, kvh, tl), a.c_slot, lane);
+      cp_async_commit();
+    } else if (tl < t1) {
+      read_tile<D, false>(dst, tile_base<D>(a, blk, kvh, tl), a.c_slot, g, t);
+    }
+  };
   // this warp's first PF tiles: their loads go out before the Q prologue, so the memory latencies overlap
-  Tile<D> buf[PF + 1];  // buf[0] computed, buf[1..PF] in flight
   int tile = t0 + warp;
+  Tile<D> buf[2];  // registers: buf[0] computed, buf[1] in flight; shared memory: buf[0] read from its slot
 #pragma unroll
-  for (int p = 0; p < PF; ++p)
-    if (tile + p * NW < t1) load_tile<D>(buf[p], a, __shfl_sync(0xffffffffu, bt_cur, p), kvh, tile + p * NW, g, t);
+  for (int p = 0; p < PF; ++p) load(buf[p & 1], p, __shfl_sync(0xffffffffu, bt_cur, p));
 
   // Q rotated (signs, then the FWHT) and rounded to bf16, one warp a row: the butterflies in registers
   // and shuffles (warp_fwht, the same order as the cache write's), no CTA barrier between the stages
@@ -423,17 +471,14 @@ __global__ void __launch_bounds__(128, NQ == 1 && PF == 1 ? 4 : 3) decode_kernel
 #pragma unroll
     for (int j = 0; j < 2; ++j) m_r[c][j] = -INFINITY, l_r[c][j] = z_r[c][j] = 0.f;
 
-  // One tile: the load of the tile PF ahead into `dst`, then `cur`'s math. With two tiles ahead the loop
-  // after it rotates the buffers' roles at compile time: copying a buffer whose load is still in flight
-  // would wait for it, and the second tile ahead would buy nothing.
+  // One tile: the load of the tile PF ahead (into `dst` or its shared-memory slot), then `cur`'s math.
   int jn = PF;  // the warp's index of the tile loaded next
   auto step = [&](const Tile<D>& cur, Tile<D>& dst) {
     if ((jn & 31) == 0) {  // warp-uniform
       bt_cur = bt_nxt;
       bt_nxt = bt_entry(jn + 32 + lane);
     }
-    const int blk_next = __shfl_sync(0xffffffffu, bt_cur, jn & 31);
-    if (tile + PF * NW < t1) load_tile<D>(dst, a, blk_next, kvh, tile + PF * NW, g, t);
+    load(dst, jn, __shfl_sync(0xffffffffu, bt_cur, jn & 31));
     // S^T for tokens (g, g+8) x queries (2t, 2t+1) of each column tile
     float s[NQ][4];
 #pragma unroll
@@ -512,16 +557,17 @@ __global__ void __launch_bounds__(128, NQ == 1 && PF == 1 ? 4 : 3) decode_kernel
     tile += NW;
     ++jn;
   };
-  if constexpr (PF == 1) {  // the measured default (fewer registers and spills than the rotation at NQ = 2)
+  if constexpr (SP) {
     while (tile < t1) {
+      cp_async_wait<PF - 1>();  // this lane's copies of the tile computed now have landed,
+      __syncwarp();             // and every lane's (and all are done reading the slot that step refills)
+      read_tile<D, true>(buf[0], stile[warp][(jn - PF) % SLOTS], D + 8, g, t);
       step(buf[0], buf[1]);
-      buf[0] = buf[1];
     }
   } else {
     while (tile < t1) {
-#pragma unroll
-      for (int p = 0; p <= PF; ++p)  // buf[p] computed while buf[(p + PF) % (PF + 1)] is loaded
-        if (tile < t1) step(buf[p], buf[(p + PF) % (PF + 1)]);
+      step(buf[0], buf[1]);
+      buf[0] = buf[1];
     }
   }
 
@@ -653,12 +699,15 @@ KV4_API int ostq_kv4_decode(const void* q, long long q_tok, long long q_head, vo
   auto s = static_cast<cudaStream_t>(stream);
   const dim3 grid(nkv, num_splits, num_seqs);
   const bool g16 = group > 8;
+  // the shared-memory pipeline copies 8-byte chunks of the records
+  const bool sp = kv4::g_prefetch == 2 && ((reinterpret_cast<uintptr_t>(cache) | c_blk | c_slot | c_head) & 7) == 0;
   if (head_size == 128) {
     if (g16) kv4::decode_kernel<128, 2, 1><<<grid, 128, 0, s>>>(a);
-    else if (kv4::g_prefetch == 2) kv4::decode_kernel<128, 1, 2><<<grid, 128, 0, s>>>(a);
+    else if (sp) kv4::decode_kernel<128, 1, 2><<<grid, 128, 0, s>>>(a);
     else kv4::decode_kernel<128, 1, 1><<<grid, 128, 0, s>>>(a);
   } else if (head_size == 64) {
     if (g16) kv4::decode_kernel<64, 2, 1><<<grid, 128, 0, s>>>(a);
+    else if (sp) kv4::decode_kernel<64, 1, 2><<<grid, 128, 0, s>>>(a);
     else kv4::decode_kernel<64, 1, 1><<<grid, 128, 0, s>>>(a);
   } else {
     return (int)cudaErrorInvalidValue;

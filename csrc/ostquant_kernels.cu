@@ -45,10 +45,6 @@ __device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, bool p
 __device__ __forceinline__ void pdl_wait() { asm volatile("griddepcontrol.wait;" ::: "memory"); }
 // The quantize kernels let the GEMM after them launch at once: its pdl_wait() still waits for all of them.
 __device__ __forceinline__ void pdl_trigger() { asm volatile("griddepcontrol.launch_dependents;" ::: "memory"); }
-// Stream `bytes` (a multiple of 16, 16-B aligned) from global memory into L2 without waiting.
-__device__ __forceinline__ void prefetch_l2(const void* p, uint32_t bytes) {
-  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p), "r"(bytes) : "memory");
-}
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N>
 __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
@@ -368,22 +364,19 @@ __global__ void __launch_bounds__(KW * 32)
   const int kb0 = kc0 + warp * per;
   const int nk = max(0, min(kc1, kb0 + per) - kb0);
   const uint32_t sbase = smem_u32(smem) + warp * (STAGES * C::kStage);
-  // The weights do not depend on the previous kernel: under PDL their stream into L2 starts while it runs
-  // (each of this warp's R weight rows is one contiguous run of nk 512-B blocks).
-  if (pdl && lane < R && nk > 0)
-    prefetch_l2(Wp + ((size_t)min(nb0 + lane, NB - 1) * KB + kb0) * 512, (uint32_t)nk * 512);
-  pdl_wait();
-
   // Sources computed whole each stage. Computed once instead (session 17: 194 -> 149 SASS instructions a k step
   // in kind 31), the kernel was no faster at 64 tokens and 1-6 % slower at 1 token (session 19,
   // results/history/kernels_h100_loaders_session19.json): this loop is not issue-bound.
-  auto load = [&](int kt, int slot) {
+  auto load_w = [&](int kt, int slot) {
     const uint32_t sw = sbase + slot * C::kStage;
 #pragma unroll
     for (int r = 0; r < R; ++r) {
       const int nb = min(nb0 + r, NB - 1);  // a last CTA past N re-reads a valid block (not stored)
       cp_async16(sw + r * 512 + lane * 16, Wp + ((size_t)nb * KB + kb0 + kt) * 512 + lane * 16, true);
     }
+  };
+  auto load_a = [&](int kt, int slot) {
+    const uint32_t sw = sbase + slot * C::kStage;
 #pragma unroll
     for (int it = 0; it < WT; ++it) {
       const int c = lane + it * 32;
@@ -401,9 +394,20 @@ __global__ void __launch_bounds__(KW * 32)
     for (int j = 0; j < WT; ++j)
 #pragma unroll
       for (int q = 0; q < 4; ++q) acc[r][j][q] = 0;
+  // The weights do not depend on the previous kernel: under PDL the prologue's weight stages are in flight
+  // while it still runs (they join the first commit group), and only the activations wait for it.
+  if (pdl) {
+#pragma unroll
+    for (int s = 0; s < STAGES - 1; ++s)
+      if (s < nk) load_w(s, s);
+  }
+  pdl_wait();
 #pragma unroll
   for (int s = 0; s < STAGES - 1; ++s) {
-    if (s < nk) load(s, s);
+    if (s < nk) {
+      if (!pdl) load_w(s, s);
+      load_a(s, s);
+    }
     cp_async_commit();
   }
   for (int kt = 0; kt < nk; ++kt) {
@@ -411,7 +415,10 @@ __global__ void __launch_bounds__(KW * 32)
     __syncwarp();
     {
       const int nx = kt + STAGES - 1;
-      if (nx < nk) load(nx, nx % STAGES);
+      if (nx < nk) {
+        load_w(nx, nx % STAGES);
+        load_a(nx, nx % STAGES);
+      }
       cp_async_commit();
     }
     const uint32_t sw = sbase + (kt % STAGES) * C::kStage;
@@ -516,8 +523,10 @@ int launch_cluster_z(Kern kern, dim3 grid, int threads, int smem, cudaStream_t s
   return (int)cudaLaunchKernelEx(&cfg, kern, args...);
 }
 
-// Programmatic dependent launch of the decode GEMMs (kinds 7-12) after the quantize kernels
-// (OSTQUANT_PDL=1 / ostq_set_pdl; off by default until measured): see pdl_wait.
+// Programmatic dependent launch of the decode GEMMs (launch_dec's kinds) after the quantize kernels
+// (OSTQUANT_PDL=1 / ostq_set_pdl; off by default until measured): see pdl_wait. Session 13's version (the whole
+// weight range prefetched into L2 before the wait) lost by 2.5-5 µs a GEMM at 64 tokens. (CUTLASS 4.2's
+// griddepcontrol, CUTLASS_ENABLE_GDC_FOR_SM90, does not compile with its stream-K scheduler.)
 int g_pdl = 0;
 
 template <int WT, int R, int KW, int STAGES, typename OutT, int S = 1>

@@ -35,9 +35,7 @@ logger = logging.getLogger("ostquant_vllm")
 
 HEAD_SIZES = (64, 128)
 MAX_GROUP = 16          # query heads per KV head the decode kernel takes (m16n8k16 rows)
-# decode kernel occupancy (__launch_bounds__(128, 4) for groups <= 8; 3 with OSTQUANT_KV4_PREFETCH=2,
-# two tiles in flight a warp: a measurement setting)
-CTAS_PER_SM = 3 if os.environ.get("OSTQUANT_KV4_PREFETCH") == "2" else 4
+CTAS_PER_SM = 4  # decode kernel occupancy (__launch_bounds__(128, 4) for groups <= 8)
 MAX_SPLITS = 64
 
 

@@ -250,8 +250,8 @@ def test_pick_kinds():
 
 
 def test_auto_hadamard_variant():
-    """Version 5 for blocks of 28 * 64 (8B's down_proj in 8 blocks) up to 256 tokens, else the library's choice."""
+    """Version 6 (variant 8) for blocks of 28 * 64 (8B's down_proj in 8 blocks) at any M, else the library's choice."""
     from ostquant_vllm.kernels import _had_auto_variant
-    assert _had_auto_variant(1, 28, 6) == 5 and _had_auto_variant(256, 28, 6) == 5
-    assert _had_auto_variant(257, 28, 6) == 0 and _had_auto_variant(64, 28, 7) == 0  # 70B's 28 * 128
+    assert _had_auto_variant(1, 28, 6) == 8 and _had_auto_variant(8192, 28, 6) == 8
+    assert _had_auto_variant(64, 28, 7) == 0  # 70B's 28 * 128
     assert _had_auto_variant(64, 12, 4) == 0  # the default model's 1536 / 8 = 12 * 16

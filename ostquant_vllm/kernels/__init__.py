@@ -94,11 +94,11 @@ HAD_VARIANT = int(os.environ.get("OSTQUANT_HAD_VARIANT", "0"))
 
 
 def _had_auto_variant(m: int, b: int, log2p: int) -> int:
-    """Blocks of 28 * 64 (Llama-3-8B's down_proj input in calibration's 8 blocks) up to 256 tokens: version 5,
-    which the library's own choice takes only where version 4 does not fit (kernels_h100_hadamard.json,
-    session 14: 6.4 against 7.5 us at M = 64, 11.3 against 12.9 at 256; 3 % behind from M = 2048 on, and
-    behind at 28 * 128, 70B's blocks)."""
-    return 5 if b == 28 and log2p == 6 and m <= 256 else 0
+    """Blocks of 28 * 64 (Llama-3-8B's down_proj input in calibration's 8 blocks, and its TP slices): version 6,
+    each block in one warp (kernels_h100_hadamard.json, session 22: 5.8 against the library's 6.3 us at M = 64,
+    60 against 67 at 2048, 210 against 244 at 8192). Elsewhere the library's own choice: version 6 lost at the
+    default model's 12 * 16 (3.3 against 2.8 us at M = 64), and at 70B's 28 * 128 it does not apply."""
+    return 8 if b == 28 and log2p == 6 else 0
 
 
 def _had_table(k: int, device: torch.device) -> tuple[int, int, torch.Tensor]:

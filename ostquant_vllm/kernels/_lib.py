@@ -17,6 +17,9 @@ DEFAULT_SMALL_M = "1"       # M <= 16: 1 = decode kernels (K split inside a CTA)
 # partials' round trip costs more than the idle SMs it fills (8B o_proj M=256: 28.6 us without,
 # 65 us with).
 DEFAULT_WGMMA_SPLIT = "0"
+# KV4 decode: tiles in flight a warp, 1 (registers) or 2 (shared memory; session 22: equal or faster at every
+# batch and context measured, kv4_attention_h100_prefetch_session22.json)
+KV4_PREFETCH = int(os.environ.get("OSTQUANT_KV4_PREFETCH", "2"))
 
 
 def lib_path() -> Path:
@@ -80,7 +83,7 @@ def load():
         lib.ostq_kv4_set_min_tiles(int(os.environ["OSTQUANT_KV4_MIN_TILES"]))
     lib.ostq_kv4_set_prefetch.argtypes = [i]
     lib.ostq_kv4_set_prefetch.restype = None
-    lib.ostq_kv4_set_prefetch(int(os.environ.get("OSTQUANT_KV4_PREFETCH", "1")))  # tiles in flight a warp
+    lib.ostq_kv4_set_prefetch(KV4_PREFETCH)
     lib.ostq_cutlass_set_sched.argtypes = [i, i, i]  # kind 40's tile order and shape (csrc/cutlass_gemm.cu),
     lib.ostq_cutlass_set_sched.restype = None       # measurement settings; -1: automatic
     lib.ostq_cutlass_set_sched(*(int(os.environ.get(f"OSTQUANT_CUTLASS_{v}", "-1"))

@@ -17,8 +17,12 @@
 # --prefill-repeats 6, with and without OSTQUANT_KIND_MAP=40@4096x14336:26,40:6), tests/gpu/run_hadamard.sh (a library
 # with a variant 7, since removed) and Nsight Compute on the fused Hadamard (gpu_ncu.sh had1v5_m8192_k14336). A third
 # machine (quantize tests, the bundle, PART=e2e E2E_ARGS="--batches 64") never started.
-# Next: bash tests/gpu/run_hadamard.sh (the fused Hadamard version 6, variant 8: its tests and rows), the bundle,
-# PART=e2e E2E_ARGS="--batches 64" with and without E2E_ENV=OSTQUANT_HAD_VARIANT=8.
+# Session 22 ran HAD_MS=1,64,256,2048,8192 bash tests/gpu/run_hadamard.sh, PART=pdl then PART=kv4pf in one call, the
+# bundle, AB_ENVS="-;OSTQUANT_PDL=1 OSTQUANT_KV4_PREFETCH=2;-;OSTQUANT_PDL=1 OSTQUANT_KV4_PREFETCH=2" PART=ab, then
+# benchmarks/gpu_e2e.sh --configs ostquant_w4a4kv4,fp8,bf16 --batches 64 --prefill-repeats 3 and PART=profile, both with
+# OSTQUANT_HAD_VARIANT=8 OSTQUANT_PDL=1 OSTQUANT_KV4_PREFETCH=2 (version 6 and two KV tiles are the defaults since).
+# Next: PART=pdl (the PDL test's result line), the bundle, AB_BATCHES=1,64 AB_ENVS="-;OSTQUANT_PDL=1;-;OSTQUANT_PDL=1"
+# PART=ab.
 #   PART=kern  every GPU kernel test (tests/gpu/test_kernels.py, test_kv4_kernels.py; TESTS_K: pytest's -k), the
 #              dispatch's GEMM rows at 1, 16, 64 and 256 tokens on the 8B and 70B layers ($OUT/kernels_dispatch.json:
 #              compare with the ostquant rows of results/kernels_h100_vllm.json; a copy in /tmp), the int8 mma.sync rate
@@ -40,7 +44,15 @@
 #   PART=prefillab  PART=profile of the single 2048-token prefill with kind 40 and with kinds 6 / 26 in its place, in one
 #              call ($OUT/e2e_prefill_{k40,no40}.json); SKIP_DISPATCH=1 leaves PART=kern's dispatch rows out
 #   PART=tuned ostquant W4A4KV4 again under the settings in $E2E_ENV into $OUT/e2e_vllm_$TAG.json, e.g.
-#              E2E_ENV="OSTQUANT_KIND_MAP=35:11" TAG=t1 PART=tuned bash tests/gpu/run_session17.sh
+#              E2E_ENV="OSTQUANT_KIND_MAP=35:11" TAG=t1 PART=tuned bash tests/gpu/run_session17.sh (E2E_ARGS as above)
+#   PART=ab    ostquant W4A4KV4 alone at batch(es) $AB_BATCHES (default 64) under each setting of $AB_ENVS in turn
+#              (';'-separated, '-' for none), e.g. AB_ENVS="-;OSTQUANT_PDL=1;-;OSTQUANT_PDL=1" ($OUT/e2e_ab<i>.json; the
+#              first run also pays the engine's first compile: give it AB_TIMEOUT, default 150 s)
+#   PART=kv4pf the KV4 decode tests, then our KV4 decode alone with one tile in flight a warp (registers) and with two
+#              (OSTQUANT_KV4_PREFETCH=2: shared memory), twice in turn ($OUT/kv4_pf{1,2}{a,b}.json)
+#   PART=pdl   the decode GEMMs as programmatic dependents of the quantize kernels (OSTQUANT_PDL=1): their tests,
+#              then the 8B quantize + GEMM chains at 1, 16 and 64 tokens in CUDA graphs without and with it, twice
+#              in turn ($OUT/kernels_pdl{0,1}{a,b}.json)
 #   PART=sched kind 40's settings test, then kind 40 at 2048 and 8192 tokens on the 8B and 70B layers under each
 #              tile order of CUTLASS's scheduler and each tile shape (benchmarks/cutlass_sched.py, one process;
 #              $OUT/kernels_sched.json), then Nsight Compute on kind 40 (8B o at 2048 and 8192 tokens, gate_up at
@@ -111,8 +123,43 @@ for k, t in p["top_prefill_kernels_ms"][:8]:
 PY
   done
   ;;
+ab)
+  IFS=';' read -ra envs <<< "${AB_ENVS:?set AB_ENVS}"
+  i=0
+  for e in "${envs[@]}"; do
+    i=$((i + 1)); [ "$e" = - ] && e=""
+    rm -f "/tmp/e2e_ab$i.json"
+    env $e E2E_TIMEOUT=${AB_TIMEOUT:-150} bash benchmarks/gpu_e2e.sh --configs ostquant_w4a4kv4 \
+      --batches "${AB_BATCHES:-64}" --prefill-repeats 2 --out "/tmp/e2e_ab$i.json" 2>&1 \
+      | grep -v "^WARNING\|^INFO\|^(EngineCore" | grep -E "\[e2e\]|rror" | tail -3 | sed "s/^/[$i ${e:-base}] /"
+    cp "/tmp/e2e_ab$i.json" "$OUT/" 2>/dev/null
+  done
+  ;;
+kv4pf)
+  . tests/gpu/env.sh
+  timeout 120 python3 -m pytest -q -p no:cacheprovider --tb=short -rf tests/gpu/test_kv4_kernels.py \
+    -k "decode or split" 2>&1 | tee "$OUT/tests_kv4pf.log" | tail -2
+  for run in a b; do
+    for pf in 1 2; do
+      OSTQUANT_KV4_PREFETCH=$pf timeout 100 python3 -m benchmarks.kv4_attention --ours-only --no-check \
+        --contexts 256,4096 --out "$OUT/kv4_pf$pf$run.json" 2>&1 | grep -E "^ *[0-9]+ +[0-9]+ |rror" \
+        | tail -16 | sed "s/^/pf=$pf$run /"
+    done
+  done
+  ;;
+pdl)
+  . tests/gpu/env.sh
+  timeout 100 python3 -m pytest -q -p no:cacheprovider --tb=short -rf tests/gpu/test_kernels.py -k "pdl or graph" \
+    2>&1 | tee "$OUT/tests_pdl.log" | tail -2
+  for run in a b; do
+    for p in 0 1; do
+      OSTQUANT_PDL=$p timeout 100 python3 benchmarks/kernels.py --models llama3-8b --ms 1,16,64 --skip-quant --quick \
+        --out "$OUT/kernels_pdl$p$run.json" 2>&1 | grep -E "w4a4_linear|failed" | tail -12 | sed "s/^/pdl=$p$run /"
+    done
+  done
+  ;;
 tuned)
-  env ${E2E_ENV:?set E2E_ENV} E2E_TIMEOUT=${E2E_TIMEOUT:-300} bash benchmarks/gpu_e2e.sh --configs ostquant_w4a4kv4 \
+  env ${E2E_ENV:?set E2E_ENV} E2E_TIMEOUT=${E2E_TIMEOUT:-300} bash benchmarks/gpu_e2e.sh --configs ostquant_w4a4kv4 ${E2E_ARGS:-} \
     --out "/tmp/e2e_vllm_${TAG:?set TAG}.json" 2>&1 \
     | grep -v "^WARNING\|^INFO\|^(EngineCore" | grep -E "\[e2e\]|rror" | tail -8
   cp "/tmp/e2e_vllm_$TAG.json" "$OUT/" 2>/dev/null

@@ -177,10 +177,10 @@ def test_int4_gemm_deterministic_and_graph():
 
 @pytest.mark.parametrize("m,k,n,had", [(1, 4096, 4096, False), (16, 4096, 6144, False), (64, 14336, 4096, True)])
 def test_pdl_chain_equals_plain_launch(m, k, n, had):
-    """OSTQUANT_PDL=1: the decode GEMMs launched as programmatic dependents of the quantize kernel (weights
-    prefetched into L2 before griddepcontrol.wait) give the same bits as plain launches, eagerly and in a
-    CUDA graph whose input changes between replays (a GEMM that read the activations too early would
-    see the previous replay's levels)."""
+    """OSTQUANT_PDL=1: the decode GEMMs launched as programmatic dependents of the quantize kernel (their first
+    weight stages in shared memory before griddepcontrol.wait) give the same bits as plain launches, eagerly and
+    in a CUDA graph whose input changes between replays (a GEMM that read the activations too early would see
+    the previous replay's levels)."""
     from ostquant_vllm.kernels import _lib
 
     gen = torch.Generator(device=DEV).manual_seed(m * 31 + k)
