@@ -46,8 +46,9 @@
 #   PART=tuned ostquant W4A4KV4 again under the settings in $E2E_ENV into $OUT/e2e_vllm_$TAG.json, e.g.
 #              E2E_ENV="OSTQUANT_KIND_MAP=35:11" TAG=t1 PART=tuned bash tests/gpu/run_session17.sh (E2E_ARGS as above)
 #   PART=ab    ostquant W4A4KV4 alone at batch(es) $AB_BATCHES (default 64) under each setting of $AB_ENVS in turn
-#              (';'-separated, '-' for none), e.g. AB_ENVS="-;OSTQUANT_PDL=1;-;OSTQUANT_PDL=1" ($OUT/e2e_ab<i>.json; the
-#              first run also pays the engine's first compile: give it AB_TIMEOUT, default 150 s)
+#              (';'-separated, '-' for none), e.g. AB_ENVS="-;OSTQUANT_PDL=1;-;OSTQUANT_PDL=1" ($OUT/e2e_ab<i>.json;
+#              AB_TIMEOUT a run, default 150 s, the first AB_TIMEOUT_FIRST, default 240 s: it pays torch.compile's cold
+#              cache, and session 22's first run at 125 s timed out)
 #   PART=kv4pf the KV4 decode tests, then our KV4 decode alone with one tile in flight a warp (registers) and with two
 #              (OSTQUANT_KV4_PREFETCH=2: shared memory), twice in turn ($OUT/kv4_pf{1,2}{a,b}.json)
 #   PART=pdl   the decode GEMMs as programmatic dependents of the quantize kernels (OSTQUANT_PDL=1): their tests,
@@ -129,7 +130,8 @@ ab)
   for e in "${envs[@]}"; do
     i=$((i + 1)); [ "$e" = - ] && e=""
     rm -f "/tmp/e2e_ab$i.json"
-    env $e E2E_TIMEOUT=${AB_TIMEOUT:-150} bash benchmarks/gpu_e2e.sh --configs ostquant_w4a4kv4 \
+    t=${AB_TIMEOUT:-150}; [ $i = 1 ] && t=${AB_TIMEOUT_FIRST:-240}
+    env $e E2E_TIMEOUT=$t bash benchmarks/gpu_e2e.sh --configs ostquant_w4a4kv4 \
       --batches "${AB_BATCHES:-64}" --prefill-repeats 2 --out "/tmp/e2e_ab$i.json" 2>&1 \
       | grep -v "^WARNING\|^INFO\|^(EngineCore" | grep -E "\[e2e\]|rror" | tail -3 | sed "s/^/[$i ${e:-base}] /"
     cp "/tmp/e2e_ab$i.json" "$OUT/" 2>/dev/null
