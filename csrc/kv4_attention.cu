@@ -65,6 +65,14 @@ __device__ __forceinline__ uint32_t nib_f16(uint32_t x) {  // 1024 + n - 1024, e
   __half2 r = __hsub2(*reinterpret_cast<__half2*>(&p), __floats2half2_rn(1024.f, 1024.f));
   return *reinterpret_cast<uint32_t*>(&r);
 }
+// Nibbles 1 and 5 (bits 4-7, 20-23) without a shift: (1024 + 16 n) / 16 - 64, exact in fp16 (one rounding, of n).
+__device__ __forceinline__ uint32_t nib_f16_hi(uint32_t x) {
+  uint32_t p;
+  asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(p) : "r"(x), "r"(0x00F000F0u), "r"(0x64006400u));
+  __half2 r = __hfma2(*reinterpret_cast<__half2*>(&p), __floats2half2_rn(0.0625f, 0.0625f),
+                      __floats2half2_rn(-64.f, -64.f));
+  return *reinterpret_cast<uint32_t*>(&r);
+}
 __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
   __nv_bfloat162 r = __floats2bfloat162_rn(lo, hi);
   return *reinterpret_cast<uint32_t*>(&r);
@@ -249,6 +257,7 @@ struct DecodeArgs {
   float* part_ml;  // [num_seqs][Hq][num_splits][2]
   int* counters;   // [num_seqs][nkv] splits finished; zero between launches (the last split resets it)
   int skip_multi;  // 1: requests with several query tokens are left to the prefill path (no work, no writes)
+  int block_mask;  // block_size - 1 where it is a power of two (a slot is then a mask away), else 0 (a division)
 };
 
 __device__ __forceinline__ int split_tiles(const DecodeArgs& a, int tiles) {
@@ -290,19 +299,29 @@ __device__ __forceinline__ void read_tile(Tile<D>& r, const uint8_t* base, int64
 // The cache record of token `tile * 16` (the tile's first) of kv head `kvh` in block `blk`.
 template <int D>
 __device__ __forceinline__ const uint8_t* tile_base(const DecodeArgs& a, int64_t blk, int kvh, int tile) {
-  return a.cache + blk * a.c_blk + kvh * a.c_head + int64_t(tile * 16 % a.block_size) * a.c_slot;
+  const int slot = a.block_mask ? (tile * 16) & a.block_mask : tile * 16 % a.block_size;
+  return a.cache + blk * a.c_blk + kvh * a.c_head + int64_t(slot) * a.c_slot;
 }
 
-// The tile's 16 records (D + 8 bytes each, 8-byte aligned) copied by the warp into `dst`, packed: 8 bytes a
-// cp.async, the lanes taking consecutive chunks.
+// The tile's 16 records (D + 8 bytes each, 8-byte aligned) copied by the warp into `dst`, packed, 8 bytes a
+// cp.async: lane l copies chunk l % (D/8) of records l / (D/8) + RP j (RP = 32 / (D/8) records a pass), and lanes
+// 0-15 the last chunk of record l. Their offsets in the cache are the same for every tile, so the caller computes
+// them once (copy_offsets): per tile the copy is then a base address and RP-record steps (session 22: the chunks'
+// divisions and 64-bit products were ~120 of the loop's ~620 SASS instructions a tile).
 template <int D>
-__device__ __forceinline__ void copy_tile_async(uint32_t dst, const uint8_t* base, int64_t stride, int lane) {
-  constexpr int CR = (D + 8) / 8, CHUNKS = 16 * CR;
+__device__ __forceinline__ uint2 copy_offsets(int64_t stride, int lane) {
+  constexpr int CPR = D / 8;
+  return make_uint2(uint32_t((lane / CPR) * stride + (lane % CPR) * 8), uint32_t((lane & 15) * stride + D));
+}
+template <int D>
+__device__ __forceinline__ void copy_tile_async(uint32_t dst, const uint8_t* base, int64_t stride, int lane,
+                                                uint2 off) {
+  constexpr int CPR = D / 8, RP = 32 / CPR, REC = D + 8;
+  const uint8_t* src = base + off.x;
+  const uint32_t d = dst + (lane / CPR) * REC + (lane % CPR) * 8;
 #pragma unroll
-  for (int j = 0; j < (CHUNKS + 31) / 32; ++j) {
-    const int c = lane + 32 * j;
-    if (c < CHUNKS) cp_async8(dst + c * 8, base + (c / CR) * stride + (c % CR) * 8);
-  }
+  for (int j = 0; j < 16 / RP; ++j) cp_async8(d + j * RP * REC, src + j * RP * stride);
+  if (lane < 16) cp_async8(dst + lane * REC + D, base + off.y);
 }
 
 __device__ __forceinline__ int pd(int d) { return d + (d >> 5); }  // a padding word per 32 (decode_kernel)
@@ -402,10 +421,12 @@ __global__ void __launch_bounds__(128, NQ == 1 ? 4 : 3) decode_kernel(const Deco
   int bt_cur = bt_entry(lane), bt_nxt = bt_entry(32 + lane);
   // The load of this warp's j-th tile (the tile t0 + warp + j NW < t1, block-table entry blk): into registers
   // (dst) or into shared-memory slot j % SLOTS as one cp.async group of each lane (empty past the end).
+  const uint2 coff = copy_offsets<D>(a.c_slot, lane);  // (the shared-memory pipeline)
   auto load = [&](Tile<D>& dst, int j, int blk) {
     const int tl = t0 + warp + j * NW;
     if constexpr (SP) {
-      if (tl < t1) copy_tile_async<D>(smem_u32(stile[warp][j % SLOTS]), tile_base<D>(a, blk, kvh, tl), a.c_slot, lane);
+      if (tl < t1)
+        copy_tile_async<D>(smem_u32(stile[warp][j % SLOTS]), tile_base<D>(a, blk, kvh, tl), a.c_slot, lane, coff);
       cp_async_commit();
     } else if (tl < t1) {
       read_tile<D, false>(dst, tile_base<D>(a, blk, kvh, tl), a.c_slot, g, t);
@@ -506,7 +527,7 @@ __global__ void __launch_bounds__(128, NQ == 1 ? 4 : 3) decode_kernel(const Deco
     uint32_t pb[NQ][2];  // B fragments of (P * v_scale)^T: tokens x queries
 #pragma unroll
     for (int c = 0; c < NQ; ++c) {
-      float p[4];
+      float p[4], al[2];
 #pragma unroll
       for (int j = 0; j < 2; ++j) {  // query column 2t + j
         float v0 = valid[0] ? (s[c][j] - qsum[c][j] * zk[0]) * sk[0] : -INFINITY;
@@ -522,11 +543,18 @@ __global__ void __launch_bounds__(128, NQ == 1 ? 4 : 3) decode_kernel(const Deco
         p[2 + j] = valid[1] && m_new != -INFINITY ? exp2f(v1 - m_new) : 0.f;
         l_r[c][j] = l_r[c][j] * alpha + p[j] + p[2 + j];
         z_r[c][j] *= alpha;
+        al[j] = alpha;
+      }
+      // Once the running maxima settle, every alpha is exactly 1 (exp2 of 0) and the rescale an identity: the
+      // warp skips it (the same bits; 4 D / 8 multiplies a tile)
+      if (!__all_sync(0xffffffffu, al[0] == 1.f && al[1] == 1.f)) {
 #pragma unroll
-        for (int i = 0; i < MT; ++i) {
-          acc[c][i][j] *= alpha;
-          acc[c][i][2 + j] *= alpha;
-        }
+        for (int j = 0; j < 2; ++j)
+#pragma unroll
+          for (int i = 0; i < MT; ++i) {
+            acc[c][i][j] *= al[j];
+            acc[c][i][2 + j] *= al[j];
+          }
       }
       const uint32_t lo = pack_f16(valid[0] ? p[0] * vsc[0] : 0.f, valid[0] ? p[1] * vsc[0] : 0.f);
       const uint32_t hi = pack_f16(valid[1] ? p[2] * vsc[1] : 0.f, valid[1] ? p[3] * vsc[1] : 0.f);
@@ -543,11 +571,16 @@ __global__ void __launch_bounds__(128, NQ == 1 ? 4 : 3) decode_kernel(const Deco
       const uint32_t x01 = __byte_perm(cur.v[0][u], cur.v[1][u], 0x5410), y01 = __byte_perm(cur.v[0][u], cur.v[1][u], 0x7632);
       const uint32_t x23 = __byte_perm(cur.v[2][u], cur.v[3][u], 0x5410), y23 = __byte_perm(cur.v[2][u], cur.v[3][u], 0x7632);
 #pragma unroll
-      for (int m = 0; m < 4; ++m) {
-        vlo[8 * u + m] = nib_f16(x01 >> (4 * m));
-        vhi[8 * u + m] = nib_f16(x23 >> (4 * m));
-        vlo[8 * u + 4 + m] = nib_f16(y01 >> (4 * m));
-        vhi[8 * u + 4 + m] = nib_f16(y23 >> (4 * m));
+      for (int m = 0; m < 4; m += 2) {  // nibbles m and m + 1 of each 16-bit half: one shift for both
+        const int sh = 4 * m;
+        vlo[8 * u + m] = nib_f16(x01 >> sh);
+        vhi[8 * u + m] = nib_f16(x23 >> sh);
+        vlo[8 * u + 4 + m] = nib_f16(y01 >> sh);
+        vhi[8 * u + 4 + m] = nib_f16(y23 >> sh);
+        vlo[8 * u + m + 1] = nib_f16_hi(x01 >> sh);
+        vhi[8 * u + m + 1] = nib_f16_hi(x23 >> sh);
+        vlo[8 * u + 5 + m] = nib_f16_hi(y01 >> sh);
+        vhi[8 * u + 5 + m] = nib_f16_hi(y23 >> sh);
       }
     }
 #pragma unroll
@@ -695,12 +728,13 @@ KV4_API int ostq_kv4_decode(const void* q, long long q_tok, long long q_head, vo
                     o_head, static_cast<const uint8_t*>(cache), c_blk, c_slot, c_head, block_table, bt_stride,
                     seq_lens, query_start, group, block_size, num_splits, kv4::g_min_tiles,
                     softmax_scale / head_size * 1.4426950408889634f, signs, part_o, part_ml, counters,
-                    skip_multi};
+                    skip_multi, (block_size & (block_size - 1)) == 0 ? block_size - 1 : 0};
   auto s = static_cast<cudaStream_t>(stream);
   const dim3 grid(nkv, num_splits, num_seqs);
   const bool g16 = group > 8;
-  // the shared-memory pipeline copies 8-byte chunks of the records
-  const bool sp = kv4::g_prefetch == 2 && ((reinterpret_cast<uintptr_t>(cache) | c_blk | c_slot | c_head) & 7) == 0;
+  // the shared-memory pipeline copies 8-byte chunks of the records, at 32-bit offsets within a tile
+  const bool sp = kv4::g_prefetch == 2 && ((reinterpret_cast<uintptr_t>(cache) | c_blk | c_slot | c_head) & 7) == 0 &&
+                  c_slot >= 0 && c_slot < (1LL << 26);
   if (head_size == 128) {
     if (g16) kv4::decode_kernel<128, 2, 1><<<grid, 128, 0, s>>>(a);
     else if (sp) kv4::decode_kernel<128, 1, 2><<<grid, 128, 0, s>>>(a);

@@ -21,8 +21,8 @@
 # bundle, AB_ENVS="-;OSTQUANT_PDL=1 OSTQUANT_KV4_PREFETCH=2;-;OSTQUANT_PDL=1 OSTQUANT_KV4_PREFETCH=2" PART=ab, then
 # benchmarks/gpu_e2e.sh --configs ostquant_w4a4kv4,fp8,bf16 --batches 64 --prefill-repeats 3 and PART=profile, both with
 # OSTQUANT_HAD_VARIANT=8 OSTQUANT_PDL=1 OSTQUANT_KV4_PREFETCH=2 (version 6 and two KV tiles are the defaults since).
-# Next: PART=pdl (the PDL test's result line), the bundle, AB_BATCHES=1,64 AB_ENVS="-;OSTQUANT_PDL=1;-;OSTQUANT_PDL=1"
-# PART=ab.
+# Next: PART=pdl (the PDL test's result line) and PART=kv4pf (the KV4 decode loop rebuilt after the session's device
+# time: its tests and rows) in one call, the bundle, AB_BATCHES=1,64 AB_ENVS="-;OSTQUANT_PDL=1;-;OSTQUANT_PDL=1" PART=ab.
 #   PART=kern  every GPU kernel test (tests/gpu/test_kernels.py, test_kv4_kernels.py; TESTS_K: pytest's -k), the
 #              dispatch's GEMM rows at 1, 16, 64 and 256 tokens on the 8B and 70B layers ($OUT/kernels_dispatch.json:
 #              compare with the ostquant rows of results/kernels_h100_vllm.json; a copy in /tmp), the int8 mma.sync rate

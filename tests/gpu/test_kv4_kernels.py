@@ -81,13 +81,13 @@ CASES = [  # (group, d, seq_lens)
 ]
 
 
-def decode_case(group, d, lens, splits, layout):
+def decode_case(group, d, lens, splits, layout, block_size=16):
     """A decode batch on a fresh random cache: the kernel's outputs (a padding request's row last) and
     the float reference's."""
     gen = torch.Generator(device=DEV).manual_seed(group * 1000 + d + (splits or 0))
     nkv = 2 if group > 8 else (3 if d == 64 else 8 if len(lens) < 6 else 4)
-    cache, table = paged(lens, nkv, d, 16, layout, gen)
-    slots = slots_of(table, lens, 16)
+    cache, table = paged(lens, nkv, d, block_size, layout, gen)
+    slots = slots_of(table, lens, block_size)
     k, v = kv_values(slots.numel(), nkv, d, gen)
     kv4.write_cache(k, v, cache, slots)
     # a decode batch: one query token per request, plus a padding request (CUDA graphs)
@@ -108,8 +108,8 @@ def decode_case(group, d, lens, splits, layout):
 @pytest.mark.parametrize("layout", ["NHD", "HND"])
 @pytest.mark.parametrize("splits", [None, 1, 7])
 @pytest.mark.parametrize("group,d,lens", CASES)
-def test_decode_matches_reference(group, d, lens, splits, layout):
-    out, ref = decode_case(group, d, lens, splits, layout)
+def test_decode_matches_reference(group, d, lens, splits, layout, block_size=16):
+    out, ref = decode_case(group, d, lens, splits, layout, block_size)
     b = len(lens)
     o = out[:b].float()
     assert not o.isnan().any(), "unwritten or NaN outputs"
@@ -118,6 +118,13 @@ def test_decode_matches_reference(group, d, lens, splits, layout):
         rel = ((o[s] - ref[s]).norm() / ref[s].norm()).item()
         mx = ((o[s] - ref[s]).abs().max() / ref[s].abs().max()).item()
         assert rel < 4e-3 and mx < 3e-2, f"seq {s} (len {lens[s]}): rel {rel:.2e}, max {mx:.2e}"
+
+
+@pytest.mark.parametrize("layout", ["NHD", "HND"])
+@pytest.mark.parametrize("block_size", [32, 48])
+def test_decode_block_sizes_match_reference(block_size, layout):
+    # a tile's slot within its block: a mask for power-of-two block sizes, a division otherwise
+    test_decode_matches_reference(*CASES[0], 7, layout, block_size)
 
 
 @pytest.mark.parametrize("layout", ["NHD", "HND"])
