@@ -49,10 +49,10 @@ __device__ __forceinline__ float rha(float x) {  // round half away from zero (n
 
 __device__ __forceinline__ float bf16_round(float x) { return __bfloat162float(__float2bfloat16_rn(x)); }
 
-// Nibbles 0 and 4 of x (bits 0-3, 16-19) as a pair of 16-bit floats: (magic | nibble) - magic.
-__device__ __forceinline__ uint32_t nib_pair(uint32_t x, uint32_t magic) {
+// Nibbles 0 and 4 of x (bits 0-3, 16-19; or those of `mask`) under a 16-bit float's magic exponent: (x & mask) | magic.
+__device__ __forceinline__ uint32_t nib_pair(uint32_t x, uint32_t magic, uint32_t mask = 0x000F000Fu) {
   uint32_t r;
-  asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(r) : "r"(x), "r"(0x000F000Fu), "r"(magic));  // (a & b) | c
+  asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(r) : "r"(x), "r"(mask), "r"(magic));  // (a & b) | c
   return r;
 }
 __device__ __forceinline__ uint32_t nib_bf16(uint32_t x) {  // 128 + n - 128, exact in bf16
@@ -67,8 +67,7 @@ __device__ __forceinline__ uint32_t nib_f16(uint32_t x) {  // 1024 + n - 1024, e
 }
 // Nibbles 1 and 5 (bits 4-7, 20-23) without a shift: (1024 + 16 n) / 16 - 64, exact in fp16 (one rounding, of n).
 __device__ __forceinline__ uint32_t nib_f16_hi(uint32_t x) {
-  uint32_t p;
-  asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(p) : "r"(x), "r"(0x00F000F0u), "r"(0x64006400u));
+  uint32_t p = nib_pair(x, 0x64006400u, 0x00F000F0u);
   __half2 r = __hfma2(*reinterpret_cast<__half2*>(&p), __floats2half2_rn(0.0625f, 0.0625f),
                       __floats2half2_rn(-64.f, -64.f));
   return *reinterpret_cast<uint32_t*>(&r);
