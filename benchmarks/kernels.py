@@ -370,13 +370,13 @@ def main():
         with open(out, "w") as f:
             json.dump(res, f, indent=1)
 
+    ms = [int(m) for m in args.ms.split(",") if m]
     if not args.skip_quant:
-        quant_rows(rows, copy_tbps, gen, args.quick, args.hadamard_only, [int(m) for m in args.ms.split(",") if m])
+        quant_rows(rows, copy_tbps, gen, args.quick, args.hadamard_only, ms)
         save()
     for model in filter(None, args.models.split(",")):  # --models "": the quantize rows only
         for layer, K, N in LAYERS[model]:
-            gemm_rows(model, layer, K, N, gen, rows, args.quick, [int(m) for m in args.ms.split(",") if m],
-                      args.vllm)
+            gemm_rows(model, layer, K, N, gen, rows, args.quick, ms, args.vllm)
             save()
     res["hbm_copy_tbps_end"] = round(copy_bandwidth(), 4)
     res["complete"] = True
