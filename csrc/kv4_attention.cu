@@ -334,48 +334,66 @@ __device__ __forceinline__ uint32_t transpose8x8(uint32_t x) {
 // The split combine for `rows` query heads (rows row0 .. row0 + rows - 1 of the partials) over `active`
 // splits, in the last CTA of a (sequence, kv head): out(r, d) = sum_s f_s o_s[d] / sum_s f_s l_s with
 // f_s = 2^(m_s - max_s m_s). `w` holds rows x active floats of shared memory, `lsum` rows. The
-// partials come from other CTAs: read from L2 (__ldcg), never a stale L1 line.
+// partials come from other CTAs: read from L2 (__ldcg), never a stale L1 line. The combine is a chain of
+// L2 round trips at the end of the kernel (batch 1: 16-64 splits), so each thread puts all its loads of a
+// round in flight at once: a row's (m, l) pairs (one round up to 256 splits), then 16 splits of four
+// output dims (session 23; it was 4 dims one at a time, 16 splits each: 4x the rounds). Same sums in the
+// same order as before (bit-identical).
 template <int D, typename Store>
 __device__ __forceinline__ void combine_splits(const DecodeArgs& a, int row0, int rows, int active, float* w,
                                                float* lsum, Store&& store) {
+  constexpr int SPL = KV4_MAX_SPLITS / 32, U = 16;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, nthr = blockDim.x;
-  for (int i = tid; i < rows * active; i += nthr) {  // the m of every (row, split), all loads in flight
-    const int r = i / active, s = i % active;
-    w[i] = __ldcg(a.part_ml + (int64_t(row0 + r) * a.num_splits + s) * 2);
-  }
-  __syncthreads();
-  for (int r = warp; r < rows; r += nthr / 32) {  // a warp a row: the max, then the weights, then l
+  for (int r = warp; r < rows; r += nthr / 32) {  // a warp a row: the max, the weights, l
+    const float2* ml = reinterpret_cast<const float2*>(a.part_ml) + int64_t(row0 + r) * a.num_splits;
+    float2 v[SPL];
+#pragma unroll
+    for (int j = 0; j < SPL; ++j) {
+      const int s = lane + 32 * j;
+      v[j] = s < active ? __ldcg(ml + s) : make_float2(-INFINITY, 0.f);
+    }
     float M = -INFINITY;
-    for (int s = lane; s < active; s += 32) M = fmaxf(M, w[r * active + s]);
+#pragma unroll
+    for (int j = 0; j < SPL; ++j) M = fmaxf(M, v[j].x);
 #pragma unroll
     for (int o = 16; o; o >>= 1) M = fmaxf(M, __shfl_xor_sync(0xffffffffu, M, o));
     float L = 0.f;
-    for (int s = lane; s < active; s += 32) {
-      const float f = M == -INFINITY ? 0.f : exp2f(w[r * active + s] - M);
-      w[r * active + s] = f;
-      L += f * __ldcg(a.part_ml + (int64_t(row0 + r) * a.num_splits + s) * 2 + 1);
+#pragma unroll
+    for (int j = 0; j < SPL; ++j) {
+      const int s = lane + 32 * j;
+      if (s < active) {
+        const float f = M == -INFINITY ? 0.f : exp2f(v[j].x - M);
+        w[r * active + s] = f;
+        L += f * v[j].y;
+      }
     }
 #pragma unroll
     for (int o = 16; o; o >>= 1) L += __shfl_xor_sync(0xffffffffu, L, o);
     if (lane == 0) lsum[r] = L;
   }
   __syncthreads();
-  for (int i = tid; i < rows * D; i += nthr) {
-    const int r = i / D, d = i % D;
-    const float* po = a.part_o + int64_t(row0 + r) * a.num_splits * D + d;
+  for (int i = tid; i < rows * (D / 4); i += nthr) {  // a thread four dims of a row
+    const int r = i / (D / 4), d = (i % (D / 4)) * 4;
+    const float4* po = reinterpret_cast<const float4*>(a.part_o + int64_t(row0 + r) * a.num_splits * D + d);
     const float* wr = w + r * active;
-    float O = 0.f;
-    int s = 0;
-    for (; s + 4 <= active; s += 4) {  // four loads in flight before the adds
-      const float o0 = __ldcg(po + (s + 0) * D), o1 = __ldcg(po + (s + 1) * D);
-      const float o2 = __ldcg(po + (s + 2) * D), o3 = __ldcg(po + (s + 3) * D);
-      O += wr[s] * o0;
-      O += wr[s + 1] * o1;
-      O += wr[s + 2] * o2;
-      O += wr[s + 3] * o3;
+    float O[4] = {0.f, 0.f, 0.f, 0.f};
+    for (int s0 = 0; s0 < active; s0 += U) {
+      float4 o[U];  // unpredicated loads (past the end: the last split again, not added), all in flight
+#pragma unroll
+      for (int u = 0; u < U; ++u) o[u] = __ldcg(po + min(s0 + u, active - 1) * (D / 4));
+#pragma unroll
+      for (int u = 0; u < U; ++u)
+        if (s0 + u < active) {
+          const float f = wr[s0 + u];
+          O[0] += f * o[u].x;
+          O[1] += f * o[u].y;
+          O[2] += f * o[u].z;
+          O[3] += f * o[u].w;
+        }
     }
-    for (; s < active; ++s) O += wr[s] * __ldcg(po + s * D);
-    store(r, d, lsum[r] > 0.f ? O / lsum[r] : 0.f);
+    const float ls = lsum[r];
+#pragma unroll
+    for (int e = 0; e < 4; ++e) store(r, d + e, ls > 0.f ? O[e] / ls : 0.f);
   }
 }
 

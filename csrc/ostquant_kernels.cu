@@ -36,6 +36,10 @@ __device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, bool p
   int n = pred ? 16 : 0;  // zero-fill when out of range (src must still be a valid address)
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(n));
 }
+__device__ __forceinline__ void cp_async4(uint32_t dst, const void* src, bool pred) {
+  int n = pred ? 4 : 0;
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(src), "r"(n));
+}
 
 // Programmatic dependent launch (OSTQUANT_PDL=1, a measurement setting): a kernel launched with
 // cudaLaunchAttributeProgrammaticStreamSerialization may start while the kernel before it still runs.
@@ -344,13 +348,22 @@ struct DecCfg {
   static constexpr int kFinOff = kPipe > kRed ? kPipe : kRed;
   static constexpr int kFin = S > 1 ? 32 * R * WT * 4 * 4 : 0;  // the CTA's sums, read by the cluster
   static constexpr int kSmem = kFinOff + kFin;
+  // DEC_EPI_PREFETCH: the epilogue's operands after it: w_scale (fp32 or fp16) and w_sum of the CTA's 16 R rows,
+  // a_scale and a_zero of its 8 WT tokens
+  static constexpr int kEpi = (2 * 16 * R + 2 * 8 * WT) * 4;
 };
+// gemm_dec_kernel's flags: programmatic dependent launch (OSTQUANT_PDL, see pdl_wait), and the epilogue's operands
+// copied into shared memory at the start (OSTQUANT_EPI_PREFETCH): without it the last warps to finish their k-range
+// read a_scale, a_zero, w_scale and w_sum from global memory only then, one more dependent memory latency at the
+// end of every decode GEMM (session 23; a measurement setting, off by default).
+constexpr int DEC_PDL = 1, DEC_EPI_PREFETCH = 2;
 
 template <int WT, int R, int KW, int STAGES, typename OutT, int S = 1>
 __global__ void __launch_bounds__(KW * 32)
     gemm_dec_kernel(const int8_t* __restrict__ A, const uint8_t* __restrict__ Wp, Epi epi, OutT* __restrict__ out,
-                    int M, int N, int K, int pdl) {
+                    int M, int N, int K, int flags) {
   using C = DecCfg<WT, R, KW, STAGES, S>;
+  const bool pdl = flags & DEC_PDL, epf = flags & DEC_EPI_PREFETCH;
   extern __shared__ __align__(128) uint8_t smem[];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, t = lane & 3;
@@ -394,6 +407,25 @@ __global__ void __launch_bounds__(KW * 32)
     for (int j = 0; j < WT; ++j)
 #pragma unroll
       for (int q = 0; q < 4; ++q) acc[r][j][q] = 0;
+  // The epilogue's operands (epf), into the first commit group: the weight side before pdl_wait, the activation
+  // side (the quantize kernel's output) after it. Rows past N and tokens past M are zero-filled, never stored.
+  float* e_ws = reinterpret_cast<float*>(smem + C::kSmem);  // [16 R] fp32, or [16 R] fp16 in its first half
+  int* e_wsum = reinterpret_cast<int*>(e_ws + 16 * R);      // [16 R]
+  float* e_as = reinterpret_cast<float*>(e_wsum + 16 * R);  // [8 WT]
+  float* e_az = e_as + 8 * WT;                              // [8 WT]
+  const int n0 = nb0 * 16;
+  if (epf) {
+    const int half = epi.w_scale_half, wsw = half ? 8 * R : 16 * R;  // w_scale's 4-byte words
+    for (int i = threadIdx.x; i < wsw + 16 * R; i += KW * 32) {
+      if (i < wsw) {  // (a zero-filled copy still names a valid address: the last word)
+        const int wd = (n0 >> half) + i, nw = N >> half;
+        cp_async4(smem_u32(e_ws + i), static_cast<const uint32_t*>(epi.w_scale) + min(wd, nw - 1), wd < nw);
+      } else {
+        const int n = n0 + i - wsw;
+        cp_async4(smem_u32(e_wsum + i - wsw), epi.w_sum + min(n, N - 1), n < N);
+      }
+    }
+  }
   // The weights do not depend on the previous kernel: under PDL the prologue's weight stages are in flight
   // while it still runs (they join the first commit group), and only the activations wait for it.
   if (pdl) {
@@ -402,6 +434,12 @@ __global__ void __launch_bounds__(KW * 32)
       if (s < nk) load_w(s, s);
   }
   pdl_wait();
+  if (epf)
+    for (int i = threadIdx.x; i < 16 * WT; i += KW * 32) {
+      const int m = m0 + i % (8 * WT);
+      cp_async4(smem_u32(i < 8 * WT ? e_as + i : e_az + i - 8 * WT),
+                (i < 8 * WT ? epi.a_scale : epi.a_zero) + min(m, M - 1), m < M);
+    }
 #pragma unroll
   for (int s = 0; s < STAGES - 1; ++s) {
     if (s < nk) {
@@ -460,9 +498,20 @@ __global__ void __launch_bounds__(KW * 32)
     const int n = (nb0 + r) * 16 + g + ((q & 2) ? 8 : 0);
     const int m = m0 + j * 8 + t * 2 + (q & 1);
     if (m < M && n < N) {
-      const float y = epilogue_value(sum >> 4, epi.a_scale[m], __float2int_rn(epi.a_zero[m]), load_wscale(epi, n),
-                                     epi.w_sum[n]);
-      out[(size_t)m * N + n] = to_out<OutT>(y);
+      float as, az, ws;
+      int wsum;
+      if (epf) {
+        as = e_as[m - m0];
+        az = e_az[m - m0];
+        ws = epi.w_scale_half ? __half2float(reinterpret_cast<const __half*>(e_ws)[n - n0]) : e_ws[n - n0];
+        wsum = e_wsum[n - n0];
+      } else {
+        as = epi.a_scale[m];
+        az = epi.a_zero[m];
+        ws = load_wscale(epi, n);
+        wsum = epi.w_sum[n];
+      }
+      out[(size_t)m * N + n] = to_out<OutT>(epilogue_value(sum >> 4, as, __float2int_rn(az), ws, wsum));
     }
   };
   // the warps share the epilogue: warp w finishes values w, w + KW, ... of every lane
@@ -528,18 +577,21 @@ int launch_cluster_z(Kern kern, dim3 grid, int threads, int smem, cudaStream_t s
 // weight range prefetched into L2 before the wait) lost by 2.5-5 µs a GEMM at 64 tokens. (CUTLASS 4.2's
 // griddepcontrol, CUTLASS_ENABLE_GDC_FOR_SM90, does not compile with its stream-K scheduler.)
 int g_pdl = 0;
+int g_epi_prefetch = 0;  // OSTQUANT_EPI_PREFETCH / ostq_set_epi_prefetch: DEC_EPI_PREFETCH (off until measured)
 
 template <int WT, int R, int KW, int STAGES, typename OutT, int S = 1>
 int launch_dec(const int8_t* A, const uint8_t* Wp, const Epi& epi, OutT* out, int M, int N, int K, cudaStream_t st) {
   auto kern = gemm_dec_kernel<WT, R, KW, STAGES, OutT, S>;
-  constexpr int smem = DecCfg<WT, R, KW, STAGES, S>::kSmem;
+  using C = DecCfg<WT, R, KW, STAGES, S>;
+  const int epf = g_epi_prefetch ? DEC_EPI_PREFETCH : 0;
+  const int smem = C::kSmem + (epf ? C::kEpi : 0);
   static int smem_set = 0;
   if (const cudaError_t e = raise_smem_limit(kern, smem, smem_set)) return (int)e;
   dim3 grid((N / 16 + R - 1) / R, (M + 8 * WT - 1) / (8 * WT), S);
   if constexpr (S > 1)  // (no PDL here: it lost where measured, session 13)
-    return launch_cluster_z(kern, grid, KW * 32, smem, st, A, Wp, epi, out, M, N, K, 0);
+    return launch_cluster_z(kern, grid, KW * 32, smem, st, A, Wp, epi, out, M, N, K, epf);
   if (!g_pdl) {
-    kern<<<grid, KW * 32, smem, st>>>(A, Wp, epi, out, M, N, K, 0);
+    kern<<<grid, KW * 32, smem, st>>>(A, Wp, epi, out, M, N, K, epf);
     return (int)cudaGetLastError();
   }
   cudaLaunchConfig_t cfg = {};
@@ -552,7 +604,7 @@ int launch_dec(const int8_t* A, const uint8_t* Wp, const Epi& epi, OutT* out, in
   attr[0].val.programmaticStreamSerializationAllowed = 1;
   cfg.attrs = attr;
   cfg.numAttrs = 1;
-  return (int)cudaLaunchKernelEx(&cfg, kern, A, Wp, epi, out, M, N, K, 1);
+  return (int)cudaLaunchKernelEx(&cfg, kern, A, Wp, epi, out, M, N, K, DEC_PDL | epf);
 }
 
 // ==========================================================================================
@@ -2136,7 +2188,7 @@ int ostq_num_sms() { return num_sms(); }  // for csrc/cutlass_gemm.cu
 // ==========================================================================================
 // C ABI
 // ==========================================================================================
-OSTQ_API int ostq_version() { return 4; }  // kernels/_lib.py ABI_VERSION
+OSTQ_API int ostq_version() { return 5; }  // kernels/_lib.py ABI_VERSION
 // benchmarks/mma_probe.py: `blocks` CTAs of `threads`, each warp 8 * iters mma.sync m16n8k32 s8.
 OSTQ_API int ostq_probe_mma(int widen, int blocks, int threads, int iters, int* sink, void* stream) {
   auto st = static_cast<cudaStream_t>(stream);
@@ -2150,6 +2202,7 @@ OSTQ_API void ostq_set_small(int mode) { g_small_mode = mode ? 1 : 0; }
 OSTQ_API void ostq_set_wgmma_split(int on) { g_wg_split = on ? 1 : 0; }
 OSTQ_API void ostq_set_wgmma(int mode) { g_wgmma_mode = (mode == 3 || mode == 5 || mode == 6) ? mode : 0; }
 OSTQ_API void ostq_set_pdl(int on) { g_pdl = on ? 1 : 0; }  // OSTQUANT_PDL in Python (see pdl_wait)
+OSTQ_API void ostq_set_epi_prefetch(int on) { g_epi_prefetch = on ? 1 : 0; }  // OSTQUANT_EPI_PREFETCH (DEC_EPI_PREFETCH)
 
 // Bytes of int32 workspace int4_gemm needs (split-K partials), 0 when none.
 extern "C" long long ostq_cutlass_workspace(int M, int N, int K, int kind);  // csrc/cutlass_gemm.cu

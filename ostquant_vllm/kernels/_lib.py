@@ -7,7 +7,7 @@ from pathlib import Path
 
 BUILD_DIR = Path(__file__).resolve().parent / "_build"
 LIB_NAME = "libostquant_kernels.so"
-ABI_VERSION = 4  # csrc's ostq_version(): raised whenever an entry point's arguments change
+ABI_VERSION = 5  # csrc's ostq_version(): raised whenever an entry point's arguments change
 
 _lib = None
 _err: str | None = None
@@ -66,6 +66,9 @@ def load():
     lib.ostq_set_pdl.argtypes = [i]  # programmatic dependent launch of the decode GEMMs (measurement setting)
     lib.ostq_set_pdl.restype = None
     lib.ostq_set_pdl(int(os.environ.get("OSTQUANT_PDL", "0")))
+    lib.ostq_set_epi_prefetch.argtypes = [i]  # the decode GEMMs' epilogue operands copied first (measurement setting)
+    lib.ostq_set_epi_prefetch.restype = None
+    lib.ostq_set_epi_prefetch(int(os.environ.get("OSTQUANT_EPI_PREFETCH", "0")))
     lib.ostq_set_wgmma_split.argtypes = [i]
     lib.ostq_set_wgmma_split.restype = None
     lib.ostq_set_wgmma_split(int(os.environ.get("OSTQUANT_WGMMA_SPLIT", DEFAULT_WGMMA_SPLIT)))

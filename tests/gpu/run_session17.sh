@@ -51,9 +51,10 @@
 #              cache, and session 22's first run at 125 s timed out)
 #   PART=kv4pf the KV4 decode tests, then our KV4 decode alone with one tile in flight a warp (registers) and with two
 #              (OSTQUANT_KV4_PREFETCH=2: shared memory), twice in turn ($OUT/kv4_pf{1,2}{a,b}.json)
-#   PART=pdl   the decode GEMMs as programmatic dependents of the quantize kernels (OSTQUANT_PDL=1): their tests,
-#              then the 8B quantize + GEMM chains at 1, 16 and 64 tokens in CUDA graphs without and with it, twice
-#              in turn ($OUT/kernels_pdl{0,1}{a,b}.json)
+#   PART=pdl   the decode GEMMs as programmatic dependents of the quantize kernels (OSTQUANT_PDL=1) and with their
+#              epilogue operands copied first (OSTQUANT_EPI_PREFETCH=1): their tests, then the 8B quantize + GEMM
+#              chains at 1, 16 and 64 tokens in CUDA graphs under none, PDL, the prefetch, both, twice in turn
+#              ($OUT/kernels_chain{0,1,2,3}{a,b}.json)
 #   PART=sched kind 40's settings test, then kind 40 at 2048 and 8192 tokens on the 8B and 70B layers under each
 #              tile order of CUTLASS's scheduler and each tile shape (benchmarks/cutlass_sched.py, one process;
 #              $OUT/kernels_sched.json), then Nsight Compute on kind 40 (8B o at 2048 and 8192 tokens, gate_up at
@@ -151,12 +152,14 @@ kv4pf)
   ;;
 pdl)
   . tests/gpu/env.sh
-  timeout 100 python3 -m pytest -q -p no:cacheprovider --tb=short -rf tests/gpu/test_kernels.py -k "pdl or graph" \
-    2>&1 | tee "$OUT/tests_pdl.log" | tail -2
+  timeout 150 python3 -m pytest -q -p no:cacheprovider --tb=short -rf tests/gpu/test_kernels.py \
+    -k "pdl or graph or epilogue" 2>&1 | tee "$OUT/tests_pdl.log" | tail -2
+  # settings i = 0..3: none, PDL, the epilogue's operands first, both
+  settings=("OSTQUANT_PDL=0" "OSTQUANT_PDL=1" "OSTQUANT_EPI_PREFETCH=1" "OSTQUANT_PDL=1 OSTQUANT_EPI_PREFETCH=1")
   for run in a b; do
-    for p in 0 1; do
-      OSTQUANT_PDL=$p timeout 100 python3 benchmarks/kernels.py --models llama3-8b --ms 1,16,64 --skip-quant --quick \
-        --out "$OUT/kernels_pdl$p$run.json" 2>&1 | grep -E "w4a4_linear|failed" | tail -12 | sed "s/^/pdl=$p$run /"
+    for i in 0 1 2 3; do
+      env ${settings[$i]} timeout 100 python3 benchmarks/kernels.py --models llama3-8b --ms 1,16,64 --skip-quant \
+        --quick --out "$OUT/kernels_chain$i$run.json" 2>&1 | grep -E "w4a4_linear|failed" | tail -12 | sed "s/^/s$i$run /"
     done
   done
   ;;
