@@ -42,6 +42,14 @@ int g_min_tiles = 16;
 // register version of 2 lost, needing 3 CTAs an SM); OSTQUANT_KV4_PREFETCH / ostq_kv4_set_prefetch. H100,
 // session 22: 2 equal or faster at every point (batch 256, 4k: 545 -> 502 µs; batch 1, 256: 12.8 -> 11.8).
 int g_prefetch = 2;
+// Programmatic dependent launch of the decode after the cache write (OSTQUANT_KV4_PDL / ostq_kv4_set_pdl; session 23,
+// a measurement setting, off): the write kernel lets the decode launch at once, and the decode's block-table entries,
+// Q rotation and first tiles (those before the request's new tokens) are in flight while the write still runs.
+// Every decode CTA passes griddepcontrol.wait before it reads a tile with a new token and before any return (a grid
+// that returned early would complete before the write, and the next kernel could read the cache too early).
+int g_pdl = 0;
+__device__ __forceinline__ void pdl_wait() { asm volatile("griddepcontrol.wait;" ::: "memory"); }
+__device__ __forceinline__ void pdl_trigger() { asm volatile("griddepcontrol.launch_dependents;" ::: "memory"); }
 
 __device__ __forceinline__ float rha(float x) {  // round half away from zero (numerics._round_half_away)
   return x >= 0.f ? floorf(__fadd_rn(x, 0.5f)) : ceilf(__fsub_rn(x, 0.5f));
@@ -153,6 +161,7 @@ __global__ void __launch_bounds__(128) write_kernel(const __nv_bfloat16* __restr
                                                     int64_t v_head, int64_t c_blk, int64_t c_slot, int64_t c_head,
                                                     int block_size, const float* __restrict__ signs) {
   constexpr int E = D / 32;
+  pdl_trigger();  // the decode after it may launch (under PDL it still waits before reading new tokens' tiles)
   const int w = blockIdx.x * 4 + (threadIdx.x >> 5), lane = threadIdx.x & 31;
   if (w >= num_tokens * nkv) return;
   const int tok = w / nkv, head = w % nkv;
@@ -256,6 +265,7 @@ struct DecodeArgs {
   float* part_ml;  // [num_seqs][Hq][num_splits][2]
   int* counters;   // [num_seqs][nkv] splits finished; zero between launches (the last split resets it)
   int skip_multi;  // 1: requests with several query tokens are left to the prefill path (no work, no writes)
+  int pdl;         // launched as a programmatic dependent of the cache write (g_pdl)
   int block_mask;  // block_size - 1 where it is a power of two (a slot is then a mask away), else 0 (a division)
 };
 
@@ -411,14 +421,21 @@ __global__ void __launch_bounds__(128, NQ == 1 ? 4 : 3) decode_kernel(const Deco
   const int kvh = blockIdx.x, split = blockIdx.y, seq = blockIdx.z;
   const int G = a.group, Hq = gridDim.x * G;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
+  // (query_start, seq_lens, the block table and q are not the cache write's outputs: read before pdl_wait)
   const int tok_q = a.query_start[seq + 1] - 1;  // the request's last query token
-  if (a.query_start[seq] > tok_q) return;          // padding request of a CUDA graph batch
-  if (a.skip_multi && a.query_start[seq] < tok_q) return;  // all its splits leave: its counter stays 0
+  const int qlen = tok_q + 1 - a.query_start[seq];
+  if (qlen < 1 || (a.skip_multi && qlen > 1)) {  // a CUDA graph's padding request; one left to the prefill path
+    pdl_wait();                                  // (all its splits leave: its counter stays 0)
+    return;
+  }
   const int seq_len = a.seq_lens[seq];
   const int tiles = (seq_len + 15) / 16;
   const int chunk = split_tiles(a, tiles);
   const int t0 = split * chunk, t1 = min(tiles, t0 + chunk);
-  if (split > 0 && t0 >= t1) return;
+  if (split > 0 && t0 >= t1) {
+    pdl_wait();
+    return;
+  }
 
   // Rows padded by one word per 32 (dim d at pd(d)) and strides chosen so that every access below
   // is free of bank conflicts (unpadded, the B-fragment reads of Q were 32-way and the partial
@@ -449,11 +466,15 @@ __global__ void __launch_bounds__(128, NQ == 1 ? 4 : 3) decode_kernel(const Deco
       read_tile<D, false>(dst, tile_base<D>(a, blk, kvh, tl), a.c_slot, g, t);
     }
   };
-  // this warp's first PF tiles: their loads go out before the Q prologue, so the memory latencies overlap
+  // this warp's first PF tiles: their loads go out before the Q prologue, so the memory latencies overlap. Under
+  // PDL only if none of them holds a token the write before may still be writing (the request's last qlen), else
+  // after pdl_wait (all of them: the cp.async groups must stay in tile order).
   int tile = t0 + warp;
   Tile<D> buf[2];  // registers: buf[0] computed, buf[1] in flight; shared memory: buf[0] read from its slot
+  const bool early = !a.pdl || min(t0 + warp + (PF - 1) * NW, t1 - 1) < (seq_len - qlen) / 16;
+  if (early)
 #pragma unroll
-  for (int p = 0; p < PF; ++p) load(buf[p & 1], p, __shfl_sync(0xffffffffu, bt_cur, p));
+    for (int p = 0; p < PF; ++p) load(buf[p & 1], p, __shfl_sync(0xffffffffu, bt_cur, p));
 
   // Q rotated (signs, then the FWHT) and rounded to bf16, one warp a row: the butterflies in registers
   // and shuffles (warp_fwht, the same order as the cache write's), no CTA barrier between the stages
@@ -475,6 +496,10 @@ __global__ void __launch_bounds__(128, NQ == 1 ? 4 : 3) decode_kernel(const Deco
     for (int o = 16; o; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
     if (lane == 0) sqsum[r] = s;
   }
+  pdl_wait();
+  if (!early)
+#pragma unroll
+    for (int p = 0; p < PF; ++p) load(buf[p & 1], p, __shfl_sync(0xffffffffu, bt_cur, p));
   __syncthreads();
 
   // B fragments of Q^T (query column g of tile c): K word w of this thread covers dims
@@ -730,6 +755,7 @@ KV4_API int ostq_kv4_write(const void* key, const void* value, void* cache, cons
 
 KV4_API void ostq_kv4_set_min_tiles(int tiles) { kv4::g_min_tiles = tiles < 1 ? 1 : tiles; }
 KV4_API void ostq_kv4_set_prefetch(int tiles) { kv4::g_prefetch = tiles == 2 ? 2 : 1; }
+KV4_API void ostq_kv4_set_pdl(int on) { kv4::g_pdl = on ? 1 : 0; }
 
 KV4_API int ostq_kv4_decode(const void* q, long long q_tok, long long q_head, void* out, long long o_tok,
                             long long o_head, const void* cache, long long c_blk, long long c_slot, long long c_head,
@@ -745,25 +771,29 @@ KV4_API int ostq_kv4_decode(const void* q, long long q_tok, long long q_head, vo
                     o_head, static_cast<const uint8_t*>(cache), c_blk, c_slot, c_head, block_table, bt_stride,
                     seq_lens, query_start, group, block_size, num_splits, kv4::g_min_tiles,
                     softmax_scale / head_size * 1.4426950408889634f, signs, part_o, part_ml, counters,
-                    skip_multi, (block_size & (block_size - 1)) == 0 ? block_size - 1 : 0};
-  auto s = static_cast<cudaStream_t>(stream);
+                    skip_multi, kv4::g_pdl, (block_size & (block_size - 1)) == 0 ? block_size - 1 : 0};
   const dim3 grid(nkv, num_splits, num_seqs);
   const bool g16 = group > 8;
   // the shared-memory pipeline copies 8-byte chunks of the records, at 32-bit offsets within a tile
   const bool sp = kv4::g_prefetch == 2 && ((reinterpret_cast<uintptr_t>(cache) | c_blk | c_slot | c_head) & 7) == 0 &&
                   c_slot >= 0 && c_slot < (1LL << 26);
-  if (head_size == 128) {
-    if (g16) kv4::decode_kernel<128, 2, 1><<<grid, 128, 0, s>>>(a);
-    else if (sp) kv4::decode_kernel<128, 1, 2><<<grid, 128, 0, s>>>(a);
-    else kv4::decode_kernel<128, 1, 1><<<grid, 128, 0, s>>>(a);
-  } else if (head_size == 64) {
-    if (g16) kv4::decode_kernel<64, 2, 1><<<grid, 128, 0, s>>>(a);
-    else if (sp) kv4::decode_kernel<64, 1, 2><<<grid, 128, 0, s>>>(a);
-    else kv4::decode_kernel<64, 1, 1><<<grid, 128, 0, s>>>(a);
-  } else {
+  void (*kern)(const kv4::DecodeArgs) = nullptr;
+  if (head_size == 128)
+    kern = g16 ? kv4::decode_kernel<128, 2, 1> : sp ? kv4::decode_kernel<128, 1, 2> : kv4::decode_kernel<128, 1, 1>;
+  else if (head_size == 64)
+    kern = g16 ? kv4::decode_kernel<64, 2, 1> : sp ? kv4::decode_kernel<64, 1, 2> : kv4::decode_kernel<64, 1, 1>;
+  else
     return (int)cudaErrorInvalidValue;
-  }
-  return (int)cudaGetLastError();
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = grid;
+  cfg.blockDim = dim3(128);
+  cfg.stream = static_cast<cudaStream_t>(stream);
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = a.pdl ? 1 : 0;
+  return (int)cudaLaunchKernelEx(&cfg, kern, a);
 }
 
 KV4_API int ostq_kv4_dequant(const void* cache, long long c_blk, long long c_slot, long long c_head,

@@ -87,6 +87,9 @@ def load():
     lib.ostq_kv4_set_prefetch.argtypes = [i]
     lib.ostq_kv4_set_prefetch.restype = None
     lib.ostq_kv4_set_prefetch(KV4_PREFETCH)
+    lib.ostq_kv4_set_pdl.argtypes = [i]  # the decode as a programmatic dependent of the cache write (measurement)
+    lib.ostq_kv4_set_pdl.restype = None
+    lib.ostq_kv4_set_pdl(int(os.environ.get("OSTQUANT_KV4_PDL", "0")))
     lib.ostq_cutlass_set_sched.argtypes = [i, i, i]  # kind 40's tile order and shape (csrc/cutlass_gemm.cu),
     lib.ostq_cutlass_set_sched.restype = None       # measurement settings; -1: automatic
     lib.ostq_cutlass_set_sched(*(int(os.environ.get(f"OSTQUANT_CUTLASS_{v}", "-1"))

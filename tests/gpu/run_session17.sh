@@ -21,8 +21,10 @@
 # bundle, AB_ENVS="-;OSTQUANT_PDL=1 OSTQUANT_KV4_PREFETCH=2;-;OSTQUANT_PDL=1 OSTQUANT_KV4_PREFETCH=2" PART=ab, then
 # benchmarks/gpu_e2e.sh --configs ostquant_w4a4kv4,fp8,bf16 --batches 64 --prefill-repeats 3 and PART=profile, both with
 # OSTQUANT_HAD_VARIANT=8 OSTQUANT_PDL=1 OSTQUANT_KV4_PREFETCH=2 (version 6 and two KV tiles are the defaults since).
-# Next: PART=pdl (the PDL test's result line) and PART=kv4pf (the KV4 decode loop rebuilt after the session's device
-# time: its tests and rows) in one call, the bundle, AB_BATCHES=1,64 AB_ENVS="-;OSTQUANT_PDL=1;-;OSTQUANT_PDL=1" PART=ab.
+# Session 23 had no device time. Next: PART=pdl then PART=kv4pf in one call (the PDL, epilogue-prefetch and KV4 tests;
+# the chains under none / PDL / OSTQUANT_EPI_PREFETCH / both; the KV4 decode loops of sessions 22-23), the bundle, then
+# AB_BATCHES=1,64 AB_ENVS="-;OSTQUANT_PDL=1 OSTQUANT_EPI_PREFETCH=1 OSTQUANT_KV4_PDL=1;-;OSTQUANT_PDL=1
+# OSTQUANT_EPI_PREFETCH=1 OSTQUANT_KV4_PDL=1" PART=ab.
 #   PART=kern  every GPU kernel test (tests/gpu/test_kernels.py, test_kv4_kernels.py; TESTS_K: pytest's -k), the
 #              dispatch's GEMM rows at 1, 16, 64 and 256 tokens on the 8B and 70B layers ($OUT/kernels_dispatch.json:
 #              compare with the ostquant rows of results/kernels_h100_vllm.json; a copy in /tmp), the int8 mma.sync rate
@@ -140,8 +142,8 @@ ab)
   ;;
 kv4pf)
   . tests/gpu/env.sh
-  timeout 120 python3 -m pytest -q -p no:cacheprovider --tb=short -rf tests/gpu/test_kv4_kernels.py \
-    -k "decode or split" 2>&1 | tee "$OUT/tests_kv4pf.log" | tail -2
+  timeout 150 python3 -m pytest -q -p no:cacheprovider --tb=short -rf tests/gpu/test_kv4_kernels.py \
+    -k "decode or split or pdl" 2>&1 | tee "$OUT/tests_kv4pf.log" | tail -2
   for run in a b; do
     for pf in 1 2; do
       OSTQUANT_KV4_PREFETCH=$pf timeout 100 python3 -m benchmarks.kv4_attention --ours-only --no-check \

@@ -181,6 +181,62 @@ def test_split_combine_repeats_and_leaves_counters_zero(min_tiles, splits):
         assert rel < 4e-3, f"seq {s} (len {lens[s]}): rel {rel:.2e}"
 
 
+@pytest.mark.parametrize("prefetch", [1, 2])
+@pytest.mark.parametrize("splits", [None, 1, 7])
+def test_pdl_write_then_decode_equals_plain_launch(splits, prefetch):
+    """OSTQUANT_KV4_PDL=1: the decode launched as a programmatic dependent of the cache write (its Q rotation and the
+    tiles before the new token in flight while the write runs) gives the same bits as plain launches, eagerly and in
+    a CUDA graph whose new token's K/V change between replays: a decode that read the new token's tile before the
+    write finished would see the previous replay's record. Contexts put the new token at a tile's first, middle and
+    last slot, in a warp's first tiles and past them."""
+    gen = torch.Generator(device=DEV).manual_seed(17 + (splits or 0) + 100 * prefetch)
+    lens, nkv, group, d = [1, 16, 17, 40, 64, 65, 300, 4096], 8, 4, 128
+    cache, table = paged(lens, nkv, d, 16, "NHD", gen)
+    slots = slots_of(table, lens, 16)
+    k, v = kv_values(slots.numel(), nkv, d, gen)
+    kv4.write_cache(k, v, cache, slots)  # the context; each step below rewrites each request's last token
+    b = len(lens)
+    last = torch.tensor(lens, device=DEV).cumsum(0) - 1
+    new_slots = slots[last].contiguous()
+    q = (torch.randn(b, nkv * group, d, device=DEV, generator=gen) * 2).bfloat16()
+    qsl = torch.arange(b + 1, dtype=torch.int32, device=DEV)
+    seq_lens = torch.tensor(lens, dtype=torch.int32, device=DEV)
+    steps = [kv_values(b, nkv, d, gen) for _ in range(4)]  # the new tokens' K/V of 4 steps
+
+    def step(kn, vn, out):
+        kv4.write_cache(kn, vn, cache, new_slots)
+        kv4.decode(q, cache, table, seq_lens, qsl, d ** -0.5, out, splits=splits)
+
+    lib = kernels._lib.load()
+    lib.ostq_kv4_set_prefetch(prefetch)
+    try:
+        plain = []
+        for kn, vn in steps:
+            out = torch.full_like(q, float("nan"))
+            step(kn, vn, out)
+            plain.append(out)
+        lib.ostq_kv4_set_pdl(1)
+        for (kn, vn), ref in zip(steps, plain):
+            out = torch.full_like(q, float("nan"))
+            step(kn, vn, out)
+            assert torch.equal(out, ref), "eager PDL decode differs"
+        kb, vb, og = steps[0][0].clone(), steps[0][1].clone(), torch.full_like(q, float("nan"))
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            step(kb, vb, og)
+        for (kn, vn), ref in list(zip(steps, plain))[::-1]:
+            kb.copy_(kn)
+            vb.copy_(vn)
+            graph.replay()
+            torch.cuda.synchronize()
+            assert torch.equal(og, ref), "PDL decode in a CUDA graph differs"
+    finally:
+        lib.ostq_kv4_set_pdl(0)
+        lib.ostq_kv4_set_prefetch(kernels._lib.KV4_PREFETCH)
+    assert int(kernels._counters(q.device).abs().sum()) == 0, "a split counter was left non-zero"
+    assert not plain[0].isnan().any()
+
+
 @pytest.mark.parametrize("d,nkv", [(128, 8), (64, 3)])
 def test_dequantize_is_the_fake_quantizer(d, nkv):
     from ostquant_vllm import numerics
