@@ -27,6 +27,8 @@
 #include <cuda_fp16.h>
 #include <stdint.h>
 
+#include "pdl.cuh"
+
 #define KV4_API extern "C" __attribute__((visibility("default")))
 
 namespace kv4 {
@@ -42,14 +44,11 @@ int g_min_tiles = 16;
 // register version of 2 lost, needing 3 CTAs an SM); OSTQUANT_KV4_PREFETCH / ostq_kv4_set_prefetch. H100,
 // session 22: 2 equal or faster at every point (batch 256, 4k: 545 -> 502 µs; batch 1, 256: 12.8 -> 11.8).
 int g_prefetch = 2;
-// Programmatic dependent launch of the decode after the cache write (OSTQUANT_KV4_PDL / ostq_kv4_set_pdl; session 23,
-// a measurement setting, off): the write kernel lets the decode launch at once, and the decode's block-table entries,
-// Q rotation and first tiles (those before the request's new tokens) are in flight while the write still runs.
-// Every decode CTA passes griddepcontrol.wait before it reads a tile with a new token and before any return (a grid
-// that returned early would complete before the write, and the next kernel could read the cache too early).
+// Programmatic dependent launch of the decode after the cache write (pdl.cuh; OSTQUANT_KV4_PDL / ostq_kv4_set_pdl;
+// session 23, a measurement setting, off): the write kernel lets the decode launch at once, and the decode's
+// block-table entries, Q rotation and first tiles (those before the request's new tokens) are in flight while the
+// write still runs; it passes pdl_wait before it reads a tile with a new token and before any return.
 int g_pdl = 0;
-__device__ __forceinline__ void pdl_wait() { asm volatile("griddepcontrol.wait;" ::: "memory"); }
-__device__ __forceinline__ void pdl_trigger() { asm volatile("griddepcontrol.launch_dependents;" ::: "memory"); }
 
 __device__ __forceinline__ float rha(float x) {  // round half away from zero (numerics._round_half_away)
   return x >= 0.f ? floorf(__fadd_rn(x, 0.5f)) : ceilf(__fsub_rn(x, 0.5f));
@@ -784,16 +783,12 @@ KV4_API int ostq_kv4_decode(const void* q, long long q_tok, long long q_head, vo
     kern = g16 ? kv4::decode_kernel<64, 2, 1> : sp ? kv4::decode_kernel<64, 1, 2> : kv4::decode_kernel<64, 1, 1>;
   else
     return (int)cudaErrorInvalidValue;
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = grid;
-  cfg.blockDim = dim3(128);
-  cfg.stream = static_cast<cudaStream_t>(stream);
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[0].val.programmaticStreamSerializationAllowed = 1;
-  cfg.attrs = attr;
-  cfg.numAttrs = a.pdl ? 1 : 0;
-  return (int)cudaLaunchKernelEx(&cfg, kern, a);
+  const auto st = static_cast<cudaStream_t>(stream);
+  if (!a.pdl) {
+    kern<<<grid, 128, 0, st>>>(a);
+    return (int)cudaGetLastError();
+  }
+  return (int)launch_pdl(kern, grid, dim3(128), 0, st, a);
 }
 
 KV4_API int ostq_kv4_dequant(const void* cache, long long c_blk, long long c_slot, long long c_head,
