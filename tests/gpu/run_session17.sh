@@ -52,7 +52,8 @@
 #              AB_TIMEOUT a run, default 150 s, the first AB_TIMEOUT_FIRST, default 240 s: it pays torch.compile's cold
 #              cache, and session 22's first run at 125 s timed out)
 #   PART=kv4pf the KV4 decode tests, then our KV4 decode alone with one tile in flight a warp (registers) and with two
-#              (OSTQUANT_KV4_PREFETCH=2: shared memory), twice in turn ($OUT/kv4_pf{1,2}{a,b}.json)
+#              (OSTQUANT_KV4_PREFETCH=2: shared memory), twice in turn ($OUT/kv4_pf{1,2}{a,b}.json; contexts
+#              KV4PF_CONTEXTS, default 256,4096)
 #   PART=pdl   the decode GEMMs as programmatic dependents of the quantize kernels (OSTQUANT_PDL=1) and with their
 #              epilogue operands copied first (OSTQUANT_EPI_PREFETCH=1): their tests, then the 8B quantize + GEMM
 #              chains at 1, 16 and 64 tokens in CUDA graphs under none, PDL, the prefetch, both, twice in turn
@@ -147,7 +148,7 @@ kv4pf)
   for run in a b; do
     for pf in 1 2; do
       OSTQUANT_KV4_PREFETCH=$pf timeout 100 python3 -m benchmarks.kv4_attention --ours-only --no-check \
-        --contexts 256,4096 --out "$OUT/kv4_pf$pf$run.json" 2>&1 | grep -E "^ *[0-9]+ +[0-9]+ |rror" \
+        --contexts "${KV4PF_CONTEXTS:-256,4096}" --out "$OUT/kv4_pf$pf$run.json" 2>&1 | grep -E "^ *[0-9]+ +[0-9]+ |rror" \
         | tail -16 | sed "s/^/pf=$pf$run /"
     done
   done
