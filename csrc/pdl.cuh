@@ -1,5 +1,5 @@
-// Programmatic dependent launch (PDL), shared by the decode GEMMs (OSTQUANT_PDL) and the KV4 decode
-// (OSTQUANT_KV4_PDL), both measurement settings: a kernel launched with launch_pdl (the attribute
+// Programmatic dependent launch (PDL), shared by the decode GEMMs (OSTQUANT_PDL, on by default) and the KV4 decode
+// (OSTQUANT_KV4_PDL, a setting, off): a kernel launched with launch_pdl (the attribute
 // cudaLaunchAttributeProgrammaticStreamSerialization) may start while the kernel before it in the stream still
 // runs, once that kernel's CTAs have all run pdl_trigger() or exited. Every CTA of such a kernel runs pdl_wait()
 // before it reads anything the previous kernel wrote and before any early return (a grid whose CTAs all returned

@@ -20,6 +20,11 @@ DEFAULT_WGMMA_SPLIT = "0"
 # KV4 decode: tiles in flight a warp, 1 (registers) or 2 (shared memory; session 22: equal or faster at every
 # batch and context measured, kv4_attention_h100_prefetch_session22.json)
 KV4_PREFETCH = int(os.environ.get("OSTQUANT_KV4_PREFETCH", "2"))
+# Decode GEMMs (session 23, H100, benchmarks/NOTES_kernels.md): launched as programmatic dependents of the quantize
+# kernel before them (PDL) and with their epilogue operands copied into shared memory first. Batch 64 end to end,
+# ours alone on one machine: 13,723-13,875 tok/s with neither, 14,128 with PDL, 14,669-14,814 with both.
+PDL = int(os.environ.get("OSTQUANT_PDL", "1"))
+EPI_PREFETCH = int(os.environ.get("OSTQUANT_EPI_PREFETCH", "1"))
 
 
 def lib_path() -> Path:
@@ -63,12 +68,12 @@ def load():
     lib.ostq_set_small.argtypes = [i]
     lib.ostq_set_small.restype = None
     lib.ostq_set_small(int(os.environ.get("OSTQUANT_SMALL_M", DEFAULT_SMALL_M)))
-    lib.ostq_set_pdl.argtypes = [i]  # programmatic dependent launch of the decode GEMMs (measurement setting)
+    lib.ostq_set_pdl.argtypes = [i]  # programmatic dependent launch of the decode GEMMs
     lib.ostq_set_pdl.restype = None
-    lib.ostq_set_pdl(int(os.environ.get("OSTQUANT_PDL", "0")))
-    lib.ostq_set_epi_prefetch.argtypes = [i]  # the decode GEMMs' epilogue operands copied first (measurement setting)
+    lib.ostq_set_pdl(PDL)
+    lib.ostq_set_epi_prefetch.argtypes = [i]  # the decode GEMMs' epilogue operands copied first
     lib.ostq_set_epi_prefetch.restype = None
-    lib.ostq_set_epi_prefetch(int(os.environ.get("OSTQUANT_EPI_PREFETCH", "0")))
+    lib.ostq_set_epi_prefetch(EPI_PREFETCH)
     lib.ostq_set_wgmma_split.argtypes = [i]
     lib.ostq_set_wgmma_split.restype = None
     lib.ostq_set_wgmma_split(int(os.environ.get("OSTQUANT_WGMMA_SPLIT", DEFAULT_WGMMA_SPLIT)))
@@ -87,7 +92,8 @@ def load():
     lib.ostq_kv4_set_prefetch.argtypes = [i]
     lib.ostq_kv4_set_prefetch.restype = None
     lib.ostq_kv4_set_prefetch(KV4_PREFETCH)
-    lib.ostq_kv4_set_pdl.argtypes = [i]  # the decode as a programmatic dependent of the cache write (measurement)
+    lib.ostq_kv4_set_pdl.argtypes = [i]  # the decode as a programmatic dependent of the cache write (a setting:
+    #                                      no gain end to end, session 23)
     lib.ostq_kv4_set_pdl.restype = None
     lib.ostq_kv4_set_pdl(int(os.environ.get("OSTQUANT_KV4_PDL", "0")))
     lib.ostq_cutlass_set_sched.argtypes = [i, i, i]  # kind 40's tile order and shape (csrc/cutlass_gemm.cu),

@@ -21,10 +21,11 @@
 # bundle, AB_ENVS="-;OSTQUANT_PDL=1 OSTQUANT_KV4_PREFETCH=2;-;OSTQUANT_PDL=1 OSTQUANT_KV4_PREFETCH=2" PART=ab, then
 # benchmarks/gpu_e2e.sh --configs ostquant_w4a4kv4,fp8,bf16 --batches 64 --prefill-repeats 3 and PART=profile, both with
 # OSTQUANT_HAD_VARIANT=8 OSTQUANT_PDL=1 OSTQUANT_KV4_PREFETCH=2 (version 6 and two KV tiles are the defaults since).
-# Session 23 had no device time. Next: PART=pdl then PART=kv4pf in one call (the PDL, epilogue-prefetch and KV4 tests;
-# the chains under none / PDL / OSTQUANT_EPI_PREFETCH / both; the KV4 decode loops of sessions 22-23), the bundle, then
-# AB_BATCHES=1,64 AB_ENVS="-;OSTQUANT_PDL=1 OSTQUANT_EPI_PREFETCH=1 OSTQUANT_KV4_PDL=1;-;OSTQUANT_PDL=1
-# OSTQUANT_EPI_PREFETCH=1 OSTQUANT_KV4_PDL=1" PART=ab.
+# Session 23 ran PART=pdl, KV4PF_CONTEXTS=256,4096,16384 PART=kv4pf, the bundle, AB_BATCHES=64 PART=ab twice (AB_ENVS in
+# results/e2e_vllm_h100_b64_session23.json), then benchmarks/gpu_e2e.sh --configs ostquant_w4a4kv4,fp8 and --configs bf16
+# at --batches 64 --prefill-repeats 2 (OSTQUANT_PDL and OSTQUANT_EPI_PREFETCH are the defaults since).
+# Next: the bundle, PART=e2e (every batch under the new defaults), then AB_ENVS="-;OSTQUANT_KV4_PREFETCH=1;-;
+# OSTQUANT_KV4_PREFETCH=1" PART=ab.
 #   PART=kern  every GPU kernel test (tests/gpu/test_kernels.py, test_kv4_kernels.py; TESTS_K: pytest's -k), the
 #              dispatch's GEMM rows at 1, 16, 64 and 256 tokens on the 8B and 70B layers ($OUT/kernels_dispatch.json:
 #              compare with the ostquant rows of results/kernels_h100_vllm.json; a copy in /tmp), the int8 mma.sync rate
@@ -158,7 +159,8 @@ pdl)
   timeout 150 python3 -m pytest -q -p no:cacheprovider --tb=short -rf tests/gpu/test_kernels.py \
     -k "pdl or graph or epilogue" 2>&1 | tee "$OUT/tests_pdl.log" | tail -2
   # settings i = 0..3: none, PDL, the epilogue's operands first, both
-  settings=("OSTQUANT_PDL=0" "OSTQUANT_PDL=1" "OSTQUANT_EPI_PREFETCH=1" "OSTQUANT_PDL=1 OSTQUANT_EPI_PREFETCH=1")
+  settings=("OSTQUANT_PDL=0 OSTQUANT_EPI_PREFETCH=0" "OSTQUANT_PDL=1 OSTQUANT_EPI_PREFETCH=0"
+            "OSTQUANT_PDL=0 OSTQUANT_EPI_PREFETCH=1" "OSTQUANT_PDL=1 OSTQUANT_EPI_PREFETCH=1")
   for run in a b; do
     for i in 0 1 2 3; do
       env ${settings[$i]} timeout 100 python3 benchmarks/kernels.py --models llama3-8b --ms 1,16,64 --skip-quant \
