@@ -25,6 +25,8 @@ KV4_PREFETCH = int(os.environ.get("OSTQUANT_KV4_PREFETCH", "2"))
 # ours alone on one machine: 13,723-13,875 tok/s with neither, 14,128 with PDL, 14,669-14,814 with both.
 PDL = int(os.environ.get("OSTQUANT_PDL", "1"))
 EPI_PREFETCH = int(os.environ.get("OSTQUANT_EPI_PREFETCH", "1"))
+# KV4 decode as a programmatic dependent of the cache write: a setting, off (no gain end to end, session 23)
+KV4_PDL = int(os.environ.get("OSTQUANT_KV4_PDL", "0"))
 
 
 def lib_path() -> Path:
@@ -92,10 +94,9 @@ def load():
     lib.ostq_kv4_set_prefetch.argtypes = [i]
     lib.ostq_kv4_set_prefetch.restype = None
     lib.ostq_kv4_set_prefetch(KV4_PREFETCH)
-    lib.ostq_kv4_set_pdl.argtypes = [i]  # the decode as a programmatic dependent of the cache write (a setting:
-    #                                      no gain end to end, session 23)
+    lib.ostq_kv4_set_pdl.argtypes = [i]
     lib.ostq_kv4_set_pdl.restype = None
-    lib.ostq_kv4_set_pdl(int(os.environ.get("OSTQUANT_KV4_PDL", "0")))
+    lib.ostq_kv4_set_pdl(KV4_PDL)
     lib.ostq_cutlass_set_sched.argtypes = [i, i, i]  # kind 40's tile order and shape (csrc/cutlass_gemm.cu),
     lib.ostq_cutlass_set_sched.restype = None       # measurement settings; -1: automatic
     lib.ostq_cutlass_set_sched(*(int(os.environ.get(f"OSTQUANT_CUTLASS_{v}", "-1"))

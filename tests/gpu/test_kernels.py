@@ -93,33 +93,34 @@ DEC_KINDS = list(range(7, 13)) + list(range(27, 37))  # gemm_dec_kernel's kinds 
 
 @pytest.mark.parametrize("force", DEC_KINDS)
 def test_dec_epilogue_prefetch_equals_plain(force):
-    """OSTQUANT_EPI_PREFETCH=1 (the default): the decode kinds copy their epilogue operands (w_scale, w_sum, a_scale, a_zero) into
-    shared memory at the start; the outputs must be the same bits as the plain epilogue's, at token and row tails
-    (the zero-filled copies past M and N are never stored), with fp32 and fp16 weight scales and both output dtypes."""
+    """OSTQUANT_EPI_PREFETCH=1 (the default): the decode kinds copy their epilogue operands (w_scale, w_sum, a_scale,
+    a_zero) into shared memory at the start; the outputs must be the same bits as the plain epilogue's, at token and
+    row tails (the zero-filled copies past M and N are never stored), with fp32 and fp16 weight scales and both output
+    dtypes."""
     from ostquant_vllm.kernels import _lib
     lib = _lib.load()
     gen = torch.Generator(device=DEV).manual_seed(300 + force)
-    for k, n in [(576, 1008), (4096, 6144)]:  # 1008: 63 row blocks, a tail for R = 2, 4, 6
-        w, wp = _weights(n, k, gen)
-        wsum = w.int().sum(1).int()
-        for m in (1, 3, 16, 37, 64):
-            a, s, z = _acts(m, k, 4, gen)
-            for ws in (torch.rand(n, device=DEV, generator=gen) * 0.05, torch.rand(n, device=DEV, generator=gen).half()):
-                for od in (torch.bfloat16, torch.float16):
-                    outs = []
-                    for epf in (0, 1):
-                        lib.ostq_set_epi_prefetch(epf)
-                        try:
-                            out = torch.full((m, n), float("nan"), dtype=od, device=DEV)
-                            _gemm_cuda(a, s, z, wp, ws, wsum, od, force=force, out=out)
-                            torch.cuda.synchronize()
-                        finally:
-                            lib.ostq_set_epi_prefetch(_lib.EPI_PREFETCH)
-                        outs.append(out)
-                    what = f"kind {force} M={m} N={n} K={k} w_scale {ws.dtype} out {od}"
-                    if od == torch.bfloat16:  # (fp16 out: its subnormals break the relative bound on tiny values)
-                        _check_gemm(outs[0], _model(a, s, z, w, ws, wsum), what)
-                    assert torch.equal(outs[0], outs[1]), f"{what}: prefetched epilogue differs"
+    try:
+        for k, n in [(576, 1008), (4096, 6144)]:  # 1008: 63 row blocks, a tail for R = 2, 4, 6
+            w, wp = _weights(n, k, gen)
+            wsum = w.int().sum(1).int()
+            for m in (1, 3, 16, 37, 64):
+                a, s, z = _acts(m, k, 4, gen)
+                for ws in (torch.rand(n, device=DEV, generator=gen) * 0.05,
+                           torch.rand(n, device=DEV, generator=gen).half()):
+                    for od in (torch.bfloat16, torch.float16):
+                        outs = []
+                        for epf in (0, 1):
+                            lib.ostq_set_epi_prefetch(epf)
+                            outs.append(torch.full((m, n), float("nan"), dtype=od, device=DEV))
+                            _gemm_cuda(a, s, z, wp, ws, wsum, od, force=force, out=outs[-1])
+                        torch.cuda.synchronize()
+                        what = f"kind {force} M={m} N={n} K={k} w_scale {ws.dtype} out {od}"
+                        if od == torch.bfloat16:  # (fp16 out: its subnormals break the relative bound on tiny values)
+                            _check_gemm(outs[0], _model(a, s, z, w, ws, wsum), what)
+                        assert torch.equal(outs[0], outs[1]), f"{what}: prefetched epilogue differs"
+    finally:
+        lib.ostq_set_epi_prefetch(_lib.EPI_PREFETCH)
 
 
 @pytest.mark.parametrize("raster,swizzle,tile", [(1, 4, 0), (2, 8, 0), (0, 1, 1), (2, 4, 1)])
@@ -212,11 +213,11 @@ def test_int4_gemm_deterministic_and_graph():
 @pytest.mark.parametrize("pdl,epf", [(1, 0), (1, 1)])
 @pytest.mark.parametrize("m,k,n,had", [(1, 4096, 4096, False), (16, 4096, 6144, False), (64, 14336, 4096, True)])
 def test_pdl_chain_equals_plain_launch(m, k, n, had, pdl, epf):
-    """OSTQUANT_PDL=1 (the default): the decode GEMMs launched as programmatic dependents of the quantize kernel (their first
-    weight stages in shared memory before griddepcontrol.wait) give the same bits as plain launches, eagerly and
-    in a CUDA graph whose input changes between replays (a GEMM that read the activations too early would see
-    the previous replay's levels or scales). With OSTQUANT_EPI_PREFETCH=1 too, the activation scales are copied
-    right after the wait."""
+    """OSTQUANT_PDL=1 (the default): the decode GEMMs launched as programmatic dependents of the quantize kernel
+    (their first weight stages in shared memory before griddepcontrol.wait) give the same bits as plain launches,
+    eagerly and in a CUDA graph whose input changes between replays (a GEMM that read the activations too early
+    would see the previous replay's levels or scales). With OSTQUANT_EPI_PREFETCH=1 too, the activation scales are
+    copied right after the wait."""
     from ostquant_vllm.kernels import _lib
 
     gen = torch.Generator(device=DEV).manual_seed(m * 31 + k)

@@ -209,6 +209,7 @@ def test_pdl_write_then_decode_equals_plain_launch(splits, prefetch):
 
     lib = kernels._lib.load()
     lib.ostq_kv4_set_prefetch(prefetch)
+    lib.ostq_kv4_set_pdl(0)
     try:
         plain = []
         for kn, vn in steps:
@@ -231,7 +232,7 @@ def test_pdl_write_then_decode_equals_plain_launch(splits, prefetch):
             torch.cuda.synchronize()
             assert torch.equal(og, ref), "PDL decode in a CUDA graph differs"
     finally:
-        lib.ostq_kv4_set_pdl(0)
+        lib.ostq_kv4_set_pdl(kernels._lib.KV4_PDL)
         lib.ostq_kv4_set_prefetch(kernels._lib.KV4_PREFETCH)
     assert int(kernels._counters(q.device).abs().sum()) == 0, "a split counter was left non-zero"
     assert not plain[0].isnan().any()
