@@ -27,6 +27,7 @@
 #include <cuda_fp16.h>
 #include <stdint.h>
 
+#include "cp_async.cuh"
 #include "pdl.cuh"
 
 #define KV4_API extern "C" __attribute__((visibility("default")))
@@ -113,13 +114,6 @@ template <bool SHARED>
 __device__ __forceinline__ uint2 ld64(const uint8_t* p) {
   return SHARED ? *reinterpret_cast<const uint2*>(p) : __ldg(reinterpret_cast<const uint2*>(p));
 }
-__device__ __forceinline__ uint32_t smem_u32(const void* p) { return (uint32_t)__cvta_generic_to_shared(p); }
-__device__ __forceinline__ void cp_async8(uint32_t dst, const void* src) {
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 8;\n" ::"r"(dst), "l"(src));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
 
 // In-place unnormalised FWHT of one D-vector spread over a warp, lane holding elements
 // [lane*E, lane*E + E): in-register butterflies below E, shuffles above; _sylvester_fwht's order.
@@ -470,10 +464,12 @@ __global__ void __launch_bounds__(128, NQ == 1 ? 4 : 3) decode_kernel(const Deco
   // after pdl_wait (all of them: the cp.async groups must stay in tile order).
   int tile = t0 + warp;
   Tile<D> buf[2];  // registers: buf[0] computed, buf[1] in flight; shared memory: buf[0] read from its slot
-  const bool early = !a.pdl || min(t0 + warp + (PF - 1) * NW, t1 - 1) < (seq_len - qlen) / 16;
-  if (early)
+  auto load_first = [&] {
 #pragma unroll
     for (int p = 0; p < PF; ++p) load(buf[p & 1], p, __shfl_sync(0xffffffffu, bt_cur, p));
+  };
+  const bool early = !a.pdl || min(t0 + warp + (PF - 1) * NW, t1 - 1) < (seq_len - qlen) / 16;
+  if (early) load_first();
 
   // Q rotated (signs, then the FWHT) and rounded to bf16, one warp a row: the butterflies in registers
   // and shuffles (warp_fwht, the same order as the cache write's), no CTA barrier between the stages
@@ -496,9 +492,7 @@ __global__ void __launch_bounds__(128, NQ == 1 ? 4 : 3) decode_kernel(const Deco
     if (lane == 0) sqsum[r] = s;
   }
   pdl_wait();
-  if (!early)
-#pragma unroll
-    for (int p = 0; p < PF; ++p) load(buf[p & 1], p, __shfl_sync(0xffffffffu, bt_cur, p));
+  if (!early) load_first();
   __syncthreads();
 
   // B fragments of Q^T (query column g of tile c): K word w of this thread covers dims
