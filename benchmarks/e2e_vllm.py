@@ -152,17 +152,24 @@ def run_config(a) -> dict:
         ids = torch.randint(10, vocab - 10, (n, length), generator=gen).tolist()
         return [TokensPrompt(prompt_token_ids=p) for p in ids]
 
-    def timed(ps, max_tokens):
+    def timed(ps, max_tokens, keep=None):
         sp = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, detokenize=False)
         t = time.perf_counter()  # generate returns finished outputs: the GPU work is inside
         outs = llm.generate(ps, sp, use_tqdm=False)
         dt = time.perf_counter() - t
+        if keep is not None:
+            keep.extend(list(o.outputs[0].token_ids) for o in outs)
         return dt, sum(len(o.outputs[0].token_ids) for o in outs)
 
-    timed(prompts(min(4, max(batches)), a.input_len), 16)  # warm-up
+    # warm-up; its greedy tokens (the same prompts in every run): settings meant to change only the speed must
+    # leave them as they are (dummy weights, so a weak check, but a mis-wired graph shows)
+    warmup_tokens = []
+    timed(prompts(min(4, max(batches)), a.input_len), 16, warmup_tokens)
     if a.profile:
-        return {"config": a.config, "profile": profile_decode(prompts, timed, a), **engine_facts(llm)}
-    row = {"config": a.config, "engine_args": dict(kw), "engine_start_s": start_s, "decode": []}
+        return {"config": a.config, "profile": profile_decode(prompts, timed, a), "warmup_tokens": warmup_tokens,
+                **engine_facts(llm)}
+    row = {"config": a.config, "engine_args": dict(kw), "engine_start_s": start_s, "decode": [],
+           "warmup_tokens": warmup_tokens}
     for b in batches:
         runs, secs, first = [], [], []
         for _ in range(a.repeats if b <= 16 else max(1, a.repeats - 1)):

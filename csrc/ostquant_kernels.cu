@@ -1131,6 +1131,105 @@ __global__ void __launch_bounds__(THREADS) quant_plain_kernel(const __nv_bfloat1
   vec_quant_store<THREADS, VPT>(v, nv, r, reinterpret_cast<uint2*>(q + (size_t)row * K));
 }
 
+// RMSNorm + quantize in one pass (ostquant_vllm/fusion.py puts it where vLLM's RMSNorm feeds a quantized linear):
+// vLLM's rms_norm / fused_add_rms_norm (vllm/ir/ops/layernorm.py): s = x (+ residual) in fp32, the new residual
+// bf16(s), y = bf16(s * rsqrt(mean(s^2) + eps)), with a weight bf16(y * w); then y quantized per token exactly as
+// quant_plain_kernel does (numerics.quantize_act). The sum of squares' order is not Inductor's (its rsqrt may differ
+// by an ulp); the quantization of the y written is bit-exact. y_out (tests) and res_out may be null.
+__device__ __forceinline__ float block_sum_warps(float v, int warps) {
+  __shared__ float s_sum[32];
+#pragma unroll
+  for (int o = 16; o; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  if ((threadIdx.x & 31) == 0) s_sum[threadIdx.x >> 5] = v;
+  __syncthreads();
+  float t = s_sum[0];
+  for (int i = 1; i < warps; ++i) t += s_sum[i];  // the same order in every thread
+  return t;
+}
+__device__ __forceinline__ float2 bf2_at(const uint4& v, int e) {
+  return __bfloat1622float2(reinterpret_cast<const __nv_bfloat162*>(&v)[e]);
+}
+template <int THREADS, int VPT>
+__global__ void __launch_bounds__(THREADS) rms_quant_kernel(const __nv_bfloat16* __restrict__ x,
+                                                  const __nv_bfloat16* __restrict__ res,
+                                                  const __nv_bfloat16* __restrict__ w,
+                                                  __nv_bfloat16* __restrict__ res_out,
+                                                  __nv_bfloat16* __restrict__ y_out, int8_t* __restrict__ q,
+                                                  float* __restrict__ scale, float* __restrict__ zero, int K,
+                                                  float eps, QParams p) {
+  pdl_trigger();  // the GEMM after it may launch (under PDL it still waits for this grid)
+  const int row = blockIdx.x;
+  const size_t off = (size_t)row * K;
+  const int nv = K / 8;
+  uint4 v[VPT], r[VPT];
+#pragma unroll
+  for (int i = 0; i < VPT; ++i) {
+    const int idx = threadIdx.x + i * THREADS;
+    if (idx < nv) {
+      v[i] = __ldcs(reinterpret_cast<const uint4*>(x + off) + idx);
+      if (res) r[i] = __ldcs(reinterpret_cast<const uint4*>(res + off) + idx);
+    }
+  }
+  float ss = 0.f;
+#pragma unroll
+  for (int i = 0; i < VPT; ++i) {
+    const int idx = threadIdx.x + i * THREADS;
+    if (idx < nv) {
+      if (res) {  // s = x + residual in fp32; v keeps s rounded to bf16 (the new residual) only for res_out
+        uint4 sv;
+        __nv_bfloat162* sh = reinterpret_cast<__nv_bfloat162*>(&sv);
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const float2 a = bf2_at(v[i], e), b = bf2_at(r[i], e);
+          const float2 t = make_float2(__fadd_rn(a.x, b.x), __fadd_rn(a.y, b.y));
+          ss = fmaf(t.x, t.x, fmaf(t.y, t.y, ss));
+          sh[e] = __floats2bfloat162_rn(t.x, t.y);
+        }
+        if (res_out) reinterpret_cast<uint4*>(res_out + off)[idx] = sv;
+      } else {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const float2 a = bf2_at(v[i], e);
+          ss = fmaf(a.x, a.x, fmaf(a.y, a.y, ss));
+        }
+      }
+    }
+  }
+  ss = block_sum_warps(ss, THREADS / 32);
+  const float inv = rsqrtf(__fadd_rn(__fdiv_rn(ss, (float)K), eps));
+#pragma unroll
+  for (int i = 0; i < VPT; ++i) {
+    const int idx = threadIdx.x + i * THREADS;
+    if (idx < nv) {
+      const uint4 wv = w ? reinterpret_cast<const uint4*>(w)[idx] : make_uint4(0, 0, 0, 0);
+      uint4 yv;
+      __nv_bfloat162* yh = reinterpret_cast<__nv_bfloat162*>(&yv);
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        float2 t = bf2_at(v[i], e);
+        if (res) {
+          const float2 b = bf2_at(r[i], e);
+          t = make_float2(__fadd_rn(t.x, b.x), __fadd_rn(t.y, b.y));
+        }
+        __nv_bfloat162 y = __floats2bfloat162_rn(__fmul_rn(t.x, inv), __fmul_rn(t.y, inv));
+        if (w) {
+          const float2 yf = __bfloat1622float2(y), wf = bf2_at(wv, e);
+          y = __floats2bfloat162_rn(__fmul_rn(yf.x, wf.x), __fmul_rn(yf.y, wf.y));
+        }
+        yh[e] = y;
+      }
+      v[i] = yv;
+      if (y_out) reinterpret_cast<uint4*>(y_out + off)[idx] = yv;
+    }
+  }
+  float mn, mx;
+  vec_minmax<THREADS, VPT>(v, nv, mn, mx);
+  block_minmax<THREADS>(mn, mx);
+  const RowQ rq = row_qparams(mn, mx, p);
+  write_row_params(rq, scale, zero, row);
+  vec_quant_store<THREADS, VPT>(v, nv, rq, reinterpret_cast<uint2*>(q + off));
+}
+
 // Hadamard + quantize: the row in shared memory as fp32 (index a*B + i, a < P2 = K/B).
 // Butterflies over a in register passes of up to 32 points (same add order as the reference;
 // the first pass reads the bf16 input straight from global memory), then each a-row times the
@@ -1571,7 +1670,7 @@ struct Had5Frag {
   static constexpr int BP = B <= 16 ? 16 : 32, KS = BP / 16, NT = BP / 8, T = 4;
   static_assert(B % 2 == 0 && B <= 32, "even B up to 32 (fragment pairs, two k16 steps)");
 };
-template <int B>
+template <int B, bool GATED = false>
 __device__ __forceinline__ void had5_stage_a(const __nv_bfloat16* __restrict__ x, const float* __restrict__ hb,
                                              uint8_t* sm, int K, int row, int log2p,
                                              float (&v)[Had5Frag<B>::T][Had5Frag<B>::NT][4]) {
@@ -1579,7 +1678,26 @@ __device__ __forceinline__ void had5_stage_a(const __nv_bfloat16* __restrict__ x
   constexpr int KS = F::KS, NT = F::NT, T = F::T;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
   const __nv_bfloat16* xs = reinterpret_cast<const __nv_bfloat16*>(sm);
-  {
+  if constexpr (GATED) {  // x [M, 2K] = [gate | up]: the row is bf16(silu(gate) * up), fp32 math, one rounding
+    const uint4* gs = reinterpret_cast<const uint4*>(x + (size_t)row * 2 * K);
+    const uint4* us = gs + K / 8;
+#pragma unroll 4
+    for (int c = tid; c < K / 8; c += blockDim.x) {
+      const uint4 gv = __ldcs(gs + c), uv = __ldcs(us + c);
+      uint4 o;
+      const __nv_bfloat162* gh = reinterpret_cast<const __nv_bfloat162*>(&gv);
+      const __nv_bfloat162* uh = reinterpret_cast<const __nv_bfloat162*>(&uv);
+      __nv_bfloat162* oh = reinterpret_cast<__nv_bfloat162*>(&o);
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const float2 a = __bfloat1622float2(gh[e]), b = __bfloat1622float2(uh[e]);
+        oh[e] = __floats2bfloat162_rn(__fmul_rn(__fdiv_rn(a.x, __fadd_rn(1.f, expf(-a.x))), b.x),
+                                      __fmul_rn(__fdiv_rn(a.y, __fadd_rn(1.f, expf(-a.y))), b.y));
+      }
+      reinterpret_cast<uint4*>(sm)[c] = o;
+    }
+    if (tid < 2) reinterpret_cast<uint4*>(sm + 2 * K)[tid] = make_uint4(0u, 0u, 0u, 0u);
+  } else {
     const uint32_t s = smem_u32(sm);
     const uint4* src = reinterpret_cast<const uint4*>(x + (size_t)row * K);
     for (int c = tid; c < K / 8; c += blockDim.x) cp_async16(s + c * 16, src + c, true);
@@ -1737,7 +1855,8 @@ int launch_had5(const __nv_bfloat16* x, int8_t* q, float* scale, float* zero, in
 // version 4). No shared-memory exchange of the FP32 values and three CTA barriers a row (the row loaded; two for its min/max)
 // where version 5 has six and spends ~33 instructions an element at an IPC of 2 (Nsight Compute, session 21). Each
 // warp writes its levels into shared memory and copies its own 64 B bytes out with 16-B stores.
-template <int B>
+// GATED (ostq_silu_mul_quantize_had): the row is computed from vLLM's gate and up halves as it is loaded.
+template <int B, bool GATED = false>
 __global__ void __launch_bounds__(512, 1) quant_had6_kernel(const __nv_bfloat16* __restrict__ x, int8_t* __restrict__ q,
                                                             float* __restrict__ scale, float* __restrict__ zero,
                                                             const float* __restrict__ hb, int K, int log2p,
@@ -1751,7 +1870,7 @@ __global__ void __launch_bounds__(512, 1) quant_had6_kernel(const __nv_bfloat16*
   const int row = blockIdx.x;
   // A, and a-bits 3-5 of the butterflies in registers (version 5's)
   float v[T][NT][4];
-  had5_stage_a<B>(x, hb, sm6, K, row, log2p, v);
+  had5_stage_a<B, GATED>(x, hb, sm6, K, row, log2p, v);
   // B. a-bits 0-2 across the lanes (g = lane bits 2-4)
 #pragma unroll
   for (int s = 0; s < 3; ++s) {
@@ -1801,7 +1920,7 @@ __global__ void __launch_bounds__(512, 1) quant_had6_kernel(const __nv_bfloat16*
   for (int c = lane; c < 4 * B; c += 32) dst[c] = src[c];
 }
 
-template <int B>
+template <int B, bool GATED = false>
 int launch_had6(const __nv_bfloat16* x, int8_t* q, float* scale, float* zero, int M, int K, int log2p,
                 const float* hb, float norm, QParams p, cudaStream_t st) {
   if constexpr (B != 12 && B != 20 && B != 28) {
@@ -1809,7 +1928,7 @@ int launch_had6(const __nv_bfloat16* x, int8_t* q, float* scale, float* zero, in
   } else {
     const int warps = K / (64 * B);
     if (log2p > 6 || K != 64 * B * warps || warps < 1 || warps > 16) return -1;
-    auto kern = quant_had6_kernel<B>;
+    auto kern = quant_had6_kernel<B, GATED>;
     const int smem = 3 * K + 32;
     static int smem_set = 0;
     if (const cudaError_t e = raise_smem_limit(kern, smem, smem_set)) return (int)e;
@@ -2158,7 +2277,7 @@ int ostq_num_sms() { return num_sms(); }  // for csrc/cutlass_gemm.cu
 // ==========================================================================================
 // C ABI
 // ==========================================================================================
-OSTQ_API int ostq_version() { return 5; }  // kernels/_lib.py ABI_VERSION
+OSTQ_API int ostq_version() { return 6; }  // kernels/_lib.py ABI_VERSION
 // benchmarks/mma_probe.py: `blocks` CTAs of `threads`, each warp 8 * iters mma.sync m16n8k32 s8.
 OSTQ_API int ostq_probe_mma(int widen, int blocks, int threads, int iters, int* sink, void* stream) {
   auto st = static_cast<cudaStream_t>(stream);
@@ -2271,6 +2390,58 @@ OSTQ_API int ostq_quantize_act(const void* x, void* q, void* scale, void* zero, 
     case 60: return launch_had<256, 60>(xb, qb, sc, zp, M, K, log2p, h, norm, p, variant, st);
     default: return (int)cudaErrorInvalidValue;
   }
+}
+
+// RMSNorm (+ residual, + weight) then per-token quantization (rms_quant_kernel), all bf16 but q / scale / zero:
+// x, residual (or null) [M,K], weight (or null) [K] -> res_out (x + residual, null when no residual) [M,K],
+// y_out (the normalized row; null: not written) [M,K], q int8 [M,K], scale / zero fp32 [M]. K % 8 == 0, K <= 16384.
+OSTQ_API int ostq_rms_norm_quant(const void* x, const void* residual, const void* weight, void* res_out, void* y_out,
+                                 void* q, void* scale, void* zero, int M, int K, float eps, int bits, int sym,
+                                 float clip, void* stream) {
+  if (M <= 0) return 0;
+  if (K % 8 || bits < 2 || bits > 8) return (int)cudaErrorInvalidValue;
+  const QParams p{bits, sym, clip};
+  cudaStream_t st = (cudaStream_t)stream;
+  const auto* xb = (const __nv_bfloat16*)x;
+  const auto* rb = (const __nv_bfloat16*)residual;
+  const auto* wb = (const __nv_bfloat16*)weight;
+  auto* ro = (__nv_bfloat16*)res_out;
+  auto* yo = (__nv_bfloat16*)y_out;
+  int8_t* qb = (int8_t*)q;
+  float *sc = (float*)scale, *zp = (float*)zero;
+  const int nv = K / 8;
+  if (nv <= 128 * 2) rms_quant_kernel<128, 2><<<M, 128, 0, st>>>(xb, rb, wb, ro, yo, qb, sc, zp, K, eps, p);
+  else if (nv <= 256 * 2) rms_quant_kernel<256, 2><<<M, 256, 0, st>>>(xb, rb, wb, ro, yo, qb, sc, zp, K, eps, p);
+  else if (nv <= 256 * 4) rms_quant_kernel<256, 4><<<M, 256, 0, st>>>(xb, rb, wb, ro, yo, qb, sc, zp, K, eps, p);
+  else if (nv <= 512 * 4) rms_quant_kernel<512, 4><<<M, 512, 0, st>>>(xb, rb, wb, ro, yo, qb, sc, zp, K, eps, p);
+  else return (int)cudaErrorInvalidValue;
+  return (int)cudaGetLastError();
+}
+
+// vLLM's SiluAndMul (silu(gate) * up, in fp32 with one rounding to bf16, as Inductor's code for it) and then the
+// fused Hadamard quantizer, version 6 (quant_had6_kernel with GATED; ostquant_vllm/fusion.py puts it before down_proj):
+// gu bf16 [M, 2K] = [gate | up] -> q int8 [M, K], scale / zero fp32 [M]. Arguments as ostq_quantize_act's; only where
+// version 6 runs (B in 12, 20, 28, log2p <= 6, K = 64 W B for W <= 16 warps), else cudaErrorNotSupported.
+OSTQ_API int ostq_silu_mul_quantize_had(const void* gu, void* q, void* scale, void* zero, int M, int K, int bits,
+                                        int sym, float clip, int hadamard, int B, int log2p, const void* hb,
+                                        void* stream) {
+  if (M <= 0) return 0;
+  const int blocks = hadamard;
+  if (K % 8 || bits < 2 || bits > 8 || blocks < 1 || blocks & (blocks - 1) ||
+      (long long)blocks * (B << log2p) != K)
+    return (int)cudaErrorInvalidValue;
+  const QParams p{bits, sym, clip};
+  const float norm = (float)sqrt((double)(K / blocks));  // as ostq_quantize_act
+  const auto* x = (const __nv_bfloat16*)gu;
+  int8_t* qb = (int8_t*)q;
+  float *sc = (float*)scale, *zp = (float*)zero;
+  const float* h = (const float*)hb;
+  cudaStream_t st = (cudaStream_t)stream;
+  int r = -1;
+  if (B == 12) r = launch_had6<12, true>(x, qb, sc, zp, M, K, log2p, h, norm, p, st);
+  else if (B == 20) r = launch_had6<20, true>(x, qb, sc, zp, M, K, log2p, h, norm, p, st);
+  else if (B == 28) r = launch_had6<28, true>(x, qb, sc, zp, M, K, log2p, h, norm, p, st);
+  return r < 0 ? (int)cudaErrorNotSupported : r;
 }
 
 // The compiled-in sign masks (bit j set where H_b[i][j] == -1), for the run-time check.

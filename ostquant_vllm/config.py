@@ -78,8 +78,10 @@ class OstQuantConfig(QuantizationConfig):
             quantized = all(n.rsplit(".", 1)[-1] in QUANTIZED_LINEARS for n in names)
             if not quantized or self.is_ignored(prefix, names):
                 return L.UnquantizedLinearMethod()
+            from . import fusion
             from .linear import OstQuantLinearMethod
 
+            fusion.install(compat.current_vllm_config(), self.fmt)  # RMSNorm + quantize: one kernel (CUDA)
             return OstQuantLinearMethod(self.fmt, prefix, names)
         return None  # lm_head / embeddings: unquantized
 

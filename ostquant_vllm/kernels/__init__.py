@@ -4,10 +4,14 @@
     prepare_weight(qweight [N, K/2] int8) -> prepared weight (do once at load time)
     quantize_act(x [..., K], bits, sym=False, clip=1.0, hadamard=0)   (hadamard: blocks of I_b (x) H_{K/b})
         -> (q int8 [..., K], scale fp32 [..., 1], zero fp32 [..., 1])      (numerics.quantize_act's shapes)
+    rms_norm_quant(x [..., K], residual | None, weight [K] | None, eps, bits, sym=False, clip=1.0)
+        -> (q, scale, zero, x + residual (bf16; empty when no residual))   (vLLM's RMSNorm, then quantize_act)
+    silu_mul_quantize_act(gu [..., 2K], bits, sym, clip, hadamard)        (vLLM's SiluAndMul, then quantize_act)
+        -> (q [..., K], scale, zero)
     int4_gemm(a_q [M, K], a_scale [M] | [M, 1], a_zero [M] | [M, 1], w_prepared, w_scale [N] fp32 | fp16,
               w_sum [N] int32 (fp32 accepted, converted per call), out_dtype=torch.bfloat16) -> [M, N]
 
-Both are torch.library custom ops (torch.ops.ostquant.quantize_act / int4_gemm) with fake
+All are torch.library custom ops (torch.ops.ostquant.<name>) with fake
 implementations, so they trace under torch.compile and replay inside CUDA graphs. The CUDA path
 is a plain shared library loaded with ctypes (build: python -m ostquant_vllm.kernels.build);
 it launches on torch.cuda.current_stream(). OSTQUANT_DISABLE_KERNELS=1 forces the reference.
@@ -31,9 +35,10 @@ import torch
 from .. import hadamard as _had
 from . import _lib
 from .layout import layout_ok, prepare_weight, weight_shape  # noqa: F401  (re-exported)
-from .reference import int4_gemm_ref, quantize_act_ref
+from .reference import int4_gemm_ref, quantize_act_ref, rms_norm_quant_ref, silu_mul_quantize_act_ref
 
-__all__ = ["available", "prepare_weight", "quantize_act", "int4_gemm", "unavailable_reason"]
+__all__ = ["available", "prepare_weight", "quantize_act", "rms_norm_quant", "silu_mul_quantize_act", "int4_gemm",
+           "unavailable_reason"]
 
 HAD_B = (1, 12, 20, 28, 36, 52, 60)  # small factors the fused kernel is built for (108, 140: reference)
 _HAD_SMEM_MAX = 200 * 1024  # the fused Hadamard kernel holds a row in fp32 shared memory
@@ -185,6 +190,137 @@ def quantize_act(x: torch.Tensor, bits: int, sym: bool = False, clip: float = 1.
     blocks (True: 1, the full H_K), in one kernel. Same result as
     numerics.quantize_act(hadamard.apply_hadamard(x.float(), b) if b else x, ...)."""
     return torch.ops.ostquant.quantize_act(x, int(bits), bool(sym), float(clip), int(hadamard))
+
+
+def _aligned(t: torch.Tensor) -> torch.Tensor:
+    t = t.contiguous()
+    return t.clone() if t.data_ptr() % 16 else t  # 16-B vector loads
+
+
+_RMS_MAX_K = 16384
+
+
+def _rms_quant_kernel_ok(x, residual, weight, bits) -> bool:
+    k = x.shape[-1]
+    return (x.dtype == torch.bfloat16 and k % 8 == 0 and k <= _RMS_MAX_K and 2 <= bits <= 8
+            and (residual is None or (residual.dtype == x.dtype and residual.shape == x.shape))
+            and (weight is None or (weight.dtype == x.dtype and tuple(weight.shape) == (k,)))
+            and _use_cuda(x, *[t for t in (residual, weight) if t is not None]))
+
+
+def _rms_quant_cuda(x, residual, weight, eps, bits, sym, clip, y_out=None, out=None):
+    """Launch the fused RMSNorm + quantizer on x [..., K] -> (q [M, K], scale [M, 1], zero [M, 1], x + residual
+    [M, K] or empty). Tests: y_out, a bf16 [M, K] that receives the normalized rows; out, the four preallocated."""
+    k = x.shape[-1]
+    x2 = _aligned(x.reshape(-1, k))
+    r2 = _aligned(residual.reshape(-1, k)) if residual is not None else None
+    w = _aligned(weight) if weight is not None else None
+    m = x2.shape[0]
+    if out is None:
+        q = torch.empty((m, k), dtype=torch.int8, device=x.device)
+        s = torch.empty((m, 1), dtype=torch.float32, device=x.device)
+        z = torch.empty((m, 1), dtype=torch.float32, device=x.device)
+        ro = torch.empty_like(x2) if r2 is not None else x2.new_empty(0)
+    else:
+        q, s, z, ro = out
+    if m:
+        rc = _lib.load().ostq_rms_norm_quant(_ptr(x2), _ptr(r2) if r2 is not None else None,
+                                             _ptr(w) if w is not None else None, _ptr(ro) if r2 is not None else None,
+                                             _ptr(y_out) if y_out is not None else None, _ptr(q), _ptr(s), _ptr(z),
+                                             m, k, float(eps), bits, int(sym), float(clip), _stream(x.device))
+        _lib.check(rc, "rms_norm_quant")
+    return q, s, z, ro
+
+
+@torch.library.custom_op("ostquant::rms_norm_quant", mutates_args=())
+def _rms_norm_quant_op(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor | None, eps: float,
+                       bits: int, sym: bool, clip: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                                   torch.Tensor]:
+    shp, k = x.shape[:-1], x.shape[-1]
+    if _rms_quant_kernel_ok(x, residual, weight, bits):
+        q, s, z, ro = _rms_quant_cuda(x, residual, weight, eps, bits, sym, clip)
+    else:
+        q, s, z, ro = rms_norm_quant_ref(x, residual, weight, eps, bits, sym, clip)
+        ro = x.new_empty(0) if ro is None else ro
+    return (q.reshape(*shp, k).contiguous(), s.reshape(*shp, 1).contiguous(), z.reshape(*shp, 1).contiguous(),
+            ro.reshape(x.shape).contiguous() if residual is not None else ro)
+
+
+@_rms_norm_quant_op.register_fake
+def _(x, residual, weight, eps, bits, sym, clip):
+    shp = x.shape[:-1]
+    return (x.new_empty(x.shape, dtype=torch.int8), x.new_empty((*shp, 1), dtype=torch.float32),
+            x.new_empty((*shp, 1), dtype=torch.float32),
+            x.new_empty(x.shape) if residual is not None else x.new_empty(0))
+
+
+def rms_norm_quant(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor | None, eps: float,
+                   bits: int, sym: bool = False, clip: float = 1.0):
+    """vLLM's RMSNorm (with the residual add when given) and quantize_act of its output in one kernel:
+    (q, scale, zero, x + residual) as rms_norm_quant_ref; the last is empty when residual is None."""
+    return torch.ops.ostquant.rms_norm_quant(x, residual, weight, float(eps), int(bits), bool(sym), float(clip))
+
+
+def silu_mul_quant_fusable(k: int, hadamard: int) -> bool:
+    """Whether the CUDA library fuses SiluAndMul into the Hadamard quantizer for a down_proj input of k columns
+    in `hadamard` blocks: where its version 6 runs (csrc ostq_silu_mul_quantize_had)."""
+    if hadamard <= 0 or hadamard & (hadamard - 1) or k % hadamard:
+        return False
+    try:
+        p2, b = _had.factor(k // hadamard)
+    except ValueError:
+        return False
+    warps = k // (64 * b)
+    return b in (12, 20, 28) and p2 <= 64 and k == 64 * b * warps and 1 <= warps <= 16
+
+
+def _silu_quant_kernel_ok(gu: torch.Tensor, bits: int, hadamard: int) -> bool:
+    return (gu.dtype == torch.bfloat16 and gu.shape[-1] % 16 == 0 and 2 <= bits <= 8
+            and silu_mul_quant_fusable(gu.shape[-1] // 2, hadamard) and _use_cuda(gu))
+
+
+def _silu_quant_cuda(gu, bits, sym, clip, hadamard, out=None):
+    """Launch SiluAndMul + the Hadamard quantizer on gu [..., 2K] -> (q [M, K], scale [M, 1], zero [M, 1])."""
+    k = gu.shape[-1] // 2
+    g2 = _aligned(gu.reshape(-1, 2 * k))
+    m = g2.shape[0]
+    if out is None:
+        q = torch.empty((m, k), dtype=torch.int8, device=gu.device)
+        s = torch.empty((m, 1), dtype=torch.float32, device=gu.device)
+        z = torch.empty((m, 1), dtype=torch.float32, device=gu.device)
+    else:
+        q, s, z = out
+    if m:
+        b, log2p, table = _had_table(k // hadamard, gu.device)
+        rc = _lib.load().ostq_silu_mul_quantize_had(_ptr(g2), _ptr(q), _ptr(s), _ptr(z), m, k, bits, int(sym),
+                                                    float(clip), int(hadamard), b, log2p, _ptr(table),
+                                                    _stream(gu.device))
+        _lib.check(rc, "silu_mul_quantize_act")
+    return q, s, z
+
+
+@torch.library.custom_op("ostquant::silu_mul_quantize_act", mutates_args=())
+def _silu_mul_quant_op(gu: torch.Tensor, bits: int, sym: bool, clip: float,
+                       hadamard: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    shp, k = gu.shape[:-1], gu.shape[-1] // 2
+    if _silu_quant_kernel_ok(gu, bits, hadamard):
+        q, s, z = _silu_quant_cuda(gu, bits, sym, clip, hadamard)
+    else:
+        q, s, z = silu_mul_quantize_act_ref(gu, bits, sym, clip, hadamard)
+    return q.reshape(*shp, k).contiguous(), s.reshape(*shp, 1).contiguous(), z.reshape(*shp, 1).contiguous()
+
+
+@_silu_mul_quant_op.register_fake
+def _(gu, bits, sym, clip, hadamard):
+    shp = gu.shape[:-1]
+    return (gu.new_empty((*shp, gu.shape[-1] // 2), dtype=torch.int8),
+            gu.new_empty((*shp, 1), dtype=torch.float32), gu.new_empty((*shp, 1), dtype=torch.float32))
+
+
+def silu_mul_quantize_act(gu: torch.Tensor, bits: int, sym: bool = False, clip: float = 1.0, hadamard: int = 0):
+    """vLLM's SiluAndMul of gu [..., 2K] = [gate | up] (fp32 math, one bf16 rounding), then quantize_act with
+    the Hadamard of `hadamard` blocks, in one kernel where silu_mul_quant_fusable (else the reference)."""
+    return torch.ops.ostquant.silu_mul_quantize_act(gu, int(bits), bool(sym), float(clip), int(hadamard))
 
 
 # ---------------------------------------------------------------------------------------------

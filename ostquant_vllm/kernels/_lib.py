@@ -7,7 +7,7 @@ from pathlib import Path
 
 BUILD_DIR = Path(__file__).resolve().parent / "_build"
 LIB_NAME = "libostquant_kernels.so"
-ABI_VERSION = 5  # csrc's ostq_version(): raised whenever an entry point's arguments change
+ABI_VERSION = 6  # csrc's ostq_version(): raised whenever an entry point's arguments change
 
 _lib = None
 _err: str | None = None
@@ -60,6 +60,10 @@ def load():
     lib.ostq_hb_mask.argtypes = [i, i]
     lib.ostq_hb_mask.restype = ctypes.c_ulonglong
     lib.ostq_quantize_act.restype = i
+    lib.ostq_rms_norm_quant.argtypes = [vp, vp, vp, vp, vp, vp, vp, vp, i, i, f, i, i, f, vp]
+    lib.ostq_rms_norm_quant.restype = i
+    lib.ostq_silu_mul_quantize_had.argtypes = [vp, vp, vp, vp, i, i, i, i, f, i, i, i, vp, vp]
+    lib.ostq_silu_mul_quantize_had.restype = i
     lib.ostq_set_wgmma.argtypes = [i]
     lib.ostq_set_wgmma.restype = None
     # C-side automatic choice for M > 64 (used only when Python passes force=-1): 5 wgmma with

@@ -59,6 +59,8 @@
 #              epilogue operands copied first (OSTQUANT_EPI_PREFETCH=1): their tests, then the 8B quantize + GEMM
 #              chains at 1, 16 and 64 tokens in CUDA graphs under none, PDL, the prefetch, both, twice in turn
 #              ($OUT/kernels_chain{0,1,2,3}{a,b}.json)
+#   PART=fuse  the fused quantizers' GPU tests (and the plain / Hadamard ones'), then benchmarks/fusion_bench.py
+#              ($OUT/fusion_bench.json)
 #   PART=sched kind 40's settings test, then kind 40 at 2048 and 8192 tokens on the 8B and 70B layers under each
 #              tile order of CUTLASS's scheduler and each tile shape (benchmarks/cutlass_sched.py, one process;
 #              $OUT/kernels_sched.json), then Nsight Compute on kind 40 (8B o at 2048 and 8192 tokens, gate_up at
@@ -140,6 +142,19 @@ ab)
       --batches "${AB_BATCHES:-64}" --prefill-repeats 2 --out "/tmp/e2e_ab$i.json" 2>&1 \
       | grep -v "^WARNING\|^INFO\|^(EngineCore" | grep -E "\[e2e\]|rror" | tail -3 | sed "s/^/[$i ${e:-base}] /"
     cp "/tmp/e2e_ab$i.json" "$OUT/" 2>/dev/null
+    python3 - "/tmp/e2e_ab$i.json" "$i" <<'PY' 2>/dev/null  # the warm-up's greedy tokens: equal across settings?
+import hashlib, json, sys
+def find(o):
+    if isinstance(o, dict):
+        if "warmup_tokens" in o:
+            return o["warmup_tokens"]
+        o = list(o.values())
+    for v in o if isinstance(o, list) else []:
+        if (r := find(v)) is not None:
+            return r
+t = find(json.load(open(sys.argv[1])))
+print(f"[{sys.argv[2]}] warm-up tokens", hashlib.sha1(json.dumps(t).encode()).hexdigest()[:12], (t or [[]])[0][:8])
+PY
   done
   ;;
 kv4pf)
@@ -167,6 +182,15 @@ pdl)
         --quick --out "$OUT/kernels_chain$i$run.json" 2>&1 | grep -E "w4a4_linear|failed" | tail -12 | sed "s/^/s$i$run /"
     done
   done
+  ;;
+fuse)
+  # session 24: the fused quantizers of ostquant_vllm/fusion.py (RMSNorm + quantize, SiluAndMul + Hadamard quantize),
+  # their tests and the untouched quantizers', then the chains against the two kernels they replace
+  . tests/gpu/env.sh
+  timeout 240 python3 -m pytest -q -p no:cacheprovider --tb=short -rf tests/gpu/test_kernels.py \
+    -k "rms_norm or silu_mul or quantize_plain or public_api or torch_compile or hadamard_blocks" 2>&1 \
+    | tee "$OUT/tests_fuse.log" | tail -4
+  timeout 150 python3 benchmarks/fusion_bench.py --out "$OUT/fusion_bench.json" 2>&1 | grep -E "us$|rror" | tail -40
   ;;
 tuned)
   env ${E2E_ENV:?set E2E_ENV} E2E_TIMEOUT=${E2E_TIMEOUT:-300} bash benchmarks/gpu_e2e.sh --configs ostquant_w4a4kv4 ${E2E_ARGS:-} \

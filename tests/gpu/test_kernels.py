@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from ostquant_vllm import kernels
-from ostquant_vllm.kernels import _gemm_cuda, _quant_cuda
+from ostquant_vllm.kernels import _gemm_cuda, _quant_cuda, _rms_quant_cuda, _silu_quant_cuda
 from ostquant_vllm.kernels.layout import levels_to_prepared
-from ostquant_vllm.kernels.reference import quantize_act_ref
+from ostquant_vllm.kernels.reference import quantize_act_ref, rms_norm_ref, silu_mul_quantize_act_ref
 
 pytestmark = pytest.mark.skipif(not kernels.available(), reason=f"kernels unavailable: {kernels.unavailable_reason()}")
 
@@ -355,3 +355,87 @@ def test_quantize_public_api_shapes():
     x = torch.randn(2, 3, 1536, device=DEV).to(torch.bfloat16)
     q, s, z = kernels.quantize_act(x, 4, hadamard=True)
     assert q.shape == x.shape and s.shape == (2, 3, 1) and z.shape == (2, 3, 1)
+
+
+# The fused RMSNorm + quantizer (ostquant_vllm/fusion.py's kernel): each launch shape (K = 576 / 2048: 128 threads,
+# 4096: 256 x 2 vectors, 5120 / 8192: 256 x 4, 16384: 512 x 4), with and without residual and weight.
+RMS_K = [576, 2048, 4096, 5120, 8192, 16384]
+
+
+def _bf16_ulp(v: torch.Tensor) -> torch.Tensor:
+    e = torch.floor(torch.log2(v.abs().clamp_min(2.0 ** -126)))
+    return torch.exp2(e - 7)
+
+
+@pytest.mark.parametrize("k", RMS_K)
+def test_rms_norm_quant(k):
+    gen = torch.Generator(device=DEV).manual_seed(k + 7)
+    eps = 1e-5
+    for m in MS:
+        for residual, weight, (bits, sym, clip) in [(True, True, (4, False, 1.0)), (False, True, (8, True, 0.9)),
+                                                    (True, False, (8, False, 1.0)), (False, False, (4, True, 1.0))]:
+            what = f"M={m} K={k} residual={residual} weight={weight} bits={bits} sym={sym}"
+            x = (torch.randn(m, k, device=DEV, generator=gen) * 3 + 0.5).to(torch.bfloat16)
+            x[:, :: max(1, k // 5)] *= 30  # outlier channels
+            r = (torch.randn(m, k, device=DEV, generator=gen) * 2).to(torch.bfloat16) if residual else None
+            w = (torch.rand(k, device=DEV, generator=gen) + 0.5).to(torch.bfloat16) if weight else None
+            q = torch.full((m, k), 99, dtype=torch.int8, device=DEV)
+            s = torch.full((m, 1), float("nan"), device=DEV)
+            z = torch.full((m, 1), float("nan"), device=DEV)
+            ro = torch.full((m, k), float("nan"), dtype=torch.bfloat16, device=DEV) if residual else x.new_empty(0)
+            y = torch.full((m, k), float("nan"), dtype=torch.bfloat16, device=DEV)
+            _rms_quant_cuda(x, r, w, eps, bits, sym, clip, y_out=y, out=(q, s, z, ro))
+            torch.cuda.synchronize()
+            yr, rr = rms_norm_ref(x.cpu(), r.cpu() if residual else None, w.cpu() if weight else None, eps)
+            if residual:
+                assert torch.equal(ro.cpu(), rr), f"{what}: residual"
+            # the norm: within an ulp or two of the reference (rsqrt and the sum's order differ), mostly equal
+            yd = (y.cpu().float() - yr.float()).abs()
+            assert not torch.isnan(y).any() and bool((yd <= 2 * _bf16_ulp(yr.float())).all()), f"{what}: y"
+            assert int((yd > 0).sum()) <= max(4, y.numel() // 50), f"{what}: y differs in {int((yd > 0).sum())}"
+            # the quantizer on the kernel's own y: bit-exact (reference on the CPU, see _check_quant)
+            qr, sr, zr = quantize_act_ref(y.cpu(), bits, sym, clip)
+            assert torch.equal(s.cpu(), sr) and torch.equal(z.cpu(), zr), f"{what}: scale / zero"
+            assert torch.equal(q.cpu(), qr), f"{what}: {int((q.cpu() != qr).sum())} levels differ"
+
+
+def test_rms_norm_quant_public_op():
+    gen = torch.Generator(device=DEV).manual_seed(3)
+    x = torch.randn(2, 3, 4096, device=DEV, generator=gen).to(torch.bfloat16)
+    r = torch.randn(2, 3, 4096, device=DEV, generator=gen).to(torch.bfloat16)
+    w = torch.rand(4096, device=DEV, generator=gen).to(torch.bfloat16)
+    q, s, z, ro = kernels.rms_norm_quant(x, r, w, 1e-6, 4)
+    assert q.shape == x.shape and s.shape == (2, 3, 1) and z.shape == (2, 3, 1) and ro.shape == x.shape
+    q2, s2, z2, ro2 = _rms_quant_cuda(x, r, w, 1e-6, 4, False, 1.0)
+    assert torch.equal(q.view(-1, 4096), q2) and torch.equal(s.view(-1, 1), s2) and torch.equal(ro.view(-1, 4096), ro2)
+    cf = torch.compile(lambda a, b: kernels.rms_norm_quant(a, b, w, 1e-6, 4), backend="aot_eager", fullgraph=True)
+    assert all(torch.equal(u, v) for u, v in zip(cf(x, r), (q, s, z, ro)))
+
+
+# SiluAndMul + the Hadamard quantizer (version 6 with the gated load; fusion.py's down_proj kernel): Llama-3-8B's
+# 14336 = 8 x 28 * 64 and its TP 2 / 4 slices, SmolLM2's 1536 = 8 x 12 * 16. The CPU reference's exp is not the
+# GPU's, so a product can round to the other bf16 at a boundary (~1e-4 of them): scale and levels within that.
+@pytest.mark.parametrize("k,blocks", [(14336, 8), (7168, 4), (3584, 2), (1536, 8)])
+def test_silu_mul_quantize_hadamard(k, blocks):
+    assert kernels.silu_mul_quant_fusable(k, blocks)
+    gen = torch.Generator(device=DEV).manual_seed(k + blocks)
+    for m in MS:
+        for bits, sym in ([(4, False), (8, False), (4, True)] if m < 2048 else [(4, False)]):
+            what = f"M={m} K={k} blocks={blocks} bits={bits} sym={sym}"
+            gu = torch.randn(m, 2 * k, device=DEV, generator=gen) * 2
+            gu[:, k:: max(1, k // 7)] *= 20  # outlier channels in up
+            gu = gu.to(torch.bfloat16)
+            q = torch.full((m, k), 99, dtype=torch.int8, device=DEV)
+            s = torch.full((m, 1), float("nan"), device=DEV)
+            z = torch.full((m, 1), float("nan"), device=DEV)
+            _silu_quant_cuda(gu, bits, sym, 1.0, blocks, out=(q, s, z))
+            torch.cuda.synchronize()
+            qr, sr, zr = silu_mul_quantize_act_ref(gu.cpu(), bits, sym, 1.0, blocks)
+            q, s, z = q.cpu(), s.cpu(), z.cpu()
+            assert not torch.isnan(s).any() and torch.allclose(s, sr, rtol=1e-4, atol=0), f"{what}: scale"
+            zd = (z - zr).abs()
+            assert zd.max() <= 1 and int((zd > 0).sum()) <= max(1, m // 50), f"{what}: zero"
+            dl = (q.int() - qr.int()).abs()
+            same_zero = (zd == 0).expand_as(dl)
+            nbad = int((dl[same_zero] > 0).sum())
+            assert dl[same_zero].max() <= 1 and nbad <= max(4, q.numel() // 500), f"{what}: {nbad} level flips"
