@@ -11,7 +11,7 @@ from vllm.model_executor.layers.quantization.base_config import QuantizationConf
 from . import compat
 from .format import QUANT_METHOD, QUANTIZED_LINEARS, CheckpointError, QuantFormat, validate_checkpoint
 
-logger = logging.getLogger("ostquant_vllm")
+logger = logging.getLogger("vllm.ostquant")  # under vLLM's logger: its handler, level and format
 
 DEFAULT_PACKED = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
 

@@ -23,7 +23,7 @@ import torch
 
 from . import ops
 
-logger = logging.getLogger("ostquant_vllm")
+logger = logging.getLogger("vllm.ostquant")  # under vLLM's logger: its handler, level and format
 
 # Off until the GPU measures them (session 24 built them on the CPU machine; OSTQUANT_FUSE_*=1 turns them on)
 FUSE_NORM = os.environ.get("OSTQUANT_FUSE_NORM", "0") not in ("", "0")
@@ -74,10 +74,13 @@ def _match(q: torch.fx.Node):
     vx, vq, vs = _val(x), _val(q.args[0]), _val(src)
     if vx is None or vq is None or vs is None or vx.dtype != torch.bfloat16 or tuple(vq.shape) != tuple(vs.shape):
         return None
-    if w is not None and (_val(w) is None or _val(w).dtype != torch.bfloat16):
+    if any(t is not None and (_val(t) is None or _val(t).dtype != torch.bfloat16) for t in (res, w)):
         return None
     if any(u.target is not operator.getitem for u in q.users):
         return None
+    if src is not norm and any(u is not src and not (u.target is operator.getitem and u.args[1] == 1)
+                               for u in norm.users):
+        return None  # the norm's output read elsewhere too (the residual, output 1, moves to the fused op)
     return norm, src, views, args
 
 
@@ -201,18 +204,23 @@ def fuse_silu_quant(graph: torch.fx.Graph) -> int:
     return done
 
 
+_logged = False
+
+
 def fuse(graph: torch.fx.Graph) -> None:
     """The pass: both rewrites, as configured."""
-    if FUSE_NORM:
-        fuse_norm_quant(graph)
-    if FUSE_SILU:
-        fuse_silu_quant(graph)
+    global _logged
+    n = fuse_norm_quant(graph) if FUSE_NORM else 0
+    m = fuse_silu_quant(graph) if FUSE_SILU else 0
+    if (n or m) and not _logged:  # once a process: vLLM compiles every piece of the model and every size range
+        _logged = True
+        logger.info("ostquant: fused %d RMSNorm + quantize and %d SiluAndMul + quantize pairs in a graph piece", n, m)
 
 
 def _pass_class():
     from vllm.compilation.passes.inductor_pass import InductorPass
 
-    class OstQuantNormQuantPass(InductorPass):
+    class OstQuantFusionPass(InductorPass):
         """fuse() as a vLLM post-grad pass (its uuid: the rewrites' source and settings, for Inductor's cache)."""
 
         def __call__(self, graph: torch.fx.Graph) -> None:
@@ -222,7 +230,7 @@ def _pass_class():
             return InductorPass.hash_source(f"norm={FUSE_NORM} silu={FUSE_SILU}", fuse, fuse_norm_quant, _match,
                                             _norm_args, fuse_silu_quant, _match_silu, _slice_of)
 
-    return OstQuantNormQuantPass
+    return OstQuantFusionPass
 
 
 def install(vllm_config, fmt) -> bool:
@@ -240,7 +248,7 @@ def install(vllm_config, fmt) -> bool:
     have = icc.get(key)
     if have is not None:
         if type(have).__name__ != cls.__name__:
-            logger.warning("ostquant: %s already holds %r; the RMSNorm + quantize fusion stays off", key, have)
+            logger.warning("ostquant: %s already holds %r; the quantizer fusions stay off", key, have)
             return False
         return True
     icc[key] = cls()

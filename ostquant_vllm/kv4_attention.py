@@ -31,7 +31,7 @@ from . import kernels, numerics
 from .kernels import _lib
 from .ops import count
 
-logger = logging.getLogger("ostquant_vllm")
+logger = logging.getLogger("vllm.ostquant")  # under vLLM's logger: its handler, level and format
 
 HEAD_SIZES = (64, 128)
 MAX_GROUP = 16          # query heads per KV head the decode kernel takes (m16n8k16 rows)

@@ -23,7 +23,7 @@ from .format import CheckpointError, QuantFormat
 from .numerics import fake_quant_kv_int4
 from .ops import count
 
-logger = logging.getLogger("ostquant_vllm")
+logger = logging.getLogger("vllm.ostquant")  # under vLLM's logger: its handler, level and format
 
 NATIVE = "int4_per_token_head"
 EMULATED_OK = ("auto", "bfloat16", "float16", "float32", "half", "float")

@@ -140,7 +140,7 @@ ab)
     t=${AB_TIMEOUT:-150}; [ $i = 1 ] && t=${AB_TIMEOUT_FIRST:-240}
     env $e E2E_TIMEOUT=$t bash benchmarks/gpu_e2e.sh --configs ostquant_w4a4kv4 \
       --batches "${AB_BATCHES:-64}" --prefill-repeats 2 --out "/tmp/e2e_ab$i.json" 2>&1 \
-      | grep -v "^WARNING\|^INFO\|^(EngineCore" | grep -E "\[e2e\]|rror" | tail -3 | sed "s/^/[$i ${e:-base}] /"
+      | grep -v "^WARNING\|^(EngineCore" | grep -E "\[e2e\]|rror|ostquant: fused" | tail -4 | sed "s/^/[$i ${e:-base}] /"
     cp "/tmp/e2e_ab$i.json" "$OUT/" 2>/dev/null
     python3 - "/tmp/e2e_ab$i.json" "$i" <<'PY' 2>/dev/null  # the warm-up's greedy tokens: equal across settings?
 import hashlib, json, sys
