@@ -24,8 +24,12 @@
 # Session 23 ran PART=pdl, KV4PF_CONTEXTS=256,4096,16384 PART=kv4pf, the bundle, AB_BATCHES=64 PART=ab twice (AB_ENVS in
 # results/e2e_vllm_h100_b64_session23.json), then benchmarks/gpu_e2e.sh --configs ostquant_w4a4kv4,fp8 and --configs bf16
 # at --batches 64 --prefill-repeats 2 (OSTQUANT_PDL and OSTQUANT_EPI_PREFETCH are the defaults since).
-# Next: the bundle, PART=e2e (every batch under the new defaults), then AB_ENVS="-;OSTQUANT_KV4_PREFETCH=1;-;
-# OSTQUANT_KV4_PREFETCH=1" PART=ab.
+# Session 24 ran PART=fuse, the bundle, AB_ENVS="OSTQUANT_FUSE_NORM=1;-;OSTQUANT_FUSE_NORM=1" AB_TIMEOUT_FIRST=220
+# AB_TIMEOUT=140 PART=ab, then OSTQUANT_FUSE_NORM=1 benchmarks/gpu_e2e.sh --configs ostquant_w4a4kv4,fp8,bf16 --batches 64
+# --prefill-repeats 2 (the norm fusion is the default since).
+# Next: the bundle, PROFILE_BATCH=1 PROFILE_ARGS="--input-len 2048" PART=profile (ours' 2048-token prefill: 35 ms in
+# session 23, 58-72 ms in session 24), PART=e2e (every batch under the new defaults), then AB_ENVS="-;
+# OSTQUANT_KV4_PREFETCH=1;-;OSTQUANT_KV4_PREFETCH=1" PART=ab.
 #   PART=kern  every GPU kernel test (tests/gpu/test_kernels.py, test_kv4_kernels.py; TESTS_K: pytest's -k), the
 #              dispatch's GEMM rows at 1, 16, 64 and 256 tokens on the 8B and 70B layers ($OUT/kernels_dispatch.json:
 #              compare with the ostquant rows of results/kernels_h100_vllm.json; a copy in /tmp), the int8 mma.sync rate
