@@ -1175,7 +1175,7 @@ __global__ void __launch_bounds__(THREADS) rms_quant_kernel(const __nv_bfloat16*
   for (int i = 0; i < VPT; ++i) {
     const int idx = threadIdx.x + i * THREADS;
     if (idx < nv) {
-      if (res) {  // s = x + residual in fp32; v keeps s rounded to bf16 (the new residual) only for res_out
+      if (res) {  // s = x + residual in fp32 (added again below); bf16(s) is the new residual, res_out
         uint4 sv;
         __nv_bfloat162* sh = reinterpret_cast<__nv_bfloat162*>(&sv);
 #pragma unroll

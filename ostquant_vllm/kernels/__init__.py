@@ -21,7 +21,8 @@ kernel), so two of these kernels must not run concurrently on different streams 
 Inputs that cost nothing extra per call: a_scale / a_zero as quantize_act returns them (fp32),
 w_scale fp32 or fp16, w_sum int32 (precompute at load: levels.sum(1, dtype=int32)).
 CUDA path limits (else the PyTorch reference runs): bf16 input; plain quantize K <= 32768;
-fused Hadamard K / blocks = 2^k * b with b in HAD_B, blocks a power of two, K <= 51200; GEMM N % 16 == 0, K % 64 == 0
+fused Hadamard K / blocks = 2^k * b with b in HAD_B, blocks a power of two, K <= 51200; RMSNorm + quantize K <= 16384;
+SiluAndMul + quantize where silu_mul_quant_fusable; GEMM N % 16 == 0, K % 64 == 0
 (the wgmma kernels need K % 128 == 0, else mma.sync tiles). Kernel choice: _auto_force.
 """
 from __future__ import annotations
