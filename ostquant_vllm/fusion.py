@@ -105,13 +105,15 @@ def _replace_quant_outputs(graph: torch.fx.Graph, q: torch.fx.Node, outs) -> Non
     graph.erase_node(q)
 
 
+def _quant_nodes(graph: torch.fx.Graph) -> list:
+    return [q for q in graph.nodes if q.op == "call_function" and str(q.target) == _QUANT]
+
+
 def fuse_norm_quant(graph: torch.fx.Graph) -> int:
     """Rewrite every norm -> quantize_act pair of `graph` (see the module doc); returns how many."""
     op = torch.ops.ostquant.rms_norm_quant.default
     done = 0
-    for q in list(graph.nodes):
-        if q.op != "call_function" or str(q.target) != _QUANT:
-            continue
+    for q in _quant_nodes(graph):
         m = _match(q)
         if m is None:
             continue
@@ -184,9 +186,7 @@ def fuse_silu_quant(graph: torch.fx.Graph) -> int:
     """Rewrite every SiluAndMul -> Hadamard quantize_act pair of `graph` (see the module doc); returns how many."""
     op = torch.ops.ostquant.silu_mul_quantize_act.default
     done = 0
-    for q in list(graph.nodes):
-        if q.op != "call_function" or str(q.target) != _QUANT:
-            continue
+    for q in _quant_nodes(graph):
         m = _match_silu(q)
         if m is None:
             continue
@@ -229,8 +229,8 @@ def _pass_class():
             fuse(graph)
 
         def uuid(self) -> str:
-            return InductorPass.hash_source(f"norm={FUSE_NORM} silu={FUSE_SILU}", fuse, fuse_norm_quant, _match,
-                                            _norm_args, fuse_silu_quant, _match_silu, _slice_of)
+            return InductorPass.hash_source(f"norm={FUSE_NORM} silu={FUSE_SILU}", fuse, _quant_nodes, fuse_norm_quant,
+                                            _match, _norm_args, fuse_silu_quant, _match_silu, _slice_of)
 
     return OstQuantFusionPass
 

@@ -150,20 +150,25 @@ def _quantize_act_op(x: torch.Tensor, bits: int, sym: bool, clip: float,
     return q.view(*shp, k), s.view(*shp, 1), z.view(*shp, 1)
 
 
+def _aligned(t: torch.Tensor) -> torch.Tensor:
+    t = t.contiguous()
+    return t.clone() if t.data_ptr() % 16 else t  # 16-B vector loads
+
+
+def _quant_outputs(m: int, k: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A quantizer's outputs for m rows of k: levels int8 [m, k], scale and zero fp32 [m, 1]."""
+    return (torch.empty((m, k), dtype=torch.int8, device=device),
+            torch.empty((m, 1), dtype=torch.float32, device=device),
+            torch.empty((m, 1), dtype=torch.float32, device=device))
+
+
 def _quant_cuda(x, bits, sym, clip, hadamard, out=None, variant=None):
     """Launch the CUDA quantizer on x [..., K] -> (q [M, K], scale [M, 1], zero [M, 1]);
     hadamard: 0, or the blocks b of I_b (x) H_{K/b} applied first. `out` (tests): preallocated (q, scale, zero)."""
     k = x.shape[-1]
-    x2 = x.reshape(-1, k).contiguous()
-    if x2.data_ptr() % 16:  # 16-B vector loads
-        x2 = x2.clone()
+    x2 = _aligned(x.reshape(-1, k))
     m = x2.shape[0]
-    if out is None:
-        q = torch.empty((m, k), dtype=torch.int8, device=x.device)
-        s = torch.empty((m, 1), dtype=torch.float32, device=x.device)
-        z = torch.empty((m, 1), dtype=torch.float32, device=x.device)
-    else:
-        q, s, z = out
+    q, s, z = out if out is not None else _quant_outputs(m, k, x.device)
     if m:
         if hadamard:
             b, log2p, table = _had_table(k // hadamard, x.device)
@@ -193,11 +198,6 @@ def quantize_act(x: torch.Tensor, bits: int, sym: bool = False, clip: float = 1.
     return torch.ops.ostquant.quantize_act(x, int(bits), bool(sym), float(clip), int(hadamard))
 
 
-def _aligned(t: torch.Tensor) -> torch.Tensor:
-    t = t.contiguous()
-    return t.clone() if t.data_ptr() % 16 else t  # 16-B vector loads
-
-
 _RMS_MAX_K = 16384
 
 
@@ -218,9 +218,7 @@ def _rms_quant_cuda(x, residual, weight, eps, bits, sym, clip, y_out=None, out=N
     w = _aligned(weight) if weight is not None else None
     m = x2.shape[0]
     if out is None:
-        q = torch.empty((m, k), dtype=torch.int8, device=x.device)
-        s = torch.empty((m, 1), dtype=torch.float32, device=x.device)
-        z = torch.empty((m, 1), dtype=torch.float32, device=x.device)
+        q, s, z = _quant_outputs(m, k, x.device)
         ro = torch.empty_like(x2) if r2 is not None else x2.new_empty(0)
     else:
         q, s, z, ro = out
@@ -285,12 +283,7 @@ def _silu_quant_cuda(gu, bits, sym, clip, hadamard, out=None):
     k = gu.shape[-1] // 2
     g2 = _aligned(gu.reshape(-1, 2 * k))
     m = g2.shape[0]
-    if out is None:
-        q = torch.empty((m, k), dtype=torch.int8, device=gu.device)
-        s = torch.empty((m, 1), dtype=torch.float32, device=gu.device)
-        z = torch.empty((m, 1), dtype=torch.float32, device=gu.device)
-    else:
-        q, s, z = out
+    q, s, z = out if out is not None else _quant_outputs(m, k, gu.device)
     if m:
         b, log2p, table = _had_table(k // hadamard, gu.device)
         rc = _lib.load().ostq_silu_mul_quantize_had(_ptr(g2), _ptr(q), _ptr(s), _ptr(z), m, k, bits, int(sym),
