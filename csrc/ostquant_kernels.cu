@@ -1678,24 +1678,20 @@ __device__ __forceinline__ void had5_stage_a(const __nv_bfloat16* __restrict__ x
   constexpr int KS = F::KS, NT = F::NT, T = F::T;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
   const __nv_bfloat16* xs = reinterpret_cast<const __nv_bfloat16*>(sm);
-  if constexpr (GATED) {  // x [M, 2K] = [gate | up]: the row is bf16(silu(gate) * up), fp32 math, one rounding
+  if constexpr (GATED) {
+    // x [M, 2K] = [gate | up]. Both halves land by cp.async, gate where the row goes and up after the row's 32 zero
+    // bytes (the levels' space, unused until stage C); after H_B's fragments are set up, each thread turns the 16-B
+    // chunks it copied itself into the row, bf16(silu(gate) * up) in fp32 with one rounding, silu as Inductor's code
+    // computes it (fast exp and division). Session 24's first version computed the row in the load loop from
+    // registers: 3.5-5.5 us slower a call than SiluAndMul and the quantizer apart.
+    const uint32_t s = smem_u32(sm), su = s + 2 * K + 32;
     const uint4* gs = reinterpret_cast<const uint4*>(x + (size_t)row * 2 * K);
     const uint4* us = gs + K / 8;
-#pragma unroll 4
     for (int c = tid; c < K / 8; c += blockDim.x) {
-      const uint4 gv = __ldcs(gs + c), uv = __ldcs(us + c);
-      uint4 o;
-      const __nv_bfloat162* gh = reinterpret_cast<const __nv_bfloat162*>(&gv);
-      const __nv_bfloat162* uh = reinterpret_cast<const __nv_bfloat162*>(&uv);
-      __nv_bfloat162* oh = reinterpret_cast<__nv_bfloat162*>(&o);
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const float2 a = __bfloat1622float2(gh[e]), b = __bfloat1622float2(uh[e]);
-        oh[e] = __floats2bfloat162_rn(__fmul_rn(__fdiv_rn(a.x, __fadd_rn(1.f, expf(-a.x))), b.x),
-                                      __fmul_rn(__fdiv_rn(a.y, __fadd_rn(1.f, expf(-a.y))), b.y));
-      }
-      reinterpret_cast<uint4*>(sm)[c] = o;
+      cp_async16(s + c * 16, gs + c, true);
+      cp_async16(su + c * 16, us + c, true);
     }
+    cp_async_commit();
     if (tid < 2) reinterpret_cast<uint4*>(sm + 2 * K)[tid] = make_uint4(0u, 0u, 0u, 0u);
   } else {
     const uint32_t s = smem_u32(sm);
@@ -1715,6 +1711,23 @@ __device__ __forceinline__ void had5_stage_a(const __nv_bfloat16* __restrict__ x
         bfr[ks][nj][r] = hb_bf16<B>(hb, k, n) | (hb_bf16<B>(hb, k + 1, n) << 16);
       }
   cp_async_wait<0>();
+  if constexpr (GATED) {  // the row from the chunks this thread copied itself (its own cp.async: no barrier first)
+    for (int c = tid; c < K / 8; c += blockDim.x) {
+      const uint4 gv = reinterpret_cast<const uint4*>(sm)[c];
+      const uint4 uv = reinterpret_cast<const uint4*>(sm + 2 * K + 32)[c];
+      uint4 o;
+      const __nv_bfloat162* gh = reinterpret_cast<const __nv_bfloat162*>(&gv);
+      const __nv_bfloat162* uh = reinterpret_cast<const __nv_bfloat162*>(&uv);
+      __nv_bfloat162* oh = reinterpret_cast<__nv_bfloat162*>(&o);
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const float2 a = __bfloat1622float2(gh[e]), b = __bfloat1622float2(uh[e]);
+        oh[e] = __floats2bfloat162_rn(__fmul_rn(__fdividef(a.x, 1.f + __expf(-a.x)), b.x),
+                                      __fmul_rn(__fdividef(a.y, 1.f + __expf(-a.y)), b.y));
+      }
+      reinterpret_cast<uint4*>(sm)[c] = o;
+    }
+  }
   __syncthreads();
 #pragma unroll
   for (int tt = 0; tt < T; ++tt) {
@@ -1929,7 +1942,7 @@ int launch_had6(const __nv_bfloat16* x, int8_t* q, float* scale, float* zero, in
     const int warps = K / (64 * B);
     if (log2p > 6 || K != 64 * B * warps || warps < 1 || warps > 16) return -1;
     auto kern = quant_had6_kernel<B, GATED>;
-    const int smem = 3 * K + 32;
+    const int smem = (GATED ? 4 : 3) * K + 32;  // GATED: up lands where the levels go later (had5_stage_a)
     static int smem_set = 0;
     if (const cudaError_t e = raise_smem_limit(kern, smem, smem_set)) return (int)e;
     kern<<<M, 32 * warps, smem, st>>>(x, q, scale, zero, hb, K, log2p, norm, p);

@@ -27,7 +27,8 @@ logger = logging.getLogger("vllm.ostquant")  # under vLLM's logger: its handler,
 
 # H100, session 24 (benchmarks/NOTES_kernels.md): the norm's fusion is on by default (8B qkv chain at 64 tokens
 # 15.3 -> 13.6 us; batch 64 end to end +2.5-6.6 %); the SiluAndMul one is a setting, off: its kernel is slower than
-# the two it replaces (the down chain at 64 tokens 26.3 -> 29.8 us: the gated row is computed serially in the load).
+# the two it replaces (the down chain at 64 tokens 26.3 -> 29.8 us: the gated row was computed serially in the load;
+# rebuilt after that measurement with both halves through cp.async and fast silu math, not yet timed).
 FUSE_NORM = os.environ.get("OSTQUANT_FUSE_NORM", "1") not in ("", "0")
 FUSE_SILU = os.environ.get("OSTQUANT_FUSE_SILU", "0") not in ("", "0")
 
