@@ -53,14 +53,24 @@ def _norm_args(norm: torch.fx.Node):
     return a["x"], a.get("x_residual"), a["weight"], float(a["epsilon"])
 
 
-def _match(q: torch.fx.Node):
-    """For a quantize_act node: (norm node, its output node, the views between, norm args) or None."""
-    if len(q.args) != 5 or q.kwargs or q.args[4]:  # the Hadamard quantizer has its own kernel
+def _producer(q: torch.fx.Node):
+    """(the node that feeds quantize_act node q through no-op views, those views), or None unless q is a plain
+    positional call whose outputs are read only by getitems (what the rewrites replace)."""
+    if len(q.args) != 5 or q.kwargs or any(u.target is not operator.getitem for u in q.users):
         return None
     src, views = q.args[0], []
     while src.op == "call_function" and src.target in _VIEWS and len(src.users) == 1:
         views.append(src)
         src = src.args[0]
+    return src, views
+
+
+def _match(q: torch.fx.Node):
+    """For a quantize_act node: (norm node, its output node, the views between, norm args) or None."""
+    p = _producer(q)
+    if p is None or q.args[4]:  # the Hadamard quantizer has its own kernel
+        return None
+    src, views = p
     if len(src.users) != 1 or src.op != "call_function":
         return None
     if str(src.target) == _RMS:
@@ -78,8 +88,6 @@ def _match(q: torch.fx.Node):
     if vx is None or vq is None or vs is None or vx.dtype != torch.bfloat16 or tuple(vq.shape) != tuple(vs.shape):
         return None
     if any(t is not None and (_val(t) is None or _val(t).dtype != torch.bfloat16) for t in (res, w)):
-        return None
-    if any(u.target is not operator.getitem for u in q.users):
         return None
     if src is not norm and any(u is not src and not (u.target is operator.getitem and u.args[1] == 1)
                                for u in norm.users):
@@ -155,12 +163,10 @@ def _match_silu(q: torch.fx.Node):
     """For a Hadamard quantize_act node fed by vLLM's native SiluAndMul: (x, the nodes to drop) or None."""
     from . import kernels
 
-    if len(q.args) != 5 or q.kwargs or not q.args[4]:
+    p = _producer(q)
+    if p is None or not q.args[4]:
         return None
-    src, dead = q.args[0], []
-    while src.op == "call_function" and src.target in _VIEWS and len(src.users) == 1:
-        dead.append(src)
-        src = src.args[0]
+    src, dead = p
     if src.op != "call_function" or src.target is not torch.ops.aten.mul.Tensor or len(src.users) != 1:
         return None
     a, b = src.args[:2]
@@ -177,8 +183,6 @@ def _match_silu(q: torch.fx.Node):
     if gs != (0, d) or us is None or us[0] != d or (us[1] is not None and us[1] < 2 * d):
         return None
     if tuple(vq.shape) != (*vx.shape[:-1], d) or not kernels.silu_mul_quant_fusable(d, q.args[4]):
-        return None
-    if any(u.target is not operator.getitem for u in q.users):
         return None
     return x, [*dead, src, silu, gate, up]
 
@@ -230,8 +234,9 @@ def _pass_class():
             fuse(graph)
 
         def uuid(self) -> str:
-            return InductorPass.hash_source(f"norm={FUSE_NORM} silu={FUSE_SILU}", fuse, _quant_nodes, fuse_norm_quant,
-                                            _match, _norm_args, fuse_silu_quant, _match_silu, _slice_of)
+            return InductorPass.hash_source(f"norm={FUSE_NORM} silu={FUSE_SILU}", fuse, _quant_nodes, _producer,
+                                            fuse_norm_quant, _match, _norm_args, fuse_silu_quant, _match_silu,
+                                            _slice_of)
 
     return OstQuantFusionPass
 
